@@ -1,5 +1,8 @@
-"""kvforge: CPU LLM inference with a paged, evictable KV cache."""
+"""kvforge: CPU LLM inference with a paged, evictable KV cache and a Rust core."""
 
+from . import presses
+from .config import KVCacheConfig, SamplingParams
+from .engine import LLM
 from .errors import (
     CacheFullError,
     ConfigError,
@@ -9,15 +12,23 @@ from .errors import (
     ModelFormatError,
     NumericalError,
 )
+from .generation import GenerationChunk, GenerationOutput, GenerationStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
     "CacheFullError",
     "ConfigError",
     "Error",
+    "GenerationChunk",
+    "GenerationOutput",
+    "GenerationStats",
     "InputTypeError",
     "InternalError",
+    "KVCacheConfig",
     "ModelFormatError",
     "NumericalError",
+    "SamplingParams",
+    "presses",
 ]

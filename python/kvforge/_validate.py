@@ -1,0 +1,58 @@
+"""Shared parameter checks: every failure names the parameter, the value and the limit."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from .errors import ConfigError, InputTypeError
+
+
+def integer(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An int (numpy integers too, never bool) within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name}={value} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}={value} is above the maximum {hi}")
+    return value
+
+
+def real(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real number (ints accepted, never bool) within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} must be finite")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{name}={value} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ConfigError(f"{name}={value} must be {'<' if hi_open else '<='} {hi}")
+    return value
+
+
+def token_list(name: str, value: Any, vocab_size: int | None = None) -> list[int]:
+    """A sequence of token ids (a list/tuple of ints or a 1-D numpy integer array)."""
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+                raise InputTypeError(
+                    f"{name} must be a 1-D integer array, got {value.dtype} with shape {value.shape}")
+            value = value.tolist()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if not isinstance(value, (list, tuple)):
+        raise InputTypeError(f"{name} must be a list of ints, got {type(value).__name__}")
+    ids = [integer(f"{name}[{i}]", t) for i, t in enumerate(value)]
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise ConfigError(f"{name} has ids outside {limit}: {bad[:8]}")
+    return ids

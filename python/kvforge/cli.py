@@ -1,0 +1,152 @@
+"""The ``kvforge`` command line: generate, chat, inspect, convert.
+
+Exit codes: 0 success, 1 model or runtime error (one-line message; ``--debug`` shows the
+traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .errors import Error
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
+    p.add_argument("--kv-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--block-size", type=int, default=16)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--streaming-llm", nargs=2, type=int, metavar=("SINK", "WINDOW"),
+                   help="evict with StreamingLLM: keep SINK first tokens and a WINDOW")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    g.add_argument("prompt", nargs="?", default="What is the capital of France?")
+    g.add_argument("--raw", action="store_true",
+                   help="use the prompt as is instead of wrapping it in the chat template")
+    _model_args(g)
+    _sampling_args(g)
+    c = sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D to quit)")
+    c.add_argument("--system", default=None, help="system message")
+    _model_args(c)
+    _sampling_args(c)
+    i = sub.add_parser("inspect", help="config, tensor formats, parameters, KV bytes per token")
+    i.add_argument("model", nargs="?", default=None)
+    v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
+    v.add_argument("source")
+    v.add_argument("out_dir")
+    return parser
+
+
+def _llm(args: argparse.Namespace) -> Any:
+    from . import LLM, KVCacheConfig
+
+    return LLM(args.model, n_threads=args.threads,
+               kv=KVCacheConfig(block_size=args.block_size, dtype=args.kv_dtype))
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from . import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def _press(args: argparse.Namespace) -> Any:
+    from .presses import StreamingLLM
+
+    return StreamingLLM(*args.streaming_llm) if args.streaming_llm else None
+
+
+def _stream(llm: Any, prompt: Any, args: argparse.Namespace) -> str:
+    text = []
+    for chunk in llm.generate(prompt, _params(args), press=_press(args), stream=True):
+        print(chunk.text, end="", flush=True)
+        text.append(chunk.text)
+        if chunk.stats is not None:
+            s = chunk.stats
+            print(f"\n[prefill {s.prompt_tokens} tok at {s.prefill_tok_s:.1f} tok/s | decode "
+                  f"{s.generated_tokens} tok at {s.decode_tok_s:.1f} tok/s | "
+                  f"finish: {chunk.finish_reason}]", file=sys.stderr, flush=True)
+    return "".join(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    prompt = args.prompt
+    if not args.raw and llm._loaded.chat_template:
+        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+    _stream(llm, prompt, args)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = _stream(llm, llm.apply_chat_template(messages), args)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_model import describe
+
+    print(describe(args.model))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .loader.convert import convert_to_hf
+
+    out = convert_to_hf(args.source, args.out_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
+            "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (Error, OSError) as e:
+        if args.debug:
+            raise
+        print(f"kvforge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

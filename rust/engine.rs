@@ -1,0 +1,78 @@
+//! The engine: one model, one KV block pool and one thread pool, shared by every session.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{ensure_config, Error, Result};
+use crate::kv::pool::{BlockPool, PoolStats};
+use crate::kv::{KvDtype, MAX_BLOCK_SIZE};
+use crate::model::LlamaModel;
+use crate::ops::rope;
+
+/// KV cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Token slots per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Storage type.
+    pub dtype: KvDtype,
+}
+
+/// A model ready to run, with its KV pool and threads.
+#[derive(Debug)]
+pub struct Engine {
+    /// The weights.
+    pub model: LlamaModel,
+    /// RoPE inverse frequencies `(head_dim/2,)`.
+    pub inv_freq: Vec<f64>,
+    /// The KV settings.
+    pub kv: KvConfig,
+    pool: Mutex<BlockPool>,
+    threads: rayon::ThreadPool,
+}
+
+impl Engine {
+    /// Builds an engine; `n_threads` = 0 means one per core.
+    pub fn new(model: LlamaModel, kv: KvConfig, n_threads: usize) -> Result<Self> {
+        ensure_config((1..=MAX_BLOCK_SIZE).contains(&kv.block_size), || {
+            format!("KVCacheConfig block_size={} must be in [1, {MAX_BLOCK_SIZE}]", kv.block_size)
+        })?;
+        let per_token = model.cfg.num_layers * model.cfg.num_kv_heads;
+        ensure_config(kv.num_blocks >= per_token, || {
+            format!(
+                "KVCacheConfig num_blocks={} is below {per_token}, one block per (layer, KV head)",
+                kv.num_blocks
+            )
+        })?;
+        let threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads)
+            .thread_name(|i| format!("kvforge-{i}"))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start threads: {e}")))?;
+        let cfg = &model.cfg;
+        let inv_freq = rope::inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
+        let pool = BlockPool::new(kv.num_blocks, kv.block_size, cfg.head_dim, kv.dtype);
+        Ok(Self { model, inv_freq, kv, pool: Mutex::new(pool), threads })
+    }
+
+    /// Locks the block pool. A poisoned lock (a panic elsewhere) is reported, not propagated.
+    pub fn pool(&self) -> Result<MutexGuard<'_, BlockPool>> {
+        self.pool.lock().map_err(|_| Error::Internal("KV pool lock poisoned by a panic".into()))
+    }
+
+    /// Runs `f` on this engine's threads.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.threads.install(f)
+    }
+
+    /// Threads in the pool.
+    pub fn n_threads(&self) -> usize {
+        self.threads.current_num_threads()
+    }
+
+    /// Pool counts.
+    pub fn stats(&self) -> Result<PoolStats> {
+        Ok(self.pool()?.stats())
+    }
+}

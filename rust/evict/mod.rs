@@ -1,0 +1,87 @@
+//! KV eviction policies ("presses").
+//!
+//! A policy writes a score per cached slot and says how many slots to keep; the shared
+//! [`evict_head`] keeps the top-scoring slots and compacts the head cache, returning emptied
+//! blocks to the pool. A new policy is one small file implementing [`EvictionPolicy`].
+//!
+//! Policies run before each forward step with the number of tokens about to be appended, so a
+//! cache under a press never exceeds its budget during the step.
+
+pub mod streaming;
+
+use crate::error::Result;
+use crate::kv::paged::SeqCache;
+use crate::kv::pool::BlockPool;
+
+/// A KV eviction policy.
+pub trait EvictionPolicy: Send + Sync {
+    /// How many of `len` cached slots to keep before `n_incoming` tokens are appended, or
+    /// `None` to evict nothing.
+    fn keep_count(&self, len: usize, n_incoming: usize) -> Option<usize>;
+
+    /// Writes one score per slot into `scores` (higher is kept first). `positions`: the
+    /// slots' original positions, `(len,)`, in slot order.
+    fn score(&self, positions: &[u32], scores: &mut [f64]);
+
+    /// Largest number of tokens one forward step may append under this policy.
+    fn max_step(&self) -> usize {
+        usize::MAX
+    }
+}
+
+/// Reusable buffers for [`evict_head`], so that decode steps do not allocate.
+#[derive(Debug, Default)]
+pub struct EvictScratch {
+    positions: Vec<u32>,
+    scores: Vec<f64>,
+    order: Vec<usize>,
+}
+
+/// Applies `policy` to every head of `cache` before `n_incoming` tokens are appended.
+pub fn evict_all(
+    policy: &dyn EvictionPolicy,
+    cache: &mut SeqCache,
+    pool: &mut BlockPool,
+    n_incoming: usize,
+    scratch: &mut EvictScratch,
+) -> Result<()> {
+    for index in 0..cache.heads().len() {
+        evict_head(policy, cache, pool, index, n_incoming, scratch)?;
+    }
+    Ok(())
+}
+
+/// Keeps the `keep_count` best-scoring slots of head `index` and frees the rest.
+pub fn evict_head(
+    policy: &dyn EvictionPolicy,
+    cache: &mut SeqCache,
+    pool: &mut BlockPool,
+    index: usize,
+    n_incoming: usize,
+    s: &mut EvictScratch,
+) -> Result<()> {
+    let len = cache.heads().get(index).map_or(0, |h| h.len);
+    let Some(keep) = policy.keep_count(len, n_incoming) else { return Ok(()) };
+    if keep >= len {
+        return Ok(());
+    }
+    cache.positions_into(pool, index, &mut s.positions);
+    s.scores.clear();
+    s.scores.resize(len, 0.0);
+    policy.score(&s.positions, &mut s.scores);
+    s.order.clear();
+    s.order.extend(0..len);
+    // Partition so the `len - keep` lowest scores come first (ties: older position first).
+    let scores = &s.scores;
+    let positions = &s.positions;
+    let by_score = |a: &usize, b: &usize| {
+        scores[*a].total_cmp(&scores[*b]).then(positions[*a].cmp(&positions[*b]))
+    };
+    let n_drop = len - keep;
+    if n_drop < len {
+        s.order.select_nth_unstable_by(n_drop, by_score);
+    }
+    let dropped = &mut s.order[..n_drop];
+    dropped.sort_unstable();
+    cache.remove_slots(pool, index, dropped)
+}

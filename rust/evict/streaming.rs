@@ -1,0 +1,61 @@
+//! StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks";
+//! mit-han-lab/streaming-llm `kv_cache.py`): keep the first `sink` tokens and a recent window.
+//!
+//! Before `n` tokens are appended, if `len + n > sink + window` the cache keeps the `sink`
+//! oldest positions and the `window - n` newest, so it never holds more than `sink + window`
+//! tokens. Keys keep their original RoPE positions (no re-rotation).
+
+use super::EvictionPolicy;
+
+/// The StreamingLLM policy.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamingLlm {
+    /// Attention-sink tokens kept from the start of the sequence.
+    pub sink: usize,
+    /// Recent tokens kept (including those about to be appended).
+    pub window: usize,
+}
+
+impl EvictionPolicy for StreamingLlm {
+    fn keep_count(&self, len: usize, n_incoming: usize) -> Option<usize> {
+        (len + n_incoming > self.sink + self.window)
+            .then(|| self.sink.min(len) + self.window.saturating_sub(n_incoming).min(len))
+    }
+
+    fn score(&self, positions: &[u32], scores: &mut [f64]) {
+        // Recency is the score; the `sink` oldest positions are lifted above every other.
+        let mut sorted: Vec<u32> = positions.to_vec();
+        let sink = self.sink.min(sorted.len());
+        let cutoff = if sink == 0 {
+            None
+        } else {
+            let (_, nth, _) = sorted.select_nth_unstable(sink - 1);
+            Some(*nth)
+        };
+        for (s, &p) in scores.iter_mut().zip(positions) {
+            let is_sink = cutoff.is_some_and(|c| p <= c);
+            *s = f64::from(p) + if is_sink { 1e12 } else { 0.0 };
+        }
+    }
+
+    fn max_step(&self) -> usize {
+        self.window.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_sinks_and_recent_window() {
+        let p = StreamingLlm { sink: 2, window: 3 };
+        assert_eq!(p.keep_count(5, 0), None);
+        assert_eq!(p.keep_count(5, 1), Some(4));
+        let positions = [7u32, 0, 5, 1, 6, 2];
+        let mut scores = [0.0; 6];
+        p.score(&positions, &mut scores);
+        assert!(scores[1] > scores[0] && scores[3] > scores[0], "sinks outrank recency");
+        assert!(scores[0] > scores[4] && scores[4] > scores[2] && scores[2] > scores[5]);
+    }
+}

@@ -1,0 +1,27 @@
+//! kvforge core: a CPU inference engine for Llama-family models with a paged KV cache.
+//!
+//! Map of the crate (data flows top to bottom):
+//! - `quant/`: weight matrices in their stored formats (f32, f16, bf16, q8_0, q4_0, q4_1).
+//! - `ops/`: dot products, matmuls, RMSNorm, RoPE, SwiGLU on plain slices.
+//! - `kv/`: the block pool, per-sequence block tables (fork, copy-on-write, eviction).
+//! - `attention/`: attention variants over the paged cache (dense, exact).
+//! - `evict/`: eviction policies (StreamingLLM) and the shared keep-top-scores machinery.
+//! - `model/`: the Llama model, the per-sequence forward pass and its scratch buffers.
+//! - `engine.rs`: a model + KV pool + thread pool shared by sessions.
+//! - `sample.rs`: logits filters and seeded sampling.
+//! - `py/` (feature `python`): the only place that knows about Python.
+
+pub mod attention;
+pub mod engine;
+pub mod error;
+pub mod evict;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod sample;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};

@@ -1,0 +1,260 @@
+//! One sequence: its paged cache, scratch buffers, optional eviction press and sampler.
+//!
+//! `forward` runs a chunk of tokens through every layer: K and V of the chunk are appended to
+//! the paged cache first, then each query attends to the cache masked by position, so a chunk
+//! sees everything before it plus itself causally. Long prompts are split into chunks of at
+//! most `Scratch::chunk` tokens, which bounds memory whatever the prompt length.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::attention::dense::Dense;
+use crate::attention::Attention;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
+use crate::kv::paged::SeqCache;
+use crate::kv::pool::BlockPool;
+use crate::model::llama::Layer;
+use crate::model::scratch::Scratch;
+use crate::ops::{add_assign, matmul::gemm, norm::rmsnorm, rope, swiglu};
+
+/// Which logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's, into `Scratch::logits`.
+    Last,
+    /// Every token's, `(n, vocab_size)`, returned as a vector.
+    All,
+}
+
+/// A sequence being decoded.
+pub struct Session {
+    engine: Arc<Engine>,
+    cache: SeqCache,
+    scratch: Scratch,
+    press: Option<Box<dyn EvictionPolicy>>,
+    evict_scratch: EvictScratch,
+    next_pos: u32,
+    max_context: usize,
+    poisoned: bool,
+}
+
+impl Session {
+    /// A new, empty sequence. `chunk`: most tokens per forward step (prefill chunk size);
+    /// `max_context`: largest position + 1 (ignored under a press that bounds the cache).
+    pub fn new(engine: Arc<Engine>, chunk: usize, max_context: usize) -> Result<Self> {
+        let cfg = &engine.model.cfg;
+        if chunk == 0 {
+            return Err(Error::Config("prefill_chunk=0: must be >= 1".into()));
+        }
+        Ok(Self {
+            cache: SeqCache::new(cfg.num_layers, cfg.num_kv_heads),
+            scratch: Scratch::new(cfg, chunk),
+            press: None,
+            evict_scratch: EvictScratch::default(),
+            next_pos: 0,
+            max_context,
+            poisoned: false,
+            engine,
+        })
+    }
+
+    /// Installs an eviction policy applied before every forward step.
+    pub fn set_press(&mut self, press: Option<Box<dyn EvictionPolicy>>) {
+        self.press = press;
+    }
+
+    /// The engine this session runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Number of tokens processed so far (the next position).
+    pub fn position(&self) -> u32 {
+        self.next_pos
+    }
+
+    /// The paged cache.
+    pub fn cache(&self) -> &SeqCache {
+        &self.cache
+    }
+
+    /// Logits of the last token of the last `Logits::Last` call.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.scratch.logits
+    }
+
+    /// Runs `tokens` (any number; split into chunks) and returns all logits if asked.
+    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let step = self.press.as_ref().map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
+        let mut all = Vec::new();
+        for chunk in tokens.chunks(step) {
+            self.forward_chunk(chunk, want)?;
+            if want == Logits::All {
+                all.extend(self.take_all_logits(chunk.len()));
+            }
+        }
+        Ok(all)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Internal("session unusable after an internal error".into()));
+        }
+        if tokens.is_empty() {
+            return Err(Error::Config("token_ids is empty: at least one token is required".into()));
+        }
+        let vocab = self.engine.model.cfg.vocab_size;
+        let bad: Vec<u32> = tokens.iter().copied().filter(|&t| t as usize >= vocab).take(8).collect();
+        if !bad.is_empty() {
+            return Err(Error::Config(format!("token ids {bad:?} are outside [0, {vocab})")));
+        }
+        let end = self.next_pos as usize + tokens.len();
+        if self.press.is_none() && end > self.max_context {
+            return Err(Error::CacheFull(format!(
+                "{} tokens at position {} exceed the context length {}",
+                tokens.len(),
+                self.next_pos,
+                self.max_context
+            )));
+        }
+        if end > u32::MAX as usize {
+            return Err(Error::Config("position overflows u32".into()));
+        }
+        Ok(())
+    }
+
+    fn forward_chunk(&mut self, tokens: &[u32], want: Logits) -> Result<()> {
+        let engine = Arc::clone(&self.engine);
+        let mut pool = engine.pool()?;
+        if let Some(press) = &self.press {
+            evict_all(press.as_ref(), &mut self.cache, &mut pool, tokens.len(), &mut self.evict_scratch)?;
+        }
+        self.cache.reserve(&pool, tokens.len())?;
+        let pool_ref: &mut BlockPool = &mut pool;
+        let result = engine.install(|| self.run_layers(&engine, pool_ref, tokens, want));
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    fn run_layers(&mut self, e: &Engine, pool: &mut BlockPool, tokens: &[u32], want: Logits) -> Result<()> {
+        let cfg = &e.model.cfg;
+        let (n, h, half) = (tokens.len(), cfg.hidden_size, cfg.head_dim / 2);
+        let s = &mut self.scratch;
+        for (t, &tok) in tokens.iter().enumerate() {
+            e.model.embed.dequant_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
+            let pos = self.next_pos + t as u32;
+            rope::angles(pos, &e.inv_freq, &mut s.cos[t * half..(t + 1) * half], &mut s.sin[t * half..(t + 1) * half]);
+        }
+        for (li, layer) in e.model.layers.iter().enumerate() {
+            attention_block(e, layer, li, &mut self.cache, pool, s, self.next_pos, n)?;
+            mlp_block(layer, s, cfg.rms_norm_eps, n);
+        }
+        self.next_pos += n as u32;
+        match want {
+            Logits::Last => {
+                let last = &s.x[(n - 1) * h..n * h];
+                rmsnorm(last, &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..h]);
+                gemm(e.model.head(), &s.xb[..h], 1, &mut s.logits);
+            }
+            Logits::All => rmsnorm(&s.x[..n * h], &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..n * h]),
+        }
+        Ok(())
+    }
+
+    fn take_all_logits(&self, n: usize) -> Vec<f32> {
+        let e = &self.engine;
+        let h = e.model.cfg.hidden_size;
+        let mut out = vec![0.0f32; n * e.model.cfg.vocab_size];
+        let xb = &self.scratch.xb[..n * h];
+        e.install(|| gemm(e.model.head(), xb, n, &mut out));
+        out
+    }
+
+    /// A new session sharing this one's cache blocks (copy-on-write).
+    pub fn fork(&self) -> Result<Self> {
+        let mut pool = self.engine.pool()?;
+        let cache = self.cache.fork(&mut pool)?;
+        Ok(Self {
+            engine: Arc::clone(&self.engine),
+            cache,
+            scratch: Scratch::new(&self.engine.model.cfg, self.scratch.chunk),
+            press: None,
+            evict_scratch: EvictScratch::default(),
+            next_pos: self.next_pos,
+            max_context: self.max_context,
+            poisoned: self.poisoned,
+        })
+    }
+
+    /// Returns every block to the pool; the session becomes empty.
+    pub fn release(&mut self) -> Result<()> {
+        let mut pool = self.engine.pool()?;
+        self.next_pos = 0;
+        self.cache.release(&mut pool)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; the pool's own check catches leaks in tests.
+        let _ = self.release();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_block(
+    e: &Engine,
+    layer: &Layer,
+    li: usize,
+    cache: &mut SeqCache,
+    pool: &mut BlockPool,
+    s: &mut Scratch,
+    pos0: u32,
+    n: usize,
+) -> Result<()> {
+    let cfg = &e.model.cfg;
+    let (h, qd, kvd, hd, half) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.head_dim / 2);
+    rmsnorm(&s.x[..n * h], &layer.attn_norm, cfg.rms_norm_eps, &mut s.xb[..n * h]);
+    gemm(&layer.wq, &s.xb[..n * h], n, &mut s.q[..n * qd]);
+    gemm(&layer.wk, &s.xb[..n * h], n, &mut s.k[..n * kvd]);
+    gemm(&layer.wv, &s.xb[..n * h], n, &mut s.v[..n * kvd]);
+    for t in 0..n {
+        let (c, sn) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
+        rope::apply(&mut s.q[t * qd..(t + 1) * qd], c, sn);
+        rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
+        for kh in 0..cfg.num_kv_heads {
+            let row = t * kvd + kh * hd..t * kvd + (kh + 1) * hd;
+            let index = li * cfg.num_kv_heads + kh;
+            cache.append(pool, index, pos0 + t as u32, &s.k[row.clone()], &s.v[row])?;
+        }
+    }
+    let (g, nkv) = (cfg.group(), cfg.num_kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (pool, cache) = (&*pool, &*cache);
+    let q = &s.q;
+    s.att[..n * qd].par_chunks_mut(g * hd).enumerate().for_each(|(idx, out)| {
+        let (t, kh) = (idx / nkv, idx % nkv);
+        let qs = &q[t * qd + kh * g * hd..t * qd + (kh + 1) * g * hd];
+        Dense.attend(pool, cache.head(li, kh), qs, pos0 + t as u32, scale, out);
+    });
+    gemm(&layer.wo, &s.att[..n * qd], n, &mut s.xb[..n * h]);
+    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
+    Ok(())
+}
+
+fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {
+    let h = layer.attn_norm.len();
+    let f = layer.w_gate.rows();
+    rmsnorm(&s.x[..n * h], &layer.ffn_norm, eps, &mut s.xb[..n * h]);
+    gemm(&layer.w_gate, &s.xb[..n * h], n, &mut s.hb[..n * f]);
+    gemm(&layer.w_up, &s.xb[..n * h], n, &mut s.hb2[..n * f]);
+    swiglu(&mut s.hb[..n * f], &s.hb2[..n * f]);
+    gemm(&layer.w_down, &s.hb[..n * f], n, &mut s.xb[..n * h]);
+    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
+}

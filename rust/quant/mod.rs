@@ -1,0 +1,175 @@
+//! Weight matrices kept in their stored format.
+//!
+//! A [`Weight`] is a row-major matrix of shape `(rows = out_features, cols = in_features)`.
+//! Float formats hold one value per element; the ggml block formats (`q8_0`, `q4_0`, `q4_1`)
+//! hold `cols / 32` blocks per row, each block quantizing 32 consecutive elements of the row.
+//! Nothing is expanded to float32 up front: kernels dequantize a row (or a block) on the fly,
+//! so the resident size of the model is its file size.
+//!
+//! Dispatch: `Weight::dot_row` / `Weight::dequant_row` pick the per-format kernel in
+//! `float.rs` (f32/f16/bf16) or `blocks.rs` (q8_0/q4_0/q4_1).
+
+mod blocks;
+mod float;
+
+pub use blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+
+use crate::error::{Error, Result};
+
+/// A storage format for weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// IEEE float32.
+    F32,
+    /// IEEE float16.
+    F16,
+    /// bfloat16 (the upper half of a float32).
+    Bf16,
+    /// ggml Q8_0: per 32 elements an f16 scale `d` and 32 int8; `x = d * q`.
+    Q8_0,
+    /// ggml Q4_0: per 32 elements an f16 scale `d` and 16 bytes of nibbles; `x = d * (q - 8)`.
+    Q4_0,
+    /// ggml Q4_1: per 32 elements f16 `d`, f16 `m` and 16 bytes of nibbles; `x = d * q + m`.
+    Q4_1,
+}
+
+impl WeightFormat {
+    /// Parses the names used by the Python loaders (`"f32"`, `"q4_1"`, ...).
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            _ => {
+                return Err(Error::ModelFormat(format!(
+                    "unsupported weight format {name:?}; supported: f32, f16, bf16, q8_0, q4_0, q4_1"
+                )))
+            }
+        })
+    }
+
+    /// The loader name of this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+        }
+    }
+
+    /// Bytes used by one row of `cols` elements, or an error if `cols` does not fit the format.
+    pub fn row_bytes(self, cols: usize) -> Result<usize> {
+        let per_block = match self {
+            Self::F32 => return Ok(cols * 4),
+            Self::F16 | Self::Bf16 => return Ok(cols * 2),
+            Self::Q8_0 => Q8_0_BYTES,
+            Self::Q4_0 => Q4_0_BYTES,
+            Self::Q4_1 => Q4_1_BYTES,
+        };
+        if cols % BLOCK_ELEMS != 0 {
+            return Err(Error::ModelFormat(format!(
+                "{} rows need a multiple of {BLOCK_ELEMS} columns, got {cols}",
+                self.name()
+            )));
+        }
+        Ok(cols / BLOCK_ELEMS * per_block)
+    }
+}
+
+/// A weight matrix `(rows, cols)` in its stored format.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    fmt: WeightFormat,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    /// Stored bytes, `rows * row_bytes`, little-endian, row-major.
+    data: Vec<u8>,
+}
+
+impl Weight {
+    /// Copies `bytes` (exactly `rows * row_bytes(cols)` long) into a new weight.
+    pub fn new(fmt: WeightFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let row_bytes = fmt.row_bytes(cols)?;
+        let want = rows.checked_mul(row_bytes).ok_or_else(|| {
+            Error::ModelFormat(format!("weight shape ({rows}, {cols}) overflows"))
+        })?;
+        if bytes.len() != want || rows == 0 || cols == 0 {
+            return Err(Error::ModelFormat(format!(
+                "{} weight of shape ({rows}, {cols}) needs {want} bytes, got {}",
+                fmt.name(),
+                bytes.len()
+            )));
+        }
+        Ok(Self { fmt, rows, cols, row_bytes, data: bytes.to_vec() })
+    }
+
+    /// Builds an f32 weight from values (used by tests and small tensors).
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::new(WeightFormat::F32, rows, cols, &bytes)
+    }
+
+    /// The stored format.
+    pub fn format(&self) -> WeightFormat {
+        self.fmt
+    }
+
+    /// Number of rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held in memory.
+    pub fn nbytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Writes row `r` as float32 into `out` (`cols` long).
+    pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        match self.fmt {
+            WeightFormat::F32 => float::dequant_f32(row, out),
+            WeightFormat::F16 => float::dequant_f16(row, out),
+            WeightFormat::Bf16 => float::dequant_bf16(row, out),
+            WeightFormat::Q8_0 => blocks::dequant_q8_0(row, out),
+            WeightFormat::Q4_0 => blocks::dequant_q4_0(row, out),
+            WeightFormat::Q4_1 => blocks::dequant_q4_1(row, out),
+        }
+    }
+
+    /// Dot product of row `r` with `x` (`cols` long), dequantizing on the fly.
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let row = self.row(r);
+        match self.fmt {
+            WeightFormat::F32 => float::dot_f32(row, x),
+            WeightFormat::F16 => float::dot_f16(row, x),
+            WeightFormat::Bf16 => float::dot_bf16(row, x),
+            WeightFormat::Q8_0 => blocks::dot_q8_0(row, x),
+            WeightFormat::Q4_0 => blocks::dot_q4_0(row, x),
+            WeightFormat::Q4_1 => blocks::dot_q4_1(row, x),
+        }
+    }
+
+    /// Scalar twin of [`Weight::dot_row`]: dequantize the row, then a plain sequential sum.
+    pub fn dot_row_unopt(&self, r: usize, x: &[f32]) -> f32 {
+        let mut tmp = vec![0.0f32; self.cols];
+        self.dequant_row(r, &mut tmp);
+        tmp.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+}
