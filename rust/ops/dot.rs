@@ -9,7 +9,7 @@ const LANES: usize = 16;
 /// Portable kernel: 16 independent partial sums (enough to hide add latency), then a fixed
 /// pairwise reduction. `a`, `b`: `(n,)` with equal lengths.
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = a.len() / LANES;
     for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
@@ -37,12 +37,25 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
 }
 
+/// True when the AVX2 builds of the kernels may run on this CPU.
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Dot product of `a` and `b` (`(n,)` each), with the widest vector unit this CPU has.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if has_avx2() {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { dot_avx2(a, b) };
     }

@@ -4,7 +4,7 @@
 //! (18 bytes); Q4_1 = f16 d, f16 m, 16 bytes of nibbles (20 bytes). In a nibble byte `j`, the
 //! low nibble is element `j` and the high nibble element `j + 16`.
 
-use crate::ops::dot::dot;
+use crate::ops::dot::dot_lanes;
 use half::f16;
 
 /// Elements per block.
@@ -16,10 +16,12 @@ pub const Q4_0_BYTES: usize = 18;
 /// Bytes per Q4_1 block.
 pub const Q4_1_BYTES: usize = 20;
 
+#[inline(always)]
 fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+#[inline(always)]
 fn block_q8_0(b: &[u8], out: &mut [f32]) {
     let d = half_at(b, 0);
     for (o, &q) in out.iter_mut().zip(&b[2..34]) {
@@ -27,6 +29,7 @@ fn block_q8_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn block_q4_0(b: &[u8], out: &mut [f32]) {
     let d = half_at(b, 0);
     let (lo, hi) = out.split_at_mut(16);
@@ -36,6 +39,7 @@ fn block_q4_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn block_q4_1(b: &[u8], out: &mut [f32]) {
     let d = half_at(b, 0);
     let m = half_at(b, 2);
@@ -46,6 +50,7 @@ fn block_q4_1(b: &[u8], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn dequant_blocks(row: &[u8], out: &mut [f32], bytes: usize, block: fn(&[u8], &mut [f32])) {
     for (b, o) in row.chunks_exact(bytes).zip(out.chunks_exact_mut(BLOCK_ELEMS)) {
         block(b, o);
@@ -54,42 +59,49 @@ fn dequant_blocks(row: &[u8], out: &mut [f32], bytes: usize, block: fn(&[u8], &m
 
 /// Dequantizes blocks one at a time into a stack buffer and dots them with `x`, so no row
 /// is ever materialised; the block value equals `dequant` exactly (same float ops).
+#[inline(always)]
 fn dot_blocks(row: &[u8], x: &[f32], bytes: usize, block: fn(&[u8], &mut [f32])) -> f32 {
     let mut buf = [0.0f32; BLOCK_ELEMS];
     let mut acc = 0.0f32;
     for (b, xs) in row.chunks_exact(bytes).zip(x.chunks_exact(BLOCK_ELEMS)) {
         block(b, &mut buf);
-        acc += dot(&buf, xs);
+        acc += dot_lanes(&buf, xs);
     }
     acc
 }
 
 /// Dequantizes a Q8_0 row into `out` (`cols` long).
+#[inline(always)]
 pub fn dequant_q8_0(row: &[u8], out: &mut [f32]) {
     dequant_blocks(row, out, Q8_0_BYTES, block_q8_0);
 }
 
 /// Dequantizes a Q4_0 row into `out` (`cols` long).
+#[inline(always)]
 pub fn dequant_q4_0(row: &[u8], out: &mut [f32]) {
     dequant_blocks(row, out, Q4_0_BYTES, block_q4_0);
 }
 
 /// Dequantizes a Q4_1 row into `out` (`cols` long).
+#[inline(always)]
 pub fn dequant_q4_1(row: &[u8], out: &mut [f32]) {
     dequant_blocks(row, out, Q4_1_BYTES, block_q4_1);
 }
 
 /// Dot product of a Q8_0 row with `x` (`cols` long).
+#[inline(always)]
 pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     dot_blocks(row, x, Q8_0_BYTES, block_q8_0)
 }
 
 /// Dot product of a Q4_0 row with `x` (`cols` long).
+#[inline(always)]
 pub fn dot_q4_0(row: &[u8], x: &[f32]) -> f32 {
     dot_blocks(row, x, Q4_0_BYTES, block_q4_0)
 }
 
 /// Dot product of a Q4_1 row with `x` (`cols` long).
+#[inline(always)]
 pub fn dot_q4_1(row: &[u8], x: &[f32]) -> f32 {
     dot_blocks(row, x, Q4_1_BYTES, block_q4_1)
 }
