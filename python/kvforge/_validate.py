@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError, InputTypeError
 
 
@@ -38,16 +40,11 @@ def real(name: str, value: Any, *, lo: float | None = None, hi: float | None = N
 
 def token_list(name: str, value: Any, vocab_size: int | None = None) -> list[int]:
     """A sequence of token ids (a list/tuple of ints or a 1-D numpy integer array)."""
-    try:
-        import numpy as np
-
-        if isinstance(value, np.ndarray):
-            if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
-                raise InputTypeError(
-                    f"{name} must be a 1-D integer array, got {value.dtype} with shape {value.shape}")
-            value = value.tolist()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+            raise InputTypeError(f"{name} must be a 1-D integer array, "
+                                 f"got {value.dtype} with shape {value.shape}")
+        value = value.tolist()
     if not isinstance(value, (list, tuple)):
         raise InputTypeError(f"{name} must be a list of ints, got {type(value).__name__}")
     ids = [integer(f"{name}[{i}]", t) for i, t in enumerate(value)]

@@ -51,7 +51,8 @@ class LLM:
         if kv.num_blocks is not None:
             return kv.num_blocks
         if kv.max_kv_bytes is not None:
-            block_bytes = kv.block_size * (2 * cfg.head_dim * (4 if kv.dtype == "float32" else 2) + 4)
+            elem = 4 if kv.dtype == "float32" else 2
+            block_bytes = kv.block_size * (2 * cfg.head_dim * elem + 4)
             return max(kv.max_kv_bytes // block_bytes, 1)
         # One full-context sequence, plus one spare block per head for a copy-on-write.
         return heads * (-(-self.max_context // kv.block_size) + 1)

