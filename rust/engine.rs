@@ -36,7 +36,10 @@ impl Engine {
     /// Builds an engine; `n_threads` = 0 means one per core.
     pub fn new(model: LlamaModel, kv: KvConfig, n_threads: usize) -> Result<Self> {
         ensure_config((1..=MAX_BLOCK_SIZE).contains(&kv.block_size), || {
-            format!("KVCacheConfig block_size={} must be in [1, {MAX_BLOCK_SIZE}]", kv.block_size)
+            format!(
+                "KVCacheConfig block_size={} must be in [1, {MAX_BLOCK_SIZE}]",
+                kv.block_size
+            )
         })?;
         let per_token = model.cfg.num_layers * model.cfg.num_kv_heads;
         ensure_config(kv.num_blocks >= per_token, || {
@@ -53,12 +56,20 @@ impl Engine {
         let cfg = &model.cfg;
         let inv_freq = rope::inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
         let pool = BlockPool::new(kv.num_blocks, kv.block_size, cfg.head_dim, kv.dtype);
-        Ok(Self { model, inv_freq, kv, pool: Mutex::new(pool), threads })
+        Ok(Self {
+            model,
+            inv_freq,
+            kv,
+            pool: Mutex::new(pool),
+            threads,
+        })
     }
 
     /// Locks the block pool. A poisoned lock (a panic elsewhere) is reported, not propagated.
     pub fn pool(&self) -> Result<MutexGuard<'_, BlockPool>> {
-        self.pool.lock().map_err(|_| Error::Internal("KV pool lock poisoned by a panic".into()))
+        self.pool
+            .lock()
+            .map_err(|_| Error::Internal("KV pool lock poisoned by a panic".into()))
     }
 
     /// Runs `f` on this engine's threads.

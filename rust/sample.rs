@@ -31,19 +31,34 @@ pub struct SamplingConfig {
 impl SamplingConfig {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 
     /// Checks every field against its range.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        ensure_config(t.is_finite() && t >= 0.0, || format!("temperature={t}: must be finite and >= 0"))?;
+        ensure_config(t.is_finite() && t >= 0.0, || {
+            format!("temperature={t}: must be finite and >= 0")
+        })?;
         let p = self.top_p;
-        ensure_config(p > 0.0 && p <= 1.0, || format!("top_p={p}: must be in (0, 1]"))?;
+        ensure_config(p > 0.0 && p <= 1.0, || {
+            format!("top_p={p}: must be in (0, 1]")
+        })?;
         let m = self.min_p;
-        ensure_config((0.0..=1.0).contains(&m), || format!("min_p={m}: must be in [0, 1]"))?;
+        ensure_config((0.0..=1.0).contains(&m), || {
+            format!("min_p={m}: must be in [0, 1]")
+        })?;
         let r = self.repetition_penalty;
-        ensure_config(r.is_finite() && r > 0.0, || format!("repetition_penalty={r}: must be finite and > 0"))
+        ensure_config(r.is_finite() && r > 0.0, || {
+            format!("repetition_penalty={r}: must be finite and > 0")
+        })
     }
 }
 
@@ -64,7 +79,9 @@ impl Rng {
             x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             x ^ (x >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// Next 64 random bits.
@@ -101,7 +118,13 @@ impl Sampler {
     /// A sampler for `cfg` (validated here).
     pub fn new(cfg: SamplingConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, rng: Rng::new(cfg.seed), work: Vec::new(), order: Vec::new(), seen: Vec::new() })
+        Ok(Self {
+            cfg,
+            rng: Rng::new(cfg.seed),
+            work: Vec::new(),
+            order: Vec::new(),
+            seen: Vec::new(),
+        })
     }
 
     /// The settings.
@@ -112,13 +135,15 @@ impl Sampler {
     /// Picks the next token from `logits` `(vocab,)` given the `history` of ids so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let mut probs = std::mem::take(&mut self.work);
-        let picked = self.filtered_probs_into(logits, history, &mut probs).and_then(|greedy| match greedy {
-            Some(id) => Ok(id),
-            None => {
-                let u = self.rng.uniform();
-                draw(&probs, u)
-            }
-        });
+        let picked = self
+            .filtered_probs_into(logits, history, &mut probs)
+            .and_then(|greedy| match greedy {
+                Some(id) => Ok(id),
+                None => {
+                    let u = self.rng.uniform();
+                    draw(&probs, u)
+                }
+            });
         self.work = probs;
         picked
     }
@@ -136,7 +161,12 @@ impl Sampler {
     }
 
     /// Fills `probs` with the filtered distribution; returns `Some(id)` for greedy decoding.
-    fn filtered_probs_into(&mut self, logits: &[f32], history: &[u32], probs: &mut Vec<f64>) -> Result<Option<u32>> {
+    fn filtered_probs_into(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        probs: &mut Vec<f64>,
+    ) -> Result<Option<u32>> {
         check_finite(logits)?;
         probs.clear();
         probs.extend(logits.iter().map(|&l| f64::from(l)));
@@ -155,7 +185,10 @@ impl Sampler {
         }
         if self.cfg.min_p > 0.0 {
             let cut = f64::from(self.cfg.min_p) * probs.iter().copied().fold(0.0, f64::max);
-            probs.iter_mut().filter(|p| **p < cut).for_each(|p| *p = 0.0);
+            probs
+                .iter_mut()
+                .filter(|p| **p < cut)
+                .for_each(|p| *p = 0.0);
         }
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
@@ -170,7 +203,9 @@ impl Sampler {
         self.seen.clear();
         self.seen.resize(logits.len(), false);
         for &id in history {
-            let (Some(seen), Some(l)) = (self.seen.get_mut(id as usize), logits.get_mut(id as usize)) else {
+            let (Some(seen), Some(l)) =
+                (self.seen.get_mut(id as usize), logits.get_mut(id as usize))
+            else {
                 continue;
             };
             if !*seen {
@@ -183,11 +218,19 @@ impl Sampler {
 
 /// Rejects NaN and +inf anywhere, and a vector whose every entry is -inf.
 pub fn check_finite(logits: &[f32]) -> Result<()> {
-    if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
-        return Err(Error::Numerical(format!("logit {i} is {} (non-finite model output)", logits.get(i).copied().unwrap_or(f32::NAN))));
+    if let Some(i) = logits
+        .iter()
+        .position(|l| l.is_nan() || *l == f32::INFINITY)
+    {
+        return Err(Error::Numerical(format!(
+            "logit {i} is {} (non-finite model output)",
+            logits.get(i).copied().unwrap_or(f32::NAN)
+        )));
     }
     if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
-        return Err(Error::Numerical("every logit is -inf: all tokens are masked".into()));
+        return Err(Error::Numerical(
+            "every logit is -inf: all tokens are masked".into(),
+        ));
     }
     Ok(())
 }
@@ -208,10 +251,18 @@ pub fn argmax(values: &[f64]) -> u32 {
 fn top_k(logits: &mut [f64], k: usize, order: &mut Vec<u32>) {
     order.clear();
     order.extend(0..logits.len() as u32);
-    let key = |i: &u32| logits.get(*i as usize).copied().unwrap_or(f64::NEG_INFINITY);
+    let key = |i: &u32| {
+        logits
+            .get(*i as usize)
+            .copied()
+            .unwrap_or(f64::NEG_INFINITY)
+    };
     order.select_nth_unstable_by(k - 1, |a, b| key(b).total_cmp(&key(a)));
     let kth = order.get(k - 1).map_or(f64::NEG_INFINITY, key);
-    logits.iter_mut().filter(|l| **l < kth).for_each(|l| *l = f64::NEG_INFINITY);
+    logits
+        .iter_mut()
+        .filter(|l| **l < kth)
+        .for_each(|l| *l = f64::NEG_INFINITY);
 }
 
 fn softmax(x: &mut [f64]) {
@@ -226,7 +277,9 @@ fn softmax(x: &mut [f64]) {
 
 fn top_p(probs: &mut [f64], p: f64, order: &mut Vec<u32>) {
     order.clear();
-    order.extend((0..probs.len() as u32).filter(|&i| probs.get(i as usize).is_some_and(|&q| q > 0.0)));
+    order.extend(
+        (0..probs.len() as u32).filter(|&i| probs.get(i as usize).is_some_and(|&q| q > 0.0)),
+    );
     let key = |i: &u32| probs.get(*i as usize).copied().unwrap_or(0.0);
     order.sort_unstable_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
     let mut cum = 0.0;
@@ -271,7 +324,11 @@ mod tests {
         let logits = [0.1f32, 2.0, 2.0, -1.0];
         let mut s = Sampler::new(SamplingConfig::greedy()).unwrap();
         assert_eq!(s.sample(&logits, &[]).unwrap(), 1);
-        let cfg = SamplingConfig { temperature: 1.0, seed: 7, ..SamplingConfig::greedy() };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            seed: 7,
+            ..SamplingConfig::greedy()
+        };
         let (mut a, mut b) = (Sampler::new(cfg).unwrap(), Sampler::new(cfg).unwrap());
         let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits, &[]).unwrap()).collect();
         let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits, &[]).unwrap()).collect();
@@ -281,7 +338,13 @@ mod tests {
     #[test]
     fn nan_logits_are_an_error() {
         let mut s = Sampler::new(SamplingConfig::greedy()).unwrap();
-        assert!(matches!(s.sample(&[0.0, f32::NAN], &[]), Err(Error::Numerical(_))));
-        assert!(matches!(s.sample(&[f32::NEG_INFINITY; 3], &[]), Err(Error::Numerical(_))));
+        assert!(matches!(
+            s.sample(&[0.0, f32::NAN], &[]),
+            Err(Error::Numerical(_))
+        ));
+        assert!(matches!(
+            s.sample(&[f32::NEG_INFINITY; 3], &[]),
+            Err(Error::Numerical(_))
+        ));
     }
 }

@@ -45,7 +45,15 @@ struct Online {
 }
 
 impl Attention for Dense {
-    fn attend(&self, pool: &BlockPool, head: &HeadCache, q: &[f32], q_pos: u32, scale: f32, out: &mut [f32]) {
+    fn attend(
+        &self,
+        pool: &BlockPool,
+        head: &HeadCache,
+        q: &[f32],
+        q_pos: u32,
+        scale: f32,
+        out: &mut [f32],
+    ) {
         match pool.store() {
             KvStore::F32 { k, v } => attend_rows(pool, head, k, v, q, q_pos, scale, out),
             KvStore::F16 { k, v } => attend_rows(pool, head, k, v, q, q_pos, scale, out),
@@ -66,7 +74,10 @@ fn attend_rows<T: Row>(
 ) {
     let (bs, hd) = (pool.block_size(), pool.head_dim());
     let g = q.len() / hd;
-    let mut state = Online { max: [f32::NEG_INFINITY; MAX_GROUP], sum: [0.0; MAX_GROUP] };
+    let mut state = Online {
+        max: [f32::NEG_INFINITY; MAX_GROUP],
+        sum: [0.0; MAX_GROUP],
+    };
     let mut scores = [0.0f32; MAX_GROUP * MAX_BLOCK_SIZE];
     let mut buf = [0.0f32; MAX_HEAD_DIM];
     out.fill(0.0);
@@ -95,7 +106,12 @@ fn attend_rows<T: Row>(
             continue;
         }
         for gi in 0..g {
-            rescale(&mut state, gi, &mut scores[gi * bs..gi * bs + n], &mut out[gi * hd..(gi + 1) * hd]);
+            rescale(
+                &mut state,
+                gi,
+                &mut scores[gi * bs..gi * bs + n],
+                &mut out[gi * hd..(gi + 1) * hd],
+            );
         }
         for s in 0..n {
             if positions[s] > q_pos {
@@ -110,8 +126,14 @@ fn attend_rows<T: Row>(
         }
     }
     for gi in 0..g {
-        let inv = if state.sum[gi] > 0.0 { 1.0 / state.sum[gi] } else { 0.0 };
-        out[gi * hd..(gi + 1) * hd].iter_mut().for_each(|o| *o *= inv);
+        let inv = if state.sum[gi] > 0.0 {
+            1.0 / state.sum[gi]
+        } else {
+            0.0
+        };
+        out[gi * hd..(gi + 1) * hd]
+            .iter_mut()
+            .for_each(|o| *o *= inv);
     }
 }
 

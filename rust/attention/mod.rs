@@ -9,8 +9,8 @@
 
 pub mod dense;
 
-use crate::kv::pool::BlockPool;
 use crate::kv::paged::HeadCache;
+use crate::kv::pool::BlockPool;
 
 /// Largest supported query group `g`; scores for one block of the whole group stay on the stack.
 pub const MAX_GROUP: usize = 32;
@@ -22,5 +22,13 @@ pub const MAX_HEAD_DIM: usize = 512;
 pub trait Attention: Send + Sync {
     /// Attends the query group `q` (`(g, head_dim)`, post-RoPE) at position `q_pos` over the
     /// head cache `head`, writing `(g, head_dim)` into `out`. `scale` is `1/sqrt(head_dim)`.
-    fn attend(&self, pool: &BlockPool, head: &HeadCache, q: &[f32], q_pos: u32, scale: f32, out: &mut [f32]);
+    fn attend(
+        &self,
+        pool: &BlockPool,
+        head: &HeadCache,
+        q: &[f32],
+        q_pos: u32,
+        scale: f32,
+        out: &mut [f32],
+    );
 }

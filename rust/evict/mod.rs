@@ -61,7 +61,9 @@ pub fn evict_head(
     s: &mut EvictScratch,
 ) -> Result<()> {
     let len = cache.heads().get(index).map_or(0, |h| h.len);
-    let Some(keep) = policy.keep_count(len, n_incoming) else { return Ok(()) };
+    let Some(keep) = policy.keep_count(len, n_incoming) else {
+        return Ok(());
+    };
     if keep >= len {
         return Ok(());
     }
@@ -75,7 +77,9 @@ pub fn evict_head(
     let scores = &s.scores;
     let positions = &s.positions;
     let by_score = |a: &usize, b: &usize| {
-        scores[*a].total_cmp(&scores[*b]).then(positions[*a].cmp(&positions[*b]))
+        scores[*a]
+            .total_cmp(&scores[*b])
+            .then(positions[*a].cmp(&positions[*b]))
     };
     let n_drop = len - keep;
     if n_drop < len {

@@ -55,7 +55,10 @@ mod tests {
         let positions = [7u32, 0, 5, 1, 6, 2];
         let mut scores = [0.0; 6];
         p.score(&positions, &mut scores);
-        assert!(scores[1] > scores[0] && scores[3] > scores[0], "sinks outrank recency");
+        assert!(
+            scores[1] > scores[0] && scores[3] > scores[0],
+            "sinks outrank recency"
+        );
         assert!(scores[0] > scores[4] && scores[4] > scores[2] && scores[2] > scores[5]);
     }
 }

@@ -24,13 +24,21 @@ pub struct SeqCache {
 impl SeqCache {
     /// An empty cache for `num_layers x num_kv_heads` heads.
     pub fn new(num_layers: usize, num_kv_heads: usize) -> Self {
-        Self { num_kv_heads, heads: vec![HeadCache::default(); num_layers * num_kv_heads] }
+        Self {
+            num_kv_heads,
+            heads: vec![HeadCache::default(); num_layers * num_kv_heads],
+        }
     }
 
     /// The head cache of (`layer`, `kv_head`).
     pub fn head(&self, layer: usize, kv_head: usize) -> &HeadCache {
-        static EMPTY: HeadCache = HeadCache { blocks: Vec::new(), len: 0 };
-        self.heads.get(layer * self.num_kv_heads + kv_head).unwrap_or(&EMPTY)
+        static EMPTY: HeadCache = HeadCache {
+            blocks: Vec::new(),
+            len: 0,
+        };
+        self.heads
+            .get(layer * self.num_kv_heads + kv_head)
+            .unwrap_or(&EMPTY)
     }
 
     /// Every head cache, layer-major.
@@ -58,7 +66,9 @@ impl SeqCache {
             .map(|h| {
                 let fresh = (h.len + n).div_ceil(bs).saturating_sub(h.blocks.len());
                 let shared_tail = h.len % bs != 0
-                    && h.blocks.last().is_some_and(|&b| pool.refcount_of(b).unwrap_or(1) > 1);
+                    && h.blocks
+                        .last()
+                        .is_some_and(|&b| pool.refcount_of(b).unwrap_or(1) > 1);
                 fresh + usize::from(shared_tail && n > 0)
             })
             .sum()
@@ -95,7 +105,10 @@ impl SeqCache {
         } else {
             make_exclusive(pool, head, head.len / bs)?;
         }
-        let id = *head.blocks.last().ok_or_else(|| Error::Internal("empty block table".into()))?;
+        let id = *head
+            .blocks
+            .last()
+            .ok_or_else(|| Error::Internal("empty block table".into()))?;
         pool.write(id, slot, pos, k, v);
         head.len += 1;
         Ok(())
@@ -108,7 +121,10 @@ impl SeqCache {
                 pool.incref(b)?;
             }
         }
-        Ok(Self { num_kv_heads: self.num_kv_heads, heads: self.heads.clone() })
+        Ok(Self {
+            num_kv_heads: self.num_kv_heads,
+            heads: self.heads.clone(),
+        })
     }
 
     /// Drops every reference this sequence holds; the cache becomes empty.
@@ -130,14 +146,23 @@ impl SeqCache {
     /// Holes below the new length are filled with kept slots from the tail (attention is
     /// order-free, positions travel with their slots), so at most `remove.len()` rows move;
     /// blocks past the new length go back to the pool.
-    pub fn remove_slots(&mut self, pool: &mut BlockPool, index: usize, remove: &[usize]) -> Result<()> {
+    pub fn remove_slots(
+        &mut self,
+        pool: &mut BlockPool,
+        index: usize,
+        remove: &[usize],
+    ) -> Result<()> {
         let bs = pool.block_size();
         let head = self.head_mut(index)?;
         let new_len = head.len.checked_sub(remove.len()).ok_or_else(|| {
             Error::Internal(format!("removing {} of {} slots", remove.len(), head.len))
         })?;
         let holes = remove.iter().copied().take_while(|&s| s < new_len);
-        let mut gone = remove.iter().copied().skip_while(|&s| s < new_len).peekable();
+        let mut gone = remove
+            .iter()
+            .copied()
+            .skip_while(|&s| s < new_len)
+            .peekable();
         let mut donors = (new_len..head.len).filter(move |&s| {
             if gone.peek() == Some(&s) {
                 gone.next();
@@ -147,7 +172,9 @@ impl SeqCache {
             }
         });
         for hole in holes {
-            let donor = donors.next().ok_or_else(|| Error::Internal("no donor slot".into()))?;
+            let donor = donors
+                .next()
+                .ok_or_else(|| Error::Internal("no donor slot".into()))?;
             make_exclusive(pool, head, hole / bs)?;
             let (src, dst) = (block_at(head, donor / bs)?, block_at(head, hole / bs)?);
             pool.copy_slot(src, donor % bs, dst, hole % bs);
@@ -174,7 +201,10 @@ impl SeqCache {
 }
 
 fn block_at(head: &HeadCache, bi: usize) -> Result<BlockId> {
-    head.blocks.get(bi).copied().ok_or_else(|| Error::Internal(format!("block index {bi}")))
+    head.blocks
+        .get(bi)
+        .copied()
+        .ok_or_else(|| Error::Internal(format!("block index {bi}")))
 }
 
 /// Copy-on-write: gives `head` its own copy of block `bi` if another sequence shares it.

@@ -150,7 +150,9 @@ impl BlockPool {
                 .get_mut(id as usize)
                 .ok_or_else(|| Error::Internal(format!("free list holds bad id {id}")))?;
             if *seen || self.refcount_of(id)? != 0 {
-                return Err(Error::Internal(format!("KV block {id} both free and owned")));
+                return Err(Error::Internal(format!(
+                    "KV block {id} both free and owned"
+                )));
             }
             *seen = true;
         }
@@ -163,13 +165,18 @@ impl BlockPool {
 
     /// Position of `slot` in block `id`.
     pub fn position(&self, id: BlockId, slot: usize) -> u32 {
-        self.positions.get(id as usize * self.block_size + slot).copied().unwrap_or(u32::MAX)
+        self.positions
+            .get(id as usize * self.block_size + slot)
+            .copied()
+            .unwrap_or(u32::MAX)
     }
 
     /// Positions of block `id`, `(block_size,)`.
     pub fn positions(&self, id: BlockId) -> &[u32] {
         let start = id as usize * self.block_size;
-        self.positions.get(start..start + self.block_size).unwrap_or(&[])
+        self.positions
+            .get(start..start + self.block_size)
+            .unwrap_or(&[])
     }
 
     /// Writes slot `slot` of block `id`: key and value rows `(head_dim,)` and the position.

@@ -31,8 +31,14 @@ impl KvStore {
     /// Storage for `len` elements of K and of V.
     pub fn new(dtype: KvDtype, len: usize) -> Self {
         match dtype {
-            KvDtype::F32 => Self::F32 { k: vec![0.0; len], v: vec![0.0; len] },
-            KvDtype::F16 => Self::F16 { k: vec![f16::ZERO; len], v: vec![f16::ZERO; len] },
+            KvDtype::F32 => Self::F32 {
+                k: vec![0.0; len],
+                v: vec![0.0; len],
+            },
+            KvDtype::F16 => Self::F16 {
+                k: vec![f16::ZERO; len],
+                v: vec![f16::ZERO; len],
+            },
         }
     }
 

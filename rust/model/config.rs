@@ -65,19 +65,40 @@ impl ModelConfig {
             ensure_config(v > 0, || format!("config {name}={v}: must be > 0"))?;
         }
         ensure_config(self.num_heads % self.num_kv_heads == 0, || {
-            format!("config num_kv_heads={} must divide num_heads={}", self.num_kv_heads, self.num_heads)
+            format!(
+                "config num_kv_heads={} must divide num_heads={}",
+                self.num_kv_heads, self.num_heads
+            )
         })?;
         ensure_config(self.group() <= MAX_GROUP, || {
-            format!("config num_heads/num_kv_heads={} exceeds the limit {MAX_GROUP}", self.group())
+            format!(
+                "config num_heads/num_kv_heads={} exceeds the limit {MAX_GROUP}",
+                self.group()
+            )
         })?;
-        ensure_config(self.head_dim % 2 == 0 && self.head_dim <= MAX_HEAD_DIM, || {
-            format!("config head_dim={} must be even and <= {MAX_HEAD_DIM}", self.head_dim)
-        })?;
+        ensure_config(
+            self.head_dim % 2 == 0 && self.head_dim <= MAX_HEAD_DIM,
+            || {
+                format!(
+                    "config head_dim={} must be even and <= {MAX_HEAD_DIM}",
+                    self.head_dim
+                )
+            },
+        )?;
         ensure_config(self.rope_theta.is_finite() && self.rope_theta > 0.0, || {
-            format!("config rope_theta={}: must be finite and > 0", self.rope_theta)
+            format!(
+                "config rope_theta={}: must be finite and > 0",
+                self.rope_theta
+            )
         })?;
-        ensure_config(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0, || {
-            format!("config rms_norm_eps={}: must be finite and > 0", self.rms_norm_eps)
-        })
+        ensure_config(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            || {
+                format!(
+                    "config rms_norm_eps={}: must be finite and > 0",
+                    self.rms_norm_eps
+                )
+            },
+        )
     }
 }

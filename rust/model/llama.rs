@@ -86,7 +86,9 @@ impl LlamaModel {
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut t = Take { map: &mut map };
         let embed = t.matrix("model.embed_tokens.weight", v, h)?;
-        let layers = (0..cfg.num_layers).map(|i| load_layer(&mut t, &cfg, i)).collect::<Result<_>>()?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| load_layer(&mut t, &cfg, i))
+            .collect::<Result<_>>()?;
         let norm = t.vector("model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -96,9 +98,18 @@ impl LlamaModel {
         if !map.is_empty() {
             let mut extra: Vec<_> = map.keys().cloned().collect();
             extra.sort();
-            return Err(Error::ModelFormat(format!("unexpected tensors: {}", extra.join(", "))));
+            return Err(Error::ModelFormat(format!(
+                "unexpected tensors: {}",
+                extra.join(", ")
+            )));
         }
-        Ok(Self { cfg, embed, layers, norm, lm_head })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// The LM head matrix (the embedding when tied).
@@ -125,7 +136,12 @@ impl LlamaModel {
 
 fn load_layer(t: &mut Take<'_>, cfg: &ModelConfig, i: usize) -> Result<Layer> {
     let p = format!("model.layers.{i}");
-    let (h, q, kv, f) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (h, q, kv, f) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
     Ok(Layer {
         attn_norm: t.vector(&format!("{p}.input_layernorm.weight"), h)?,
         wq: t.matrix(&format!("{p}.self_attn.q_proj.weight"), q, h)?,

@@ -89,7 +89,10 @@ impl Session {
     /// Runs `tokens` (any number; split into chunks) and returns all logits if asked.
     pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
-        let step = self.press.as_ref().map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
+        let step = self
+            .press
+            .as_ref()
+            .map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
         let mut all = Vec::new();
         for chunk in tokens.chunks(step) {
             self.forward_chunk(chunk, want)?;
@@ -102,15 +105,26 @@ impl Session {
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if self.poisoned {
-            return Err(Error::Internal("session unusable after an internal error".into()));
+            return Err(Error::Internal(
+                "session unusable after an internal error".into(),
+            ));
         }
         if tokens.is_empty() {
-            return Err(Error::Config("token_ids is empty: at least one token is required".into()));
+            return Err(Error::Config(
+                "token_ids is empty: at least one token is required".into(),
+            ));
         }
         let vocab = self.engine.model.cfg.vocab_size;
-        let bad: Vec<u32> = tokens.iter().copied().filter(|&t| t as usize >= vocab).take(8).collect();
+        let bad: Vec<u32> = tokens
+            .iter()
+            .copied()
+            .filter(|&t| t as usize >= vocab)
+            .take(8)
+            .collect();
         if !bad.is_empty() {
-            return Err(Error::Config(format!("token ids {bad:?} are outside [0, {vocab})")));
+            return Err(Error::Config(format!(
+                "token ids {bad:?} are outside [0, {vocab})"
+            )));
         }
         let end = self.next_pos as usize + tokens.len();
         if self.press.is_none() && end > self.max_context {
@@ -131,7 +145,13 @@ impl Session {
         let engine = Arc::clone(&self.engine);
         let mut pool = engine.pool()?;
         if let Some(press) = &self.press {
-            evict_all(press.as_ref(), &mut self.cache, &mut pool, tokens.len(), &mut self.evict_scratch)?;
+            evict_all(
+                press.as_ref(),
+                &mut self.cache,
+                &mut pool,
+                tokens.len(),
+                &mut self.evict_scratch,
+            )?;
         }
         self.cache.reserve(&pool, tokens.len())?;
         let pool_ref: &mut BlockPool = &mut pool;
@@ -142,14 +162,27 @@ impl Session {
         result
     }
 
-    fn run_layers(&mut self, e: &Engine, pool: &mut BlockPool, tokens: &[u32], want: Logits) -> Result<()> {
+    fn run_layers(
+        &mut self,
+        e: &Engine,
+        pool: &mut BlockPool,
+        tokens: &[u32],
+        want: Logits,
+    ) -> Result<()> {
         let cfg = &e.model.cfg;
         let (n, h, half) = (tokens.len(), cfg.hidden_size, cfg.head_dim / 2);
         let s = &mut self.scratch;
         for (t, &tok) in tokens.iter().enumerate() {
-            e.model.embed.dequant_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
+            e.model
+                .embed
+                .dequant_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
             let pos = self.next_pos + t as u32;
-            rope::angles(pos, &e.inv_freq, &mut s.cos[t * half..(t + 1) * half], &mut s.sin[t * half..(t + 1) * half]);
+            rope::angles(
+                pos,
+                &e.inv_freq,
+                &mut s.cos[t * half..(t + 1) * half],
+                &mut s.sin[t * half..(t + 1) * half],
+            );
         }
         for (li, layer) in e.model.layers.iter().enumerate() {
             attention_block(e, layer, li, &mut self.cache, pool, s, self.next_pos, n)?;
@@ -162,7 +195,12 @@ impl Session {
                 rmsnorm(last, &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..h]);
                 gemm(e.model.head(), &s.xb[..h], 1, &mut s.logits);
             }
-            Logits::All => rmsnorm(&s.x[..n * h], &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..n * h]),
+            Logits::All => rmsnorm(
+                &s.x[..n * h],
+                &e.model.norm,
+                cfg.rms_norm_eps,
+                &mut s.xb[..n * h],
+            ),
         }
         Ok(())
     }
@@ -219,13 +257,27 @@ fn attention_block(
     n: usize,
 ) -> Result<()> {
     let cfg = &e.model.cfg;
-    let (h, qd, kvd, hd, half) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim, cfg.head_dim / 2);
-    rmsnorm(&s.x[..n * h], &layer.attn_norm, cfg.rms_norm_eps, &mut s.xb[..n * h]);
+    let (h, qd, kvd, hd, half) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.head_dim,
+        cfg.head_dim / 2,
+    );
+    rmsnorm(
+        &s.x[..n * h],
+        &layer.attn_norm,
+        cfg.rms_norm_eps,
+        &mut s.xb[..n * h],
+    );
     gemm(&layer.wq, &s.xb[..n * h], n, &mut s.q[..n * qd]);
     gemm(&layer.wk, &s.xb[..n * h], n, &mut s.k[..n * kvd]);
     gemm(&layer.wv, &s.xb[..n * h], n, &mut s.v[..n * kvd]);
     for t in 0..n {
-        let (c, sn) = (&s.cos[t * half..(t + 1) * half], &s.sin[t * half..(t + 1) * half]);
+        let (c, sn) = (
+            &s.cos[t * half..(t + 1) * half],
+            &s.sin[t * half..(t + 1) * half],
+        );
         rope::apply(&mut s.q[t * qd..(t + 1) * qd], c, sn);
         rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
         for kh in 0..cfg.num_kv_heads {
@@ -238,11 +290,14 @@ fn attention_block(
     let scale = 1.0 / (hd as f32).sqrt();
     let (pool, cache) = (&*pool, &*cache);
     let q = &s.q;
-    s.att[..n * qd].par_chunks_mut(g * hd).enumerate().for_each(|(idx, out)| {
-        let (t, kh) = (idx / nkv, idx % nkv);
-        let qs = &q[t * qd + kh * g * hd..t * qd + (kh + 1) * g * hd];
-        Dense.attend(pool, cache.head(li, kh), qs, pos0 + t as u32, scale, out);
-    });
+    s.att[..n * qd]
+        .par_chunks_mut(g * hd)
+        .enumerate()
+        .for_each(|(idx, out)| {
+            let (t, kh) = (idx / nkv, idx % nkv);
+            let qs = &q[t * qd + kh * g * hd..t * qd + (kh + 1) * g * hd];
+            Dense.attend(pool, cache.head(li, kh), qs, pos0 + t as u32, scale, out);
+        });
     gemm(&layer.wo, &s.att[..n * qd], n, &mut s.xb[..n * h]);
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
     Ok(())

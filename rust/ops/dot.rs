@@ -86,7 +86,11 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let (fast, slow) = (dot(&a, &b), dot_unopt(&a, &b));
             assert!((fast - slow).abs() <= 1e-5 * (1.0 + slow.abs()), "n={n}");
-            assert_eq!(fast, dot_lanes(&a, &b), "dispatch must not change the sum, n={n}");
+            assert_eq!(
+                fast,
+                dot_lanes(&a, &b),
+                "dispatch must not change the sum, n={n}"
+            );
         }
     }
 }

@@ -12,11 +12,13 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `out = W x`. `w`: `(rows, cols)`; `x`: `(cols,)`; `out`: `(rows,)`.
 pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, o)| {
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = w.dot_row(c * ROWS_PER_TASK + i, x);
-        }
-    });
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(c, o)| {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = w.dot_row(c * ROWS_PER_TASK + i, x);
+            }
+        });
 }
 
 /// `out = X W^T`. `w`: `(rows, cols)`; `x`: `(n, cols)`; `out`: `(n, rows)`.
@@ -27,15 +29,18 @@ pub fn gemm(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     // Rows are computed into a transposed buffer so that each task owns a contiguous slice.
     let mut out_t = vec![0.0f32; rows * n];
-    out_t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, o)| {
-        let mut row = vec![0.0f32; cols];
-        for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-            w.dequant_row(c * ROWS_PER_TASK + i, &mut row);
-            for (t, v) in orow.iter_mut().enumerate() {
-                *v = crate::ops::dot::dot(&row, &x[t * cols..(t + 1) * cols]);
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let mut row = vec![0.0f32; cols];
+            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                w.dequant_row(c * ROWS_PER_TASK + i, &mut row);
+                for (t, v) in orow.iter_mut().enumerate() {
+                    *v = crate::ops::dot::dot(&row, &x[t * cols..(t + 1) * cols]);
+                }
             }
-        }
-    });
+        });
     out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
         for (r, v) in orow.iter_mut().enumerate() {
             *v = out_t[r * n + t];
@@ -50,7 +55,9 @@ mod tests {
     #[test]
     fn gemm_rows_equal_gemv() {
         let (rows, cols, n) = (37, 64, 5);
-        let wv: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let wv: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let w = Weight::from_f32(rows, cols, &wv).unwrap();
         let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.3).sin()).collect();
         let mut out = vec![0.0; n * rows];

@@ -48,16 +48,26 @@ pub fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send)
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(to_py(py, Error::Internal(format!("panic in the core: {what}"))))
+            Err(to_py(
+                py,
+                Error::Internal(format!("panic in the core: {what}")),
+            ))
         }
     }
 }
 
 /// Converts Python-side token ids to `u32`, rejecting negatives with a `ConfigError`.
 pub fn token_ids(ids: &[i64], what: &str) -> crate::Result<Vec<u32>> {
-    let bad: Vec<i64> = ids.iter().copied().filter(|&t| t < 0 || t > i64::from(u32::MAX)).take(8).collect();
+    let bad: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|&t| t < 0 || t > i64::from(u32::MAX))
+        .take(8)
+        .collect();
     if !bad.is_empty() {
-        return Err(Error::Config(format!("{what} contains invalid token ids {bad:?}")));
+        return Err(Error::Config(format!(
+            "{what} contains invalid token ids {bad:?}"
+        )));
     }
     Ok(ids.iter().map(|&t| t as u32).collect())
 }

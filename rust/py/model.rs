@@ -28,13 +28,20 @@ pub struct PyEngine {
 
 fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
     d.get_item(key)?
-        .ok_or_else(|| to_py(d.py(), Error::ModelFormat(format!("config is missing {key:?}"))))?
+        .ok_or_else(|| {
+            to_py(
+                d.py(),
+                Error::ModelFormat(format!("config is missing {key:?}")),
+            )
+        })?
         .extract::<T>()
         .map_err(Into::into)
 }
 
 fn rope_scaling(d: &Bound<'_, PyDict>) -> PyResult<RopeScaling> {
-    let Some(rs) = d.get_item("rope_scaling")? else { return Ok(RopeScaling::None) };
+    let Some(rs) = d.get_item("rope_scaling")? else {
+        return Ok(RopeScaling::None);
+    };
     if rs.is_none() {
         return Ok(RopeScaling::None);
     }
@@ -44,7 +51,9 @@ fn rope_scaling(d: &Bound<'_, PyDict>) -> PyResult<RopeScaling> {
         None => rs.get_item("type")?.map(|v| v.extract()).transpose()?,
     };
     Ok(match kind.as_deref() {
-        Some("linear") => RopeScaling::Linear { factor: get(&rs, "factor")? },
+        Some("linear") => RopeScaling::Linear {
+            factor: get(&rs, "factor")?,
+        },
         Some("llama3") => RopeScaling::Llama3 {
             factor: get(&rs, "factor")?,
             low_freq_factor: get(&rs, "low_freq_factor")?,
@@ -80,7 +89,12 @@ fn weight(t: &TensorArg<'_>) -> PyResult<Weight> {
     let (rows, cols) = match shape.as_slice() {
         [n] => (1, *n),
         [r, c] => (*r, *c),
-        _ => return Err(to_py(data.py(), Error::ModelFormat(format!("tensor {name}: shape {shape:?} is not 1-D or 2-D")))),
+        _ => {
+            return Err(to_py(
+                data.py(),
+                Error::ModelFormat(format!("tensor {name}: shape {shape:?} is not 1-D or 2-D")),
+            ))
+        }
     };
     let bytes = data.as_slice()?;
     WeightFormat::parse(fmt)
@@ -105,14 +119,25 @@ impl PyEngine {
         let mut map = HashMap::with_capacity(tensors.len());
         for t in &tensors {
             if map.insert(t.0.clone(), weight(t)?).is_some() {
-                return Err(to_py(py, Error::ModelFormat(format!("duplicate tensor {}", t.0))));
+                return Err(to_py(
+                    py,
+                    Error::ModelFormat(format!("duplicate tensor {}", t.0)),
+                ));
             }
         }
         drop(tensors);
         let dtype = KvDtype::parse(kv_dtype).map_err(|e| to_py(py, e))?;
-        let kv = KvConfig { block_size, num_blocks, dtype };
-        let engine = run(py, || Engine::new(LlamaModel::from_weights(cfg, map)?, kv, n_threads))?;
-        Ok(Self { inner: Arc::new(engine) })
+        let kv = KvConfig {
+            block_size,
+            num_blocks,
+            dtype,
+        };
+        let engine = run(py, || {
+            Engine::new(LlamaModel::from_weights(cfg, map)?, kv, n_threads)
+        })?;
+        Ok(Self {
+            inner: Arc::new(engine),
+        })
     }
 
     /// Pool counts: total, free, live and cached blocks, bytes per block, dtype.
@@ -154,15 +179,24 @@ impl PyEngine {
         add(&m.embed);
         m.lm_head.iter().for_each(&mut add);
         for l in &m.layers {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].into_iter().for_each(&mut add);
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .into_iter()
+                .for_each(&mut add);
         }
         out
     }
 
     /// A new empty sequence.
     #[pyo3(signature = (*, prefill_chunk = 64, max_context))]
-    fn session(&self, py: Python<'_>, prefill_chunk: usize, max_context: usize) -> PyResult<PySession> {
-        let s = run(py, || Session::new(Arc::clone(&self.inner), prefill_chunk, max_context))?;
+    fn session(
+        &self,
+        py: Python<'_>,
+        prefill_chunk: usize,
+        max_context: usize,
+    ) -> PyResult<PySession> {
+        let s = run(py, || {
+            Session::new(Arc::clone(&self.inner), prefill_chunk, max_context)
+        })?;
         Ok(PySession::wrap(s))
     }
 }
@@ -184,12 +218,20 @@ pub struct PySession {
 impl PySession {
     fn wrap(session: Session) -> Self {
         let sampler = Sampler::new(SamplingConfig::greedy()).unwrap_or_else(|_| unreachable!());
-        Self { state: Mutex::new(SessionState { session, sampler, history: Vec::new() }) }
+        Self {
+            state: Mutex::new(SessionState {
+                session,
+                sampler,
+                history: Vec::new(),
+            }),
+        }
     }
 
     /// Locks the state (call only with the GIL released).
     fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
-        self.state.lock().map_err(|_| Error::Internal("session lock poisoned".into()))
+        self.state
+            .lock()
+            .map_err(|_| Error::Internal("session lock poisoned".into()))
     }
 }
 
@@ -208,7 +250,14 @@ impl PySession {
         repetition_penalty: f32,
         seed: u64,
     ) -> PyResult<()> {
-        let cfg = SamplingConfig { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+        let cfg = SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+        };
         run(py, || {
             let sampler = Sampler::new(cfg)?;
             self.lock()?.sampler = sampler;
@@ -218,13 +267,25 @@ impl PySession {
 
     /// Installs StreamingLLM eviction (`sink` + `window` tokens), or removes the press.
     #[pyo3(signature = (kind, *, sink = 0, window = 0))]
-    fn set_press(&self, py: Python<'_>, kind: Option<&str>, sink: usize, window: usize) -> PyResult<()> {
+    fn set_press(
+        &self,
+        py: Python<'_>,
+        kind: Option<&str>,
+        sink: usize,
+        window: usize,
+    ) -> PyResult<()> {
         let kind = kind.map(str::to_owned);
         run(py, || {
             let press: Option<Box<dyn crate::evict::EvictionPolicy>> = match kind.as_deref() {
                 None => None,
-                Some("streaming_llm") if window >= 1 => Some(Box::new(StreamingLlm { sink, window })),
-                Some(other) => return Err(Error::Config(format!("unknown press {other:?} or window={window} < 1"))),
+                Some("streaming_llm") if window >= 1 => {
+                    Some(Box::new(StreamingLlm { sink, window }))
+                }
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "unknown press {other:?} or window={window} < 1"
+                    )))
+                }
             };
             self.lock()?.session.set_press(press);
             Ok(())
@@ -254,7 +315,11 @@ impl PySession {
     }
 
     /// Runs `token_ids` and returns float32 logits for every position, `(n, vocab)`.
-    fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<i64>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let (n, vocab, flat) = run(py, || {
             let ids = token_ids_checked(&token_ids)?;
             let mut st = self.lock()?;
@@ -288,11 +353,15 @@ impl PySession {
             let e = st.session.engine();
             let (nl, nkv) = (e.model.cfg.num_layers, e.model.cfg.num_kv_heads);
             if layer >= nl || kv_head >= nkv {
-                return Err(Error::Config(format!("layer={layer}, kv_head={kv_head} outside ({nl}, {nkv})")));
+                return Err(Error::Config(format!(
+                    "layer={layer}, kv_head={kv_head} outside ({nl}, {nkv})"
+                )));
             }
             let pool = e.pool()?;
             let mut out = Vec::new();
-            st.session.cache().positions_into(&pool, layer * nkv + kv_head, &mut out);
+            st.session
+                .cache()
+                .positions_into(&pool, layer * nkv + kv_head, &mut out);
             out.sort_unstable();
             Ok(out)
         })
@@ -304,7 +373,13 @@ impl PySession {
             let st = self.lock()?;
             let session = st.session.fork()?;
             let sampler = st.sampler.clone();
-            Ok(PySession { state: Mutex::new(SessionState { session, sampler, history: st.history.clone() }) })
+            Ok(PySession {
+                state: Mutex::new(SessionState {
+                    session,
+                    sampler,
+                    history: st.history.clone(),
+                }),
+            })
         })
     }
 
@@ -323,6 +398,10 @@ fn token_ids_checked(ids: &[i64]) -> Result<Vec<u32>> {
 }
 
 fn sample_next(st: &mut SessionState) -> Result<u32> {
-    let SessionState { session, sampler, history } = st;
+    let SessionState {
+        session,
+        sampler,
+        history,
+    } = st;
     sampler.sample(session.last_logits(), history)
 }

@@ -21,7 +21,14 @@ pub fn py_filtered_probs<'py>(
     repetition_penalty: f32,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let logits = logits.as_slice()?.to_vec();
-    let cfg = SamplingConfig { temperature, top_k, top_p, min_p, repetition_penalty, seed: 0 };
+    let cfg = SamplingConfig {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        seed: 0,
+    };
     let probs = run(py, || {
         let hist = token_ids(&history, "history")?;
         Sampler::new(cfg)?.filtered_probs(&logits, &hist)

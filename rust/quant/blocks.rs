@@ -52,7 +52,10 @@ fn block_q4_1(b: &[u8], out: &mut [f32]) {
 
 #[inline(always)]
 fn dequant_blocks(row: &[u8], out: &mut [f32], bytes: usize, block: fn(&[u8], &mut [f32])) {
-    for (b, o) in row.chunks_exact(bytes).zip(out.chunks_exact_mut(BLOCK_ELEMS)) {
+    for (b, o) in row
+        .chunks_exact(bytes)
+        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
+    {
         block(b, o);
     }
 }

@@ -43,11 +43,9 @@ impl WeightFormat {
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
             "q4_1" => Self::Q4_1,
-            _ => {
-                return Err(Error::ModelFormat(format!(
-                    "unsupported weight format {name:?}; supported: f32, f16, bf16, q8_0, q4_0, q4_1"
-                )))
-            }
+            _ => return Err(Error::ModelFormat(format!(
+                "unsupported weight format {name:?}; supported: f32, f16, bf16, q8_0, q4_0, q4_1"
+            ))),
         })
     }
 
@@ -107,7 +105,13 @@ impl Weight {
                 bytes.len()
             )));
         }
-        Ok(Self { fmt, rows, cols, row_bytes, data: bytes.to_vec() })
+        Ok(Self {
+            fmt,
+            rows,
+            cols,
+            row_bytes,
+            data: bytes.to_vec(),
+        })
     }
 
     /// Builds an f32 weight from values (used by tests and small tensors).
