@@ -20,8 +20,9 @@ pub trait EvictionPolicy: Send + Sync {
     fn keep_count(&self, len: usize, n_incoming: usize) -> Option<usize>;
 
     /// Writes one score per slot into `scores` (higher is kept first). `positions`: the
-    /// slots' original positions, `(len,)`, in slot order.
-    fn score(&self, positions: &[u32], scores: &mut [f64]);
+    /// slots' original positions, `(len,)`, in slot order. `scratch` is a reusable buffer the
+    /// policy may use freely, so that scoring never allocates in steady state.
+    fn score(&self, positions: &[u32], scores: &mut [f64], scratch: &mut Vec<u32>);
 
     /// Largest number of tokens one forward step may append under this policy.
     fn max_step(&self) -> usize {
@@ -35,6 +36,7 @@ pub struct EvictScratch {
     positions: Vec<u32>,
     scores: Vec<f64>,
     order: Vec<usize>,
+    policy: Vec<u32>,
 }
 
 /// Applies `policy` to every head of `cache` before `n_incoming` tokens are appended.
@@ -70,7 +72,7 @@ pub fn evict_head(
     cache.positions_into(pool, index, &mut s.positions);
     s.scores.clear();
     s.scores.resize(len, 0.0);
-    policy.score(&s.positions, &mut s.scores);
+    policy.score(&s.positions, &mut s.scores, &mut s.policy);
     s.order.clear();
     s.order.extend(0..len);
     // Partition so the `len - keep` lowest scores come first (ties: older position first).

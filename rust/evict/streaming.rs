@@ -22,9 +22,10 @@ impl EvictionPolicy for StreamingLlm {
             .then(|| self.sink.min(len) + self.window.saturating_sub(n_incoming).min(len))
     }
 
-    fn score(&self, positions: &[u32], scores: &mut [f64]) {
+    fn score(&self, positions: &[u32], scores: &mut [f64], sorted: &mut Vec<u32>) {
         // Recency is the score; the `sink` oldest positions are lifted above every other.
-        let mut sorted: Vec<u32> = positions.to_vec();
+        sorted.clear();
+        sorted.extend_from_slice(positions);
         let sink = self.sink.min(sorted.len());
         let cutoff = if sink == 0 {
             None
@@ -54,7 +55,7 @@ mod tests {
         assert_eq!(p.keep_count(5, 1), Some(4));
         let positions = [7u32, 0, 5, 1, 6, 2];
         let mut scores = [0.0; 6];
-        p.score(&positions, &mut scores);
+        p.score(&positions, &mut scores, &mut Vec::new());
         assert!(
             scores[1] > scores[0] && scores[3] > scores[0],
             "sinks outrank recency"

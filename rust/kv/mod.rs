@@ -10,6 +10,8 @@
 pub mod paged;
 pub mod pool;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use crate::error::{Error, Result};
 

@@ -43,9 +43,11 @@ impl WeightFormat {
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
             "q4_1" => Self::Q4_1,
-            _ => return Err(Error::ModelFormat(format!(
+            _ => {
+                return Err(Error::ModelFormat(format!(
                 "unsupported weight format {name:?}; supported: f32, f16, bf16, q8_0, q4_0, q4_1"
-            ))),
+            )))
+            }
         })
     }
 
@@ -195,5 +197,82 @@ impl Weight {
         let mut tmp = vec![0.0f32; self.cols];
         self.dequant_row(r, &mut tmp);
         tmp.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// Deterministic bytes for a `(rows, cols)` matrix in `fmt`, with finite scales.
+    fn matrix(fmt: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+        let mut state = 12345u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let val = |u: u32| (u % 2000) as f32 / 1000.0 - 1.0;
+        let mut out = Vec::new();
+        for _ in 0..rows {
+            match fmt {
+                WeightFormat::F32 => (0..cols).for_each(|_| out.extend(val(next()).to_le_bytes())),
+                WeightFormat::F16 => {
+                    (0..cols).for_each(|_| out.extend(f16::from_f32(val(next())).to_le_bytes()))
+                }
+                WeightFormat::Bf16 => {
+                    (0..cols).for_each(|_| out.extend(bf16::from_f32(val(next())).to_le_bytes()))
+                }
+                _ => {
+                    let block = fmt.row_bytes(BLOCK_ELEMS).unwrap();
+                    let scales = if fmt == WeightFormat::Q4_1 { 2 } else { 1 };
+                    for _ in 0..cols / BLOCK_ELEMS {
+                        for _ in 0..scales {
+                            out.extend(f16::from_f32(val(next()) * 0.1).to_le_bytes());
+                        }
+                        (0..block - 2 * scales).for_each(|_| out.push(next() as u8));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_format_dot_matches_its_scalar_twin() {
+        let (rows, cols) = (5, 96);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        for name in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] {
+            let fmt = WeightFormat::parse(name).unwrap();
+            let w = Weight::new(fmt, rows, cols, &matrix(fmt, rows, cols)).unwrap();
+            for r in 0..rows {
+                let (fast, slow) = (w.dot_row(r, &x), w.dot_row_unopt(r, &x));
+                assert!(
+                    (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()),
+                    "{name} row {r}: {fast} vs {slow}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_format_errors() {
+        assert!(matches!(
+            Weight::new(WeightFormat::Q4_0, 2, 33, &[0; 36]),
+            Err(Error::ModelFormat(_))
+        ));
+        assert!(matches!(
+            Weight::new(WeightFormat::F32, 2, 2, &[0; 15]),
+            Err(Error::ModelFormat(_))
+        ));
+        assert!(matches!(
+            WeightFormat::parse("q5_0"),
+            Err(Error::ModelFormat(_))
+        ));
     }
 }
