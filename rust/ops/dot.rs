@@ -4,23 +4,23 @@
 //! returns bit-identical results to the portable one; only the instruction width differs.
 //! Dispatch is decided at run time (`is_x86_feature_detected!`), never by compile flags.
 
-const LANES: usize = 16;
+/// Independent partial sums: enough to hide add latency on two 256-bit (or one 512-bit) units.
+pub const LANES: usize = 16;
 
-/// Portable kernel: 16 independent partial sums (enough to hide add latency), then a fixed
-/// pairwise reduction. `a`, `b`: `(n,)` with equal lengths.
+/// `acc[i % LANES] += a[i] * b[i]` without reducing, so callers that stream many short
+/// pieces (quantized blocks) reduce once per row. `a`, `b`: `(n,)`, `n % LANES == 0`.
 #[inline(always)]
-pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = a.len() / LANES;
+pub fn dot_accumulate(acc: &mut [f32; LANES], a: &[f32], b: &[f32]) {
     for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for i in 0..LANES {
             acc[i] += ca[i] * cb[i];
         }
     }
-    let mut tail = 0.0f32;
-    for i in chunks * LANES..a.len().min(b.len()) {
-        tail += a[i] * b[i];
-    }
+}
+
+/// Pairwise reduction of the partial sums, in a fixed order.
+#[inline(always)]
+pub fn reduce(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -28,7 +28,21 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += acc[i + width];
         }
     }
-    acc[0] + tail
+    acc[0]
+}
+
+/// Portable kernel: 16 independent partial sums (enough to hide add latency), then a fixed
+/// pairwise reduction. `a`, `b`: `(n,)` with equal lengths.
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let full = a.len().min(b.len()) / LANES * LANES;
+    dot_accumulate(&mut acc, &a[..full], &b[..full]);
+    let mut tail = 0.0f32;
+    for i in full..a.len().min(b.len()) {
+        tail += a[i] * b[i];
+    }
+    reduce(acc) + tail
 }
 
 #[cfg(target_arch = "x86_64")]

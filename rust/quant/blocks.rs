@@ -4,7 +4,7 @@
 //! (18 bytes); Q4_1 = f16 d, f16 m, 16 bytes of nibbles (20 bytes). In a nibble byte `j`, the
 //! low nibble is element `j` and the high nibble element `j + 16`.
 
-use crate::ops::dot::dot_lanes;
+use crate::ops::dot::{dot_accumulate, reduce, LANES};
 use half::f16;
 
 /// Elements per block.
@@ -50,64 +50,41 @@ fn block_q4_1(b: &[u8], out: &mut [f32]) {
     }
 }
 
-#[inline(always)]
-fn dequant_blocks(row: &[u8], out: &mut [f32], bytes: usize, block: fn(&[u8], &mut [f32])) {
-    for (b, o) in row
-        .chunks_exact(bytes)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
-        block(b, o);
-    }
+/// Defines the row kernels of one block format. A macro rather than a function taking the
+/// block decoder as a parameter: the decoder must inline into the caller's AVX2 build, which a
+/// function pointer or closure shim prevents.
+macro_rules! block_row_kernels {
+    ($dequant:ident, $dot:ident, $block:ident, $bytes:expr, $label:literal) => {
+        #[doc = concat!("Dequantizes a ", $label, " row into `out` (`cols` long).")]
+        #[inline(always)]
+        pub fn $dequant(row: &[u8], out: &mut [f32]) {
+            for (b, o) in row
+                .chunks_exact($bytes)
+                .zip(out.chunks_exact_mut(BLOCK_ELEMS))
+            {
+                $block(b, o);
+            }
+        }
+
+        #[doc = concat!("Dot product of a ", $label, " row with `x` (`cols` long). Blocks are ")]
+        #[doc = "decoded into a stack buffer (the same float ops as dequantizing) and multiplied"]
+        #[doc = "into running partial sums reduced once per row."]
+        #[inline(always)]
+        pub fn $dot(row: &[u8], x: &[f32]) -> f32 {
+            let mut buf = [0.0f32; BLOCK_ELEMS];
+            let mut acc = [0.0f32; LANES];
+            for (b, xs) in row.chunks_exact($bytes).zip(x.chunks_exact(BLOCK_ELEMS)) {
+                $block(b, &mut buf);
+                dot_accumulate(&mut acc, &buf, xs);
+            }
+            reduce(acc)
+        }
+    };
 }
 
-/// Dequantizes blocks one at a time into a stack buffer and dots them with `x`, so no row
-/// is ever materialised; the block value equals `dequant` exactly (same float ops).
-#[inline(always)]
-fn dot_blocks(row: &[u8], x: &[f32], bytes: usize, block: fn(&[u8], &mut [f32])) -> f32 {
-    let mut buf = [0.0f32; BLOCK_ELEMS];
-    let mut acc = 0.0f32;
-    for (b, xs) in row.chunks_exact(bytes).zip(x.chunks_exact(BLOCK_ELEMS)) {
-        block(b, &mut buf);
-        acc += dot_lanes(&buf, xs);
-    }
-    acc
-}
-
-/// Dequantizes a Q8_0 row into `out` (`cols` long).
-#[inline(always)]
-pub fn dequant_q8_0(row: &[u8], out: &mut [f32]) {
-    dequant_blocks(row, out, Q8_0_BYTES, block_q8_0);
-}
-
-/// Dequantizes a Q4_0 row into `out` (`cols` long).
-#[inline(always)]
-pub fn dequant_q4_0(row: &[u8], out: &mut [f32]) {
-    dequant_blocks(row, out, Q4_0_BYTES, block_q4_0);
-}
-
-/// Dequantizes a Q4_1 row into `out` (`cols` long).
-#[inline(always)]
-pub fn dequant_q4_1(row: &[u8], out: &mut [f32]) {
-    dequant_blocks(row, out, Q4_1_BYTES, block_q4_1);
-}
-
-/// Dot product of a Q8_0 row with `x` (`cols` long).
-#[inline(always)]
-pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-    dot_blocks(row, x, Q8_0_BYTES, block_q8_0)
-}
-
-/// Dot product of a Q4_0 row with `x` (`cols` long).
-#[inline(always)]
-pub fn dot_q4_0(row: &[u8], x: &[f32]) -> f32 {
-    dot_blocks(row, x, Q4_0_BYTES, block_q4_0)
-}
-
-/// Dot product of a Q4_1 row with `x` (`cols` long).
-#[inline(always)]
-pub fn dot_q4_1(row: &[u8], x: &[f32]) -> f32 {
-    dot_blocks(row, x, Q4_1_BYTES, block_q4_1)
-}
+block_row_kernels!(dequant_q8_0, dot_q8_0, block_q8_0, Q8_0_BYTES, "Q8_0");
+block_row_kernels!(dequant_q4_0, dot_q4_0, block_q4_0, Q4_0_BYTES, "Q4_0");
+block_row_kernels!(dequant_q4_1, dot_q4_1, block_q4_1, Q4_1_BYTES, "Q4_1");
 
 #[cfg(test)]
 mod tests {

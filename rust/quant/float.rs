@@ -2,7 +2,7 @@
 //!
 //! Rows are little-endian byte slices; `x` and `out` are float32 slices of the row's length.
 
-use crate::ops::dot::dot_lanes;
+use crate::ops::dot::{dot_accumulate, reduce, LANES};
 use half::{bf16, f16};
 
 /// Elements converted per step: a stack buffer that stays in L1.
@@ -42,34 +42,30 @@ pub fn dequant_bf16(row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Converts the row in chunks that stay in L1, so long rows never need a heap buffer.
-#[inline(always)]
-fn dot_chunked(row: &[u8], x: &[f32], bytes_per: usize, conv: fn(&[u8], &mut [f32])) -> f32 {
-    let mut buf = [0.0f32; CHUNK];
-    let mut acc = 0.0f32;
-    for (c, xs) in x.chunks(CHUNK).enumerate() {
-        let start = c * CHUNK * bytes_per;
-        let part = &row[start..start + xs.len() * bytes_per];
-        conv(part, &mut buf[..xs.len()]);
-        acc += dot_lanes(&buf[..xs.len()], xs);
-    }
-    acc
+/// Defines a float row dot product that converts the row in chunks that stay in L1, so long
+/// rows never need a heap buffer. A macro so that the converter inlines into the AVX2 build.
+macro_rules! float_row_dot {
+    ($dot:ident, $conv:ident, $bytes:expr, $label:literal) => {
+        #[doc = concat!("Dot product of an ", $label, " row with `x`.")]
+        #[inline(always)]
+        pub fn $dot(row: &[u8], x: &[f32]) -> f32 {
+            let mut buf = [0.0f32; CHUNK];
+            let mut acc = [0.0f32; LANES];
+            let mut tail = 0.0f32;
+            for (c, xs) in x.chunks(CHUNK).enumerate() {
+                let start = c * CHUNK * $bytes;
+                $conv(&row[start..start + xs.len() * $bytes], &mut buf[..xs.len()]);
+                let full = xs.len() / LANES * LANES;
+                dot_accumulate(&mut acc, &buf[..full], &xs[..full]);
+                for (a, b) in buf[full..xs.len()].iter().zip(&xs[full..]) {
+                    tail += a * b;
+                }
+            }
+            reduce(acc) + tail
+        }
+    };
 }
 
-/// Dot product of an f32 row with `x`.
-#[inline(always)]
-pub fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
-    dot_chunked(row, x, 4, dequant_f32)
-}
-
-/// Dot product of an f16 row with `x`.
-#[inline(always)]
-pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    dot_chunked(row, x, 2, dequant_f16)
-}
-
-/// Dot product of a bf16 row with `x`.
-#[inline(always)]
-pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-    dot_chunked(row, x, 2, dequant_bf16)
-}
+float_row_dot!(dot_f32, dequant_f32, 4, "f32");
+float_row_dot!(dot_f16, dequant_f16, 2, "f16");
+float_row_dot!(dot_bf16, dequant_bf16, 2, "bf16");
