@@ -12,7 +12,7 @@ from . import _core
 from . import _validate as v
 from .chat_template import render_chat
 from .config import KVCacheConfig, SamplingParams
-from .errors import ConfigError, Error, InputTypeError
+from .errors import ConfigError, Error, InputTypeError, NumericalError
 from .generation import GenerationChunk, GenerationOutput, run_generation
 from .loader import LoadedModel, default_model_path, load_model
 
@@ -43,6 +43,9 @@ class LLM:
             [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
             block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
             n_threads=threads)
+        # The core holds its own copy of every weight; dropping the memory-mapped views lets
+        # the file's pages leave the resident set instead of being counted twice.
+        self._loaded.tensors = {}
         self._closed = False
 
     def _num_blocks(self, kv: KVCacheConfig) -> int:
@@ -119,12 +122,18 @@ class LLM:
         if isinstance(token_ids, str):
             raise InputTypeError("logits() takes token ids, not text; use llm.encode(text)")
         ids = self._prompt_ids(token_ids)
-        self._check_length(len(ids), None)
+        if len(ids) > self.max_context:
+            raise ConfigError(f"token_ids length {len(ids)} exceeds the context length "
+                              f"{self.max_context}")
         session = self._session()
         try:
-            return session.logits(ids)
+            out = session.logits(ids)
         finally:
             session.release()
+        if not np.isfinite(out).all():
+            row = int(np.argwhere(~np.isfinite(out))[0][0])
+            raise NumericalError(f"non-finite logits at position {row} (NaN/Inf in the model)")
+        return out
 
     def _check_length(self, n: int, press: Any) -> None:
         if press is None and n >= self.max_context:
@@ -132,6 +141,8 @@ class LLM:
                               "(leave room for at least one new token, or use a press)")
 
     def _stream(self, prompt: Any, params: SamplingParams, press: Any) -> Iterator[GenerationChunk]:
+        """Validates everything and opens the session now, so that bad input raises at the
+        call (not at the first ``next()``); returns the generator that decodes."""
         ids = self._prompt_ids(prompt)
         self._check_length(len(ids), press)
         if params.stop_token_ids:
@@ -141,9 +152,17 @@ class LLM:
             session.set_sampling(temperature=params.temperature, top_k=params.top_k,
                                  top_p=params.top_p, min_p=params.min_p,
                                  repetition_penalty=params.repetition_penalty, seed=params.seed)
-            room = params.max_new_tokens if press is not None else min(
-                params.max_new_tokens, self.max_context - len(ids))
-            block_bytes = self._engine.kv_stats()["block_bytes"]
+        except BaseException:
+            session.release()
+            raise
+        room = params.max_new_tokens if press is not None else min(
+            params.max_new_tokens, self.max_context - len(ids))
+        return self._decode_loop(session, ids, params, room)
+
+    def _decode_loop(self, session: Any, ids: list[int], params: SamplingParams,
+                     room: int) -> Iterator[GenerationChunk]:
+        try:
+            block_bytes = self._core_engine().kv_stats()["block_bytes"]
             yield from run_generation(session, ids, params, self.tokenizer, self.eos_token_ids,
                                       room, block_bytes)
         finally:

@@ -87,6 +87,15 @@ class _Detokenizer:
             self.text += after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
 
+    def flush(self) -> None:
+        """At the end, keeps even an incomplete character (as U+FFFD), so that the text equals
+        decoding every generated id at once."""
+        rest = self._decode(self.ids[self.prefix:])
+        done = self._decode(self.ids[self.prefix:self.read])
+        if len(rest) > len(done):
+            self.text += rest[len(done):]
+        self.prefix = self.read = len(self.ids)
+
     def find_stop(self) -> int | None:
         """Index in ``text`` where the first stop string starts, if any."""
         start = max(self.emitted - self.hold, 0)
@@ -116,6 +125,7 @@ def run_generation(session: Any, prompt: list[int], params: SamplingParams, toke
         stats.kv_blocks_peak = max(stats.kv_blocks_peak, session.blocks_held())
         if token in stop_ids:
             reason = "stop" if token in params.stop_token_ids else "eos"
+            detok.flush()
             yield GenerationChunk(detok.take(final=True), [token])
             break
         detok.add(token)
@@ -127,6 +137,7 @@ def run_generation(session: Any, prompt: list[int], params: SamplingParams, toke
             break
         if stats.generated_tokens >= max_new:
             reason = "length"
+            detok.flush()
             yield GenerationChunk(detok.take(final=True), [token])
             break
         yield GenerationChunk(detok.take(final=False), [token])

@@ -89,7 +89,9 @@ def config_from_dict(d: Any) -> ModelConfig:
     _check_architecture(d)
     heads = _get_int(d, "num_attention_heads")
     hidden = _get_int(d, "hidden_size")
-    if d.get("head_dim") is None and (heads <= 0 or hidden % heads != 0):
+    if heads <= 0:
+        raise ConfigError(f"config.json: num_attention_heads={heads} must be > 0")
+    if d.get("head_dim") is None and hidden % heads != 0:
         raise ConfigError(f"config.json: hidden_size={hidden} is not divisible by "
                           f"num_attention_heads={heads} and head_dim is not given")
     tie = d.get("tie_word_embeddings", False)
