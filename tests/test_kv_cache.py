@@ -270,6 +270,25 @@ def test_fork_of_fork_and_release_in_any_order(llms):
     check(llm, live=0)
 
 
+def test_fork_keeps_the_press(llms):
+    """A fork of a pressed session evicts on the same rule, so its memory stays bounded too."""
+    llm = llms[3]
+    parent = llm._session(kvforge.presses.StreamingLLM(sink=2, window=8))
+    try:
+        parent.logits(tokens(5, 20))
+        child = parent.fork()
+        try:
+            for t in range(30):
+                child.decode(t % 50)
+            assert child.cached_positions(0, 0) == [0, 1, *range(42, 50)]
+            assert child.blocks_held() <= blocks_for(10, 3) + HEADS
+        finally:
+            child.release()
+    finally:
+        parent.release()
+    check(llm, live=0)
+
+
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("evicting", ["child", "parent"])
 def test_eviction_in_a_fork_leaves_the_sibling_intact(llms, block_size, evicting):

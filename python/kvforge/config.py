@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
+
 from . import _validate as v
 from .errors import ConfigError, InputTypeError
 
 KV_DTYPES = ("float32", "float16")
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 @dataclass(frozen=True)
@@ -61,13 +65,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         v.integer("max_new_tokens", self.max_new_tokens, lo=1)
-        set_(self, "temperature", v.real("temperature", self.temperature, lo=0.0))
+        set_(self, "temperature", _f32("temperature", v.real("temperature", self.temperature,
+                                                             lo=0.0), keep_positive=False))
         top_k = v.integer("top_k", self.top_k, lo=-1)
         set_(self, "top_k", max(top_k, 0))
-        set_(self, "top_p", v.real("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True))
+        set_(self, "top_p", _f32("top_p", v.real("top_p", self.top_p, lo=0.0, hi=1.0,
+                                                 lo_open=True)))
         set_(self, "min_p", v.real("min_p", self.min_p, lo=0.0, hi=1.0))
-        set_(self, "repetition_penalty",
-             v.real("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True))
+        set_(self, "repetition_penalty", _f32("repetition_penalty", v.real(
+            "repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)))
         set_(self, "stop", _stop_strings(self.stop))
         set_(self, "stop_token_ids", tuple(v.token_list("stop_token_ids", list(
             self.stop_token_ids) if isinstance(self.stop_token_ids, (list, tuple)) else
@@ -91,6 +97,17 @@ class SamplingParams:
             raise InputTypeError(
                 f"unknown sampling parameter(s) {unknown}; accepted: {sorted(known)}")
         return replace(self, **overrides)
+
+
+def _f32(name: str, value: float, keep_positive: bool = True) -> float:
+    """The core samples in float32: refuse values that would round to infinity there, or to
+    zero where zero is outside the parameter's range (a tiny temperature rounding to 0 simply
+    means greedy, which is what it asks for)."""
+    if abs(value) > F32_MAX:
+        raise ConfigError(f"{name}={value} is above the float32 maximum {F32_MAX:.3e}")
+    if keep_positive and 0 < value < F32_TINY / 2:
+        raise ConfigError(f"{name}={value} is below the smallest float32 {F32_TINY:.3e}")
+    return value
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:

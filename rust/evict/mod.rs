@@ -24,6 +24,9 @@ pub trait EvictionPolicy: Send + Sync {
     /// policy may use freely, so that scoring never allocates in steady state.
     fn score(&self, positions: &[u32], scores: &mut [f64], scratch: &mut Vec<u32>);
 
+    /// A copy of this policy for a forked sequence.
+    fn boxed_clone(&self) -> Box<dyn EvictionPolicy>;
+
     /// Largest number of tokens one forward step may append under this policy.
     fn max_step(&self) -> usize {
         usize::MAX

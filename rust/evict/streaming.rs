@@ -39,6 +39,10 @@ impl EvictionPolicy for StreamingLlm {
         }
     }
 
+    fn boxed_clone(&self) -> Box<dyn EvictionPolicy> {
+        Box::new(*self)
+    }
+
     fn max_step(&self) -> usize {
         self.window.max(1)
     }

@@ -214,7 +214,7 @@ impl Session {
         out
     }
 
-    /// A new session sharing this one's cache blocks (copy-on-write).
+    /// A new session sharing this one's cache blocks (copy-on-write) and a copy of its press.
     pub fn fork(&self) -> Result<Self> {
         let mut pool = self.engine.pool()?;
         let cache = self.cache.fork(&mut pool)?;
@@ -222,7 +222,7 @@ impl Session {
             engine: Arc::clone(&self.engine),
             cache,
             scratch: Scratch::new(&self.engine.model.cfg, self.scratch.chunk),
-            press: None,
+            press: self.press.as_ref().map(|p| p.boxed_clone()),
             evict_scratch: EvictScratch::default(),
             next_pos: self.next_pos,
             max_context: self.max_context,
