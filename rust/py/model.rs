@@ -306,10 +306,12 @@ impl PySession {
     /// Runs one token and samples the next.
     fn decode(&self, py: Python<'_>, token_id: i64) -> PyResult<u32> {
         run(py, || {
-            let ids = token_ids_checked(&[token_id])?;
+            let id = u32::try_from(token_id).map_err(|_| {
+                Error::Config(format!("token_id {token_id} is not a valid token id"))
+            })?;
             let mut st = self.lock()?;
-            st.session.forward(&ids, Logits::Last)?;
-            st.history.extend_from_slice(&ids);
+            st.session.forward(&[id], Logits::Last)?;
+            st.history.push(id);
             sample_next(&mut st)
         })
     }
