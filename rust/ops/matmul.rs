@@ -4,48 +4,106 @@
 //! fuses dequantization into each row's dot product; `gemm` dequantizes each row once into a
 //! float32 buffer and reuses it for every token of the chunk.
 
-use crate::quant::Weight;
+use crate::quant::{block_sums, Weight, BLOCK_ELEMS};
 use rayon::prelude::*;
 
 /// Rows per rayon task: large enough to amortise scheduling on a 576-wide model.
 const ROWS_PER_TASK: usize = 32;
 
+/// Largest `cols / 32` whose block sums fit the stack buffer of [`gemv`].
+const MAX_BLOCKS: usize = 1024;
+
 /// `out = W x`. `w`: `(rows, cols)`; `x`: `(cols,)`; `out`: `(rows,)`.
 pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
+    // Block sums of `x` are shared by every row (Q4 kernels fold the offset term into them);
+    // a stack buffer keeps decode free of heap allocations.
+    let mut sums = [0.0f32; MAX_BLOCKS];
+    let nb = x.len() / BLOCK_ELEMS;
+    let xsum: &[f32] = if w.needs_xsum() && nb <= MAX_BLOCKS {
+        block_sums(x, &mut sums[..nb]);
+        &sums[..nb]
+    } else {
+        &[]
+    };
     out.par_chunks_mut(ROWS_PER_TASK)
         .enumerate()
         .for_each(|(c, o)| {
-            for (i, v) in o.iter_mut().enumerate() {
-                *v = w.dot_row(c * ROWS_PER_TASK + i, x);
-            }
+            w.dot_rows(c * ROWS_PER_TASK, x, xsum, o);
         });
 }
 
+/// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.
+const PANEL_ROWS: usize = 64;
+
+/// The output pointer shared by the tasks of [`gemm`], each writing its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output (one row panel of `W` each).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; the pointer itself is only copied.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer offset by `i` elements. A method, so closures capture the whole `Send`
+    /// wrapper rather than its raw-pointer field.
+    ///
+    /// # Safety
+    /// `i` must stay inside the output buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `out = X W^T`. `w`: `(rows, cols)`; `x`: `(n, cols)`; `out`: `(n, rows)`.
+///
+/// Each rayon task dequantizes a panel of `PANEL_ROWS` weight rows into a float32 buffer and
+/// multiplies it with the whole chunk of tokens using the packed, vectorised kernels of the
+/// `gemm` crate (run-time CPU dispatch), so a weight byte is decoded once per chunk.
 pub fn gemm(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
     if n == 1 {
         return gemv(w, x, out);
     }
     let (rows, cols) = (w.rows(), w.cols());
-    // Rows are computed into a transposed buffer so that each task owns a contiguous slice.
-    let mut out_t = vec![0.0f32; rows * n];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * n)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let mut row = vec![0.0f32; cols];
-            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                w.dequant_row(c * ROWS_PER_TASK + i, &mut row);
-                for (t, v) in orow.iter_mut().enumerate() {
-                    *v = crate::ops::dot::dot(&row, &x[t * cols..(t + 1) * cols]);
-                }
+    assert!(x.len() >= n * cols && out.len() >= n * rows, "gemm shapes");
+    let dst = OutPtr(out.as_mut_ptr());
+    let panels = rows.div_ceil(PANEL_ROWS);
+    (0..panels).into_par_iter().for_each_init(
+        || vec![0.0f32; PANEL_ROWS * cols],
+        |panel, p| {
+            let r0 = p * PANEL_ROWS;
+            let pr = PANEL_ROWS.min(rows - r0);
+            for (i, row) in panel.chunks_exact_mut(cols).take(pr).enumerate() {
+                w.dequant_row(r0 + i, row);
             }
-        });
-    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
-        for (r, v) in orow.iter_mut().enumerate() {
-            *v = out_t[r * n + t];
-        }
-    });
+            // SAFETY: `dst` covers `n x rows` (asserted above) and this task writes only columns
+            // `r0..r0+pr`; `x` is `n x cols` row-major and `panel` holds `pr x cols` row-major,
+            // read as the `cols x pr` matrix `W_panel^T` (row stride 1, column stride `cols`).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    pr,
+                    cols,
+                    dst.at(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    panel.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
 }
 
 #[cfg(test)]

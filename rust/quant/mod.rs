@@ -9,6 +9,8 @@
 //! Dispatch: `Weight::dot_row` / `Weight::dequant_row` pick the per-format kernel in
 //! `float.rs` (f32/f16/bf16) or `blocks.rs` (q8_0/q4_0/q4_1).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod blocks;
 mod float;
 
@@ -79,6 +81,14 @@ impl WeightFormat {
             )));
         }
         Ok(cols / BLOCK_ELEMS * per_block)
+    }
+}
+
+/// Sums of `x` over each 32-element block: `out[b] = sum(x[32b..32b+32])`. `x`: `(cols,)`,
+/// `out`: `(cols/32,)`.
+pub fn block_sums(x: &[f32], out: &mut [f32]) {
+    for (o, xs) in out.iter_mut().zip(x.chunks_exact(BLOCK_ELEMS)) {
+        *o = xs.iter().sum();
     }
 }
 
@@ -192,6 +202,41 @@ impl Weight {
         }
     }
 
+    /// True when [`Weight::dot_rows`] wants the block sums of `x` (see [`block_sums`]).
+    pub fn needs_xsum(&self) -> bool {
+        matches!(self.fmt, WeightFormat::Q4_0 | WeightFormat::Q4_1)
+    }
+
+    /// `out[i] = row(first + i) · x` for `out.len()` consecutive rows: the decode kernel.
+    /// `xsum`: [`block_sums`] of `x` when [`Weight::needs_xsum`], else empty. Uses the AVX2
+    /// kernels when the CPU has them, else [`Weight::dot_row`].
+    pub fn dot_rows(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.cols % 8 == 0 && avx2::available() {
+            let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
+            if sums_ok && self.fmt != WeightFormat::Bf16 {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let row = self.row(first + i);
+                    // SAFETY: `available()` confirmed AVX2, FMA and F16C; `row` and `x` have
+                    // `cols` elements and `xsum` `cols/32` where the format reads it.
+                    *o = unsafe {
+                        match self.fmt {
+                            WeightFormat::Q4_1 => avx2::dot_q4_1(row, x, xsum),
+                            WeightFormat::Q4_0 => avx2::dot_q4_0(row, x, xsum),
+                            WeightFormat::Q8_0 => avx2::dot_q8_0(row, x),
+                            WeightFormat::F16 => avx2::dot_f16(row, x),
+                            WeightFormat::F32 | WeightFormat::Bf16 => avx2::dot_f32(row, x),
+                        }
+                    };
+                }
+                return;
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self.dot_row(first + i, x);
+        }
+    }
+
     /// Scalar twin of [`Weight::dot_row`]: dequantize the row, then a plain sequential sum.
     pub fn dot_row_unopt(&self, r: usize, x: &[f32]) -> f32 {
         let mut tmp = vec![0.0f32; self.cols];
@@ -255,6 +300,30 @@ mod tests {
                 assert!(
                     (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()),
                     "{name} row {r}: {fast} vs {slow}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dot_rows_matches_scalar_twin_for_every_format() {
+        let (rows, cols) = (7, 128);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 29) % 31) as f32 / 15.0 - 1.0)
+            .collect();
+        let mut xsum = vec![0.0; cols / BLOCK_ELEMS];
+        block_sums(&x, &mut xsum);
+        for name in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] {
+            let fmt = WeightFormat::parse(name).unwrap();
+            let w = Weight::new(fmt, rows, cols, &matrix(fmt, rows, cols)).unwrap();
+            let mut out = vec![0.0; rows - 1];
+            let sums = if w.needs_xsum() { &xsum[..] } else { &[][..] };
+            w.dot_rows(1, &x, sums, &mut out);
+            for (i, got) in out.iter().enumerate() {
+                let want = w.dot_row_unopt(i + 1, &x);
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{name} row {i}: {got} vs {want}"
                 );
             }
         }

@@ -1,0 +1,214 @@
+//! AVX2 + FMA + F16C row kernels for decode (one activation vector, many weight rows).
+//!
+//! Each kernel computes the same value as its portable twin in `blocks.rs` / `float.rs` up to
+//! float rounding: blocks are decoded to float32 lanes and multiplied into eight-lane
+//! accumulators with FMA. Two algebraic rewrites keep the inner loop short:
+//! `sum(d*q*x) = d*sum(q*x)` per block, and for Q4_1 `sum(m*x) = m*sum(x)` with the block sums of
+//! `x` computed once per matrix-vector product (`xsum`, `(cols/32,)`).
+//!
+//! Callers must check [`available`] first; every function here is `unsafe` for that reason.
+
+use std::arch::x86_64::*;
+
+use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+
+/// True when this CPU runs the kernels of this file.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[inline(always)]
+unsafe fn half(b: &[u8], at: usize) -> f32 {
+    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    // SAFETY: F16C is enabled by the callers' target features.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))) }
+}
+
+/// Horizontal sum of eight lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: AVX is implied by the callers' target features.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// `sum(q[i] * x[i])` for 32 unsigned nibble values: `lo` holds elements 0..16, `hi` 16..32,
+/// one per byte. `x` points at 32 floats.
+#[inline(always)]
+unsafe fn nibbles_dot(lo: __m128i, hi: __m128i, x: *const f32) -> __m256 {
+    // SAFETY: `x` has 32 readable floats (callers iterate exact blocks); AVX2/FMA enabled.
+    unsafe {
+        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        let a = _mm256_mul_ps(q0, _mm256_loadu_ps(x));
+        let b = _mm256_mul_ps(q1, _mm256_loadu_ps(x.add(8)));
+        let a = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x.add(16)), a);
+        let b = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x.add(24)), b);
+        _mm256_add_ps(a, b)
+    }
+}
+
+/// Splits 16 packed bytes into low and high nibbles.
+#[inline(always)]
+unsafe fn split_nibbles(p: *const u8) -> (__m128i, __m128i) {
+    // SAFETY: `p` has 16 readable bytes.
+    unsafe {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        (
+            _mm_and_si128(bytes, mask),
+            _mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+        )
+    }
+}
+
+/// Q4_1 row · `x`. `row`: `cols/32` blocks; `x`: `(cols,)`; `xsum`: `(cols/32,)` block sums.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut macc = 0.0f32;
+    for (bi, (b, xs)) in row
+        .chunks_exact(Q4_1_BYTES)
+        .zip(x.chunks_exact(BLOCK_ELEMS))
+        .enumerate()
+    {
+        // SAFETY: `b` is one whole block and `xs` 32 floats; features enabled on this fn.
+        unsafe {
+            let (d, m) = (half(b, 0), half(b, 2));
+            let (lo, hi) = split_nibbles(b.as_ptr().add(4));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            macc += m * xsum[bi];
+        }
+    }
+    // SAFETY: AVX enabled on this fn.
+    unsafe { hsum(acc) + macc }
+}
+
+/// Q4_0 row · `x`: `sum(d * (q - 8) * x) = d * (sum(q*x) - 8*sum(x))`, so it reuses `xsum`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut corr = 0.0f32;
+    for (bi, (b, xs)) in row
+        .chunks_exact(Q4_0_BYTES)
+        .zip(x.chunks_exact(BLOCK_ELEMS))
+        .enumerate()
+    {
+        // SAFETY: as in `dot_q4_1`.
+        unsafe {
+            let d = half(b, 0);
+            let (lo, hi) = split_nibbles(b.as_ptr().add(2));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            corr += 8.0 * d * xsum[bi];
+        }
+    }
+    // SAFETY: AVX enabled on this fn.
+    unsafe { hsum(acc) - corr }
+}
+
+/// Q8_0 row · `x`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (b, xs) in row
+        .chunks_exact(Q8_0_BYTES)
+        .zip(x.chunks_exact(BLOCK_ELEMS))
+    {
+        // SAFETY: as in `dot_q4_1`; the 32 int8 follow the 2-byte scale.
+        unsafe {
+            let d = half(b, 0);
+            let q = b.as_ptr().add(2);
+            let xp = xs.as_ptr();
+            let mut s = _mm256_setzero_ps();
+            for k in 0..4 {
+                let v = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+                let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                s = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xp.add(8 * k)), s);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+        }
+    }
+    // SAFETY: AVX enabled on this fn.
+    unsafe { hsum(acc) }
+}
+
+/// f16 row · `x` (`cols` a multiple of 8; the caller handles the rest).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    let n = x.len() / 8 * 8;
+    let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: indices stay below `n <= x.len()`; `row` has 2 bytes per element.
+    unsafe {
+        while i + 16 <= n {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(
+                row.as_ptr().add(2 * i + 16) as *const __m128i
+            ));
+            a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), a);
+            b = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), b);
+            i += 16;
+        }
+        if i < n {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+            a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), a);
+        }
+        hsum(_mm256_add_ps(a, b))
+    }
+}
+
+/// f32 row · `x` (`cols` a multiple of 8; the caller handles the rest).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+    let n = x.len() / 8 * 8;
+    let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: indices stay below `n <= x.len()`; `row` has 4 bytes per element (unaligned loads).
+    unsafe {
+        let w = row.as_ptr() as *const f32;
+        while i + 16 <= n {
+            a = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.add(i)),
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                a,
+            );
+            b = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.add(i + 8)),
+                _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                b,
+            );
+            i += 16;
+        }
+        if i < n {
+            a = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.add(i)),
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                a,
+            );
+        }
+        hsum(_mm256_add_ps(a, b))
+    }
+}
