@@ -43,8 +43,7 @@ class LLM:
             [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
             block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
             n_threads=threads)
-        # The core holds its own copy of every weight; dropping the memory-mapped views lets
-        # the file's pages leave the resident set instead of being counted twice.
+        # The core now holds every weight (read-only mappings in place, others copied).
         self._loaded.tensors = {}
         self._closed = False
 

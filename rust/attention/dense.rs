@@ -11,7 +11,7 @@ use crate::kv::store::KvStore;
 use crate::kv::MAX_BLOCK_SIZE;
 use crate::ops::dot::{axpy, dot};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 /// Exact softmax attention.
 #[derive(Debug, Default, Clone, Copy)]
@@ -56,7 +56,16 @@ impl Attention for Dense {
     ) {
         match pool.store() {
             KvStore::F32 { k, v } => attend_rows(pool, head, k, v, q, q_pos, scale, out),
-            KvStore::F16 { k, v } => attend_rows(pool, head, k, v, q, q_pos, scale, out),
+            KvStore::F16 { k, v } => attend_rows(
+                pool,
+                head,
+                k.reinterpret_cast::<f16>(),
+                v.reinterpret_cast::<f16>(),
+                q,
+                q_pos,
+                scale,
+                out,
+            ),
         }
     }
 }

@@ -18,12 +18,13 @@ pub enum KvStore {
         /// Values, `(rows, head_dim)`.
         v: Vec<f32>,
     },
-    /// float16 rows (half the memory; values rounded on write).
+    /// float16 rows (half the memory; values rounded on write), held as raw `u16` bits so the
+    /// allocation is a zeroed one that costs no resident memory until written.
     F16 {
-        /// Keys, `(rows, head_dim)`.
-        k: Vec<f16>,
-        /// Values, `(rows, head_dim)`.
-        v: Vec<f16>,
+        /// Keys, `(rows, head_dim)`, f16 bits.
+        k: Vec<u16>,
+        /// Values, `(rows, head_dim)`, f16 bits.
+        v: Vec<u16>,
     },
 }
 
@@ -36,8 +37,8 @@ impl KvStore {
                 v: vec![0.0; len],
             },
             KvDtype::F16 => Self::F16 {
-                k: vec![f16::ZERO; len],
-                v: vec![f16::ZERO; len],
+                k: vec![0u16; len],
+                v: vec![0u16; len],
             },
         }
     }
@@ -60,10 +61,10 @@ impl KvStore {
             }
             Self::F16 { k, v } => {
                 for (d, &s) in k[span.clone()].iter_mut().zip(k_in) {
-                    *d = f16::from_f32(s);
+                    *d = f16::from_f32(s).to_bits();
                 }
                 for (d, &s) in v[span].iter_mut().zip(v_in) {
-                    *d = f16::from_f32(s);
+                    *d = f16::from_f32(s).to_bits();
                 }
             }
         }
@@ -93,11 +94,11 @@ impl KvStore {
                 v_out.copy_from_slice(&v[span]);
             }
             Self::F16 { k, v } => {
-                for (d, s) in k_out.iter_mut().zip(&k[span.clone()]) {
-                    *d = s.to_f32();
+                for (d, &s) in k_out.iter_mut().zip(&k[span.clone()]) {
+                    *d = f16::from_bits(s).to_f32();
                 }
-                for (d, s) in v_out.iter_mut().zip(&v[span]) {
-                    *d = s.to_f32();
+                for (d, &s) in v_out.iter_mut().zip(&v[span]) {
+                    *d = f16::from_bits(s).to_f32();
                 }
             }
         }

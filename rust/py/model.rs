@@ -17,7 +17,7 @@ use crate::kv::KvDtype;
 use crate::model::session::Logits;
 use crate::model::{LlamaModel, ModelConfig, Session};
 use crate::ops::rope::RopeScaling;
-use crate::quant::{Weight, WeightFormat};
+use crate::quant::{SharedBytes, Weight, WeightFormat};
 use crate::sample::{Sampler, SamplingConfig};
 
 /// A loaded model with its KV pool and threads.
@@ -84,21 +84,56 @@ fn model_config(d: &Bound<'_, PyDict>) -> PyResult<ModelConfig> {
 /// One tensor from the loader: (name, format, shape, raw bytes).
 type TensorArg<'py> = (String, String, Vec<usize>, PyReadonlyArray1<'py, u8>);
 
+/// Read-only array memory kept alive by a reference to its Python owner (a memory map of the
+/// model file, in practice), so the weight is used in place.
+struct ArrayBytes {
+    ptr: *const u8,
+    len: usize,
+    _owner: Py<PyAny>,
+}
+
+// SAFETY: the memory belongs to a read-only numpy array that `_owner` keeps alive; nothing
+// writes to it, and `Py<PyAny>` may be sent and dropped from any thread.
+unsafe impl Send for ArrayBytes {}
+// SAFETY: as above, shared reads only.
+unsafe impl Sync for ArrayBytes {}
+
+impl AsRef<[u8]> for ArrayBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr`/`len` describe the contiguous buffer of the array held by `_owner`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// Shares the array's memory when numpy says it is read-only (a file mapping); copies it
+/// otherwise, since Python code could still write to a writeable array.
+fn weight_bytes(data: &PyReadonlyArray1<'_, u8>) -> PyResult<SharedBytes> {
+    let bytes = data.as_slice()?;
+    let writeable: bool = data.getattr("flags")?.getattr("writeable")?.extract()?;
+    if writeable {
+        return Ok(Arc::new(bytes.to_vec()));
+    }
+    let owner = data.as_any().clone().unbind();
+    Ok(Arc::new(ArrayBytes {
+        ptr: bytes.as_ptr(),
+        len: bytes.len(),
+        _owner: owner,
+    }))
+}
+
 fn weight(t: &TensorArg<'_>) -> PyResult<Weight> {
     let (name, fmt, shape, data) = t;
     let (rows, cols) = match shape.as_slice() {
         [n] => (1, *n),
         [r, c] => (*r, *c),
         _ => {
-            return Err(to_py(
-                data.py(),
-                Error::ModelFormat(format!("tensor {name}: shape {shape:?} is not 1-D or 2-D")),
-            ))
+            let msg = format!("tensor {name}: shape {shape:?} is not 1-D or 2-D");
+            return Err(to_py(data.py(), Error::ModelFormat(msg)));
         }
     };
-    let bytes = data.as_slice()?;
+    let bytes = weight_bytes(data)?;
     WeightFormat::parse(fmt)
-        .and_then(|f| Weight::new(f, rows, cols, bytes))
+        .and_then(|f| Weight::shared(f, rows, cols, bytes))
         .map_err(|e| to_py(data.py(), Error::ModelFormat(format!("tensor {name}: {e}"))))
 }
 

@@ -16,6 +16,8 @@ mod float;
 
 pub use blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 
 /// A storage format for weights.
@@ -92,37 +94,68 @@ pub fn block_sums(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Bytes owned elsewhere and kept alive by this handle, e.g. a read-only memory map of the
+/// model file: weights used in place cost no copy and no anonymous memory.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A weight matrix `(rows, cols)` in its stored format.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Weight {
     fmt: WeightFormat,
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    /// Stored bytes, `rows * row_bytes`, little-endian, row-major.
-    data: Vec<u8>,
+    /// Owner of the stored bytes, `rows * row_bytes`, little-endian, row-major.
+    data: SharedBytes,
+    /// `data`'s bytes, resolved once: the hot loops must not go through a vtable per row.
+    base: *const u8,
+}
+
+// SAFETY: `base` points into `data`, which is immutable, never moves while the `Arc` lives,
+// and is itself `Send + Sync`.
+unsafe impl Send for Weight {}
+// SAFETY: as above; nothing ever writes through `base`.
+unsafe impl Sync for Weight {}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Weight({}, {}x{})",
+            self.fmt.name(),
+            self.rows,
+            self.cols
+        )
+    }
 }
 
 impl Weight {
     /// Copies `bytes` (exactly `rows * row_bytes(cols)` long) into a new weight.
     pub fn new(fmt: WeightFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        Self::shared(fmt, rows, cols, Arc::new(bytes.to_vec()))
+    }
+
+    /// Uses `bytes` in place (exactly `rows * row_bytes(cols)` long), without copying.
+    pub fn shared(fmt: WeightFormat, rows: usize, cols: usize, bytes: SharedBytes) -> Result<Self> {
         let row_bytes = fmt.row_bytes(cols)?;
         let want = rows.checked_mul(row_bytes).ok_or_else(|| {
             Error::ModelFormat(format!("weight shape ({rows}, {cols}) overflows"))
         })?;
-        if bytes.len() != want || rows == 0 || cols == 0 {
+        let got = (*bytes).as_ref().len();
+        if got != want || rows == 0 || cols == 0 {
             return Err(Error::ModelFormat(format!(
-                "{} weight of shape ({rows}, {cols}) needs {want} bytes, got {}",
+                "{} weight of shape ({rows}, {cols}) needs {want} bytes, got {got}",
                 fmt.name(),
-                bytes.len()
             )));
         }
+        let base = (*bytes).as_ref().as_ptr();
         Ok(Self {
             fmt,
             rows,
             cols,
             row_bytes,
-            data: bytes.to_vec(),
+            data: bytes,
+            base,
         })
     }
 
@@ -149,12 +182,15 @@ impl Weight {
 
     /// Bytes held in memory.
     pub fn nbytes(&self) -> usize {
-        self.data.len()
+        (*self.data).as_ref().len()
     }
 
     #[inline(always)]
     fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        // SAFETY: `base` holds `rows * row_bytes` bytes owned by `data` (checked at
+        // construction) and row `r` is in range (asserted).
+        unsafe { std::slice::from_raw_parts(self.base.add(r * self.row_bytes), self.row_bytes) }
     }
 
     /// Writes row `r` as float32 into `out` (`cols` long).
