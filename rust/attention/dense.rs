@@ -3,45 +3,87 @@
 //! Memory is O(block_size x g) per call: scores of one block for the whole query group live on
 //! the stack, the running max and normaliser per query head are rescaled block by block
 //! (flash-attention style), so no `L x L` or even `L`-long score row is ever built.
+//!
+//! [`Dense::partial`] attends over a sub-range of blocks and returns the unnormalised state, so
+//! one long context can be split across threads and merged by log-sum-exp ([`merge`]), as in
+//! flash-decoding. The row kernels come from `ops::simd`: the whole loop is compiled once for
+//! AVX2/FMA/F16C (chosen at run time) and once portably.
 
-use super::{Attention, MAX_GROUP, MAX_HEAD_DIM};
+use std::ops::Range;
+
+use super::{Attention, MAX_GROUP};
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
 use crate::kv::store::KvStore;
 use crate::kv::MAX_BLOCK_SIZE;
-use crate::ops::dot::{axpy, dot};
-use half::f16;
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use crate::ops::simd::{avx2_available, Kern, Portable};
 
 /// Exact softmax attention.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Dense;
 
-/// Reads one K or V row as float32, converting f16 storage through a stack buffer.
-trait Row: Copy {
-    fn with_f32<R>(row: &[Self], buf: &mut [f32], f: impl FnOnce(&[f32]) -> R) -> R;
+/// Running softmax state of one query group: per head the max score and the sum of
+/// `exp(score - max)`; the matching accumulator rows live in the caller's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Online {
+    /// Largest score seen, per query head.
+    pub max: [f32; MAX_GROUP],
+    /// Sum of `exp(score - max)`, per query head.
+    pub sum: [f32; MAX_GROUP],
 }
 
-impl Row for f32 {
-    #[inline]
-    fn with_f32<R>(row: &[f32], _buf: &mut [f32], f: impl FnOnce(&[f32]) -> R) -> R {
-        f(row)
+impl Default for Online {
+    fn default() -> Self {
+        Self {
+            max: [f32::NEG_INFINITY; MAX_GROUP],
+            sum: [0.0; MAX_GROUP],
+        }
     }
 }
 
-impl Row for f16 {
-    #[inline]
-    fn with_f32<R>(row: &[f16], buf: &mut [f32], f: impl FnOnce(&[f32]) -> R) -> R {
-        let b = &mut buf[..row.len()];
-        row.convert_to_f32_slice(b);
-        f(b)
+/// Storage element of K/V rows: float32 or float16 bits.
+trait KvElem: Copy {
+    /// # Safety
+    /// As [`Kern::dot`].
+    unsafe fn dot<K: Kern>(q: &[f32], row: &[Self]) -> f32;
+    /// # Safety
+    /// As [`Kern::dot`].
+    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[Self]);
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    unsafe fn dot<K: Kern>(q: &[f32], row: &[f32]) -> f32 {
+        // SAFETY: forwarded contract.
+        unsafe { K::dot(q, row) }
+    }
+    #[inline(always)]
+    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[f32]) {
+        // SAFETY: forwarded contract.
+        unsafe { K::axpy(acc, w, row) }
     }
 }
 
-/// Running state of the online softmax for one query group.
-struct Online {
-    max: [f32; MAX_GROUP],
-    sum: [f32; MAX_GROUP],
+impl KvElem for u16 {
+    #[inline(always)]
+    unsafe fn dot<K: Kern>(q: &[f32], row: &[u16]) -> f32 {
+        // SAFETY: forwarded contract.
+        unsafe { K::dot_h(q, row) }
+    }
+    #[inline(always)]
+    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[u16]) {
+        // SAFETY: forwarded contract.
+        unsafe { K::axpy_h(acc, w, row) }
+    }
+}
+
+/// One attention call: the cache, the query group and its position.
+struct Job<'a> {
+    pool: &'a BlockPool,
+    head: &'a HeadCache,
+    q: &'a [f32],
+    q_pos: u32,
+    scale: f32,
 }
 
 impl Attention for Dense {
@@ -54,100 +96,145 @@ impl Attention for Dense {
         scale: f32,
         out: &mut [f32],
     ) {
+        let mut state = Online::default();
+        self.partial(
+            pool,
+            head,
+            0..head.blocks.len(),
+            q,
+            q_pos,
+            scale,
+            out,
+            &mut state,
+        );
+        normalise(&state, out, pool.head_dim());
+    }
+}
+
+impl Dense {
+    /// Attends over blocks `blocks` of `head` only, leaving `acc` (`(g, head_dim)`)
+    /// unnormalised and the softmax state in `state` (both reset first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn partial(
+        &self,
+        pool: &BlockPool,
+        head: &HeadCache,
+        blocks: Range<usize>,
+        q: &[f32],
+        q_pos: u32,
+        scale: f32,
+        acc: &mut [f32],
+        state: &mut Online,
+    ) {
+        *state = Online::default();
+        acc.fill(0.0);
+        let job = Job {
+            pool,
+            head,
+            q,
+            q_pos,
+            scale,
+        };
         match pool.store() {
-            KvStore::F32 { k, v } => attend_rows(pool, head, k, v, q, q_pos, scale, out),
-            KvStore::F16 { k, v } => attend_rows(
-                pool,
-                head,
-                k.reinterpret_cast::<f16>(),
-                v.reinterpret_cast::<f16>(),
-                q,
-                q_pos,
-                scale,
-                out,
-            ),
+            KvStore::F32 { k, v } => dispatch(&job, blocks, k, v, acc, state),
+            KvStore::F16 { k, v } => dispatch(&job, blocks, k, v, acc, state),
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_rows<T: Row>(
-    pool: &BlockPool,
-    head: &HeadCache,
+fn dispatch<T: KvElem>(
+    job: &Job<'_>,
+    blocks: Range<usize>,
     k: &[T],
     v: &[T],
-    q: &[f32],
-    q_pos: u32,
-    scale: f32,
-    out: &mut [f32],
+    acc: &mut [f32],
+    st: &mut Online,
 ) {
-    let (bs, hd) = (pool.block_size(), pool.head_dim());
-    let g = q.len() / hd;
-    let mut state = Online {
-        max: [f32::NEG_INFINITY; MAX_GROUP],
-        sum: [0.0; MAX_GROUP],
-    };
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { blocks_avx2(job, blocks, k, v, acc, st) };
+    }
+    // SAFETY: the portable kernels need no CPU feature.
+    unsafe { attend_blocks::<Portable, T>(job, blocks, k, v, acc, st) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blocks_avx2<T: KvElem>(
+    job: &Job<'_>,
+    blocks: Range<usize>,
+    k: &[T],
+    v: &[T],
+    acc: &mut [f32],
+    st: &mut Online,
+) {
+    // SAFETY: this function only runs where the features it enables are present.
+    unsafe { attend_blocks::<crate::ops::simd::Avx2, T>(job, blocks, k, v, acc, st) }
+}
+
+/// The online-softmax loop over a range of blocks.
+///
+/// # Safety
+/// The CPU must support the instruction set of `K`.
+#[inline(always)]
+unsafe fn attend_blocks<K: Kern, T: KvElem>(
+    job: &Job<'_>,
+    blocks: Range<usize>,
+    k: &[T],
+    v: &[T],
+    acc: &mut [f32],
+    state: &mut Online,
+) {
+    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
+    let g = job.q.len() / hd;
     let mut scores = [0.0f32; MAX_GROUP * MAX_BLOCK_SIZE];
-    let mut buf = [0.0f32; MAX_HEAD_DIM];
-    out.fill(0.0);
-    for (bi, &block) in head.blocks.iter().enumerate() {
-        let n = (head.len - bi * bs).min(bs);
+    for bi in blocks {
+        let block = job.head.blocks[bi];
+        let n = (job.head.len - bi * bs).min(bs);
         let base = block as usize * bs;
-        let positions = &pool.positions(block)[..n];
-        // Scores of every visible slot for every query head of the group.
+        let positions = &job.pool.positions(block)[..n];
         let mut any = false;
         for (s, &p) in positions.iter().enumerate() {
-            if p > q_pos {
-                for gi in 0..g {
-                    scores[gi * bs + s] = f32::NEG_INFINITY;
-                }
-                continue;
-            }
-            any = true;
+            let visible = p <= job.q_pos;
+            any |= visible;
             let row = &k[(base + s) * hd..(base + s + 1) * hd];
-            T::with_f32(row, &mut buf, |kr| {
-                for gi in 0..g {
-                    scores[gi * bs + s] = dot(&q[gi * hd..(gi + 1) * hd], kr) * scale;
-                }
-            });
+            for gi in 0..g {
+                scores[gi * bs + s] = if visible {
+                    // SAFETY: forwarded contract.
+                    unsafe { T::dot::<K>(&job.q[gi * hd..(gi + 1) * hd], row) * job.scale }
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
         }
         if !any {
             continue;
         }
         for gi in 0..g {
             rescale(
-                &mut state,
+                state,
                 gi,
                 &mut scores[gi * bs..gi * bs + n],
-                &mut out[gi * hd..(gi + 1) * hd],
+                &mut acc[gi * hd..(gi + 1) * hd],
             );
         }
-        for s in 0..n {
-            if positions[s] > q_pos {
+        for (s, &p) in positions.iter().enumerate() {
+            if p > job.q_pos {
                 continue;
             }
             let row = &v[(base + s) * hd..(base + s + 1) * hd];
-            T::with_f32(row, &mut buf, |vr| {
-                for gi in 0..g {
-                    axpy(&mut out[gi * hd..(gi + 1) * hd], scores[gi * bs + s], vr);
-                }
-            });
+            for gi in 0..g {
+                // SAFETY: forwarded contract.
+                unsafe { T::axpy::<K>(&mut acc[gi * hd..(gi + 1) * hd], scores[gi * bs + s], row) };
+            }
         }
-    }
-    for gi in 0..g {
-        let inv = if state.sum[gi] > 0.0 {
-            1.0 / state.sum[gi]
-        } else {
-            0.0
-        };
-        out[gi * hd..(gi + 1) * hd]
-            .iter_mut()
-            .for_each(|o| *o *= inv);
     }
 }
 
 /// Folds one block of scores for query head `gi` into the running max and sum, turning the
 /// scores into unnormalised probabilities and rescaling the accumulated output.
+#[inline(always)]
 fn rescale(state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
     let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let new_max = state.max[gi].max(block_max);
@@ -163,6 +250,51 @@ fn rescale(state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
     }
     state.sum[gi] += sum;
     state.max[gi] = new_max;
+}
+
+/// Divides each query head's accumulator (`acc`: `(g, head_dim)`) by its softmax sum.
+pub fn normalise(state: &Online, acc: &mut [f32], head_dim: usize) {
+    for (gi, row) in acc.chunks_exact_mut(head_dim).enumerate() {
+        let inv = if state.sum[gi] > 0.0 {
+            1.0 / state.sum[gi]
+        } else {
+            0.0
+        };
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// Merges partial results by log-sum-exp: `out` (`(g, head_dim)`) = the exact attention over
+/// the union of the partials' blocks. `parts`: `(acc, state)` pairs from [`Dense::partial`].
+pub fn merge<'a>(
+    parts: impl Iterator<Item = (&'a [f32], &'a Online)> + Clone,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let g = out.len() / head_dim;
+    out.fill(0.0);
+    for gi in 0..g {
+        let m = parts
+            .clone()
+            .map(|(_, st)| st.max[gi])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let o = &mut out[gi * head_dim..(gi + 1) * head_dim];
+        let mut total = 0.0f32;
+        for (acc, st) in parts.clone() {
+            if st.sum[gi] == 0.0 {
+                continue;
+            }
+            let w = (st.max[gi] - m).exp();
+            total += w * st.sum[gi];
+            for (d, &a) in o.iter_mut().zip(&acc[gi * head_dim..(gi + 1) * head_dim]) {
+                *d += w * a;
+            }
+        }
+        o.iter_mut().for_each(|d| *d /= total);
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +372,33 @@ mod tests {
                 let tol = if dtype == KvDtype::F32 { 1e-5 } else { 5e-3 };
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() < tol, "bs={bs} {dtype:?}: {a} vs {b}");
+                }
+                // Split the blocks in three ranges, attend each, merge: the same result.
+                let nb = cache.head(0, 0).blocks.len();
+                let cuts = [0, nb / 3, 2 * nb / 3, nb];
+                let mut accs = vec![vec![0.0f32; g * hd]; 3];
+                let mut states = vec![Online::default(); 3];
+                for i in 0..3 {
+                    let (acc, st) = (&mut accs[i], &mut states[i]);
+                    Dense.partial(
+                        &pool,
+                        cache.head(0, 0),
+                        cuts[i]..cuts[i + 1],
+                        &q,
+                        20,
+                        scale,
+                        acc,
+                        st,
+                    );
+                }
+                let mut merged = vec![0.0; g * hd];
+                merge(
+                    accs.iter().map(|a| &a[..]).zip(states.iter()),
+                    hd,
+                    &mut merged,
+                );
+                for (a, b) in merged.iter().zip(&out) {
+                    assert!((a - b).abs() < 1e-5, "split bs={bs} {dtype:?}: {a} vs {b}");
                 }
                 cache.release(&mut pool).unwrap();
             }

@@ -1,6 +1,7 @@
 //! Buffers of one session's forward pass, allocated once for the largest chunk so that decode
 //! steps never allocate.
 
+use crate::attention::dense::Online;
 use crate::model::ModelConfig;
 
 /// Activations for up to `chunk` tokens. Every field is row-major `(tokens, width)`.
@@ -30,7 +31,15 @@ pub struct Scratch {
     pub sin: Vec<f32>,
     /// Logits of the last token `(vocab_size,)`.
     pub logits: Vec<f32>,
+    /// Split-context attention partials for one decode token
+    /// `(num_kv_heads * MAX_SPLITS, group * head_dim)`.
+    pub part_acc: Vec<f32>,
+    /// Softmax states of those partials `(num_kv_heads * MAX_SPLITS,)`.
+    pub part_state: Vec<Online>,
 }
+
+/// Most pieces one head's context is split into for a decode step.
+pub const MAX_SPLITS: usize = 16;
 
 impl Scratch {
     /// Buffers for `chunk` tokens of the model `cfg`.
@@ -49,6 +58,8 @@ impl Scratch {
             cos: z(cfg.head_dim / 2),
             sin: z(cfg.head_dim / 2),
             logits: vec![0.0; cfg.vocab_size],
+            part_acc: vec![0.0; cfg.num_kv_heads * MAX_SPLITS * cfg.group() * cfg.head_dim],
+            part_state: vec![Online::default(); cfg.num_kv_heads * MAX_SPLITS],
         }
     }
 }

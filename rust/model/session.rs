@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::attention::dense::Dense;
+use crate::attention::dense::{merge, Dense};
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -17,7 +17,8 @@ use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
 use crate::kv::pool::BlockPool;
 use crate::model::llama::Layer;
-use crate::model::scratch::Scratch;
+use crate::model::scratch::{Scratch, MAX_SPLITS};
+use crate::model::ModelConfig;
 use crate::ops::{add_assign, matmul::gemm, norm::rmsnorm, rope, swiglu};
 
 /// Which logits a forward call returns.
@@ -286,9 +287,51 @@ fn attention_block(
             cache.append(pool, index, pos0 + t as u32, &s.k[row.clone()], &s.v[row])?;
         }
     }
-    let (g, nkv) = (cfg.group(), cfg.num_kv_heads);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (pool, cache) = (&*pool, &*cache);
+    let ctx = AttnCtx {
+        pool,
+        cache,
+        layer: li,
+        pos0,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let splits = split_count(&ctx, cfg, n, e.n_threads());
+    if splits > 1 {
+        attend_split(&ctx, cfg, splits, s);
+    } else {
+        attend_tokens(&ctx, cfg, n, s);
+    }
+    gemm(&layer.wo, &s.att[..n * qd], n, &mut s.xb[..n * h]);
+    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
+    Ok(())
+}
+
+/// What the attention of one layer reads.
+struct AttnCtx<'a> {
+    pool: &'a BlockPool,
+    cache: &'a SeqCache,
+    layer: usize,
+    pos0: u32,
+    scale: f32,
+}
+
+/// Context split factor for a decode step: enough pieces to keep every thread busy when there
+/// are fewer (token, KV head) tasks than threads, each piece at least `MIN_SPLIT_BLOCKS` long.
+fn split_count(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, threads: usize) -> usize {
+    const MIN_SPLIT_BLOCKS: usize = 4;
+    if n != 1 {
+        return 1;
+    }
+    let longest = (0..cfg.num_kv_heads)
+        .map(|kh| ctx.cache.head(ctx.layer, kh).blocks.len())
+        .max()
+        .unwrap_or(0);
+    let want = (4 * threads).div_ceil(cfg.num_kv_heads);
+    want.min(longest / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS)
+}
+
+/// One task per (token, KV head): each computes its query group over the whole head cache.
+fn attend_tokens(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, s: &mut Scratch) {
+    let (g, nkv, hd, qd) = (cfg.group(), cfg.num_kv_heads, cfg.head_dim, cfg.q_dim());
     let q = &s.q;
     s.att[..n * qd]
         .par_chunks_mut(g * hd)
@@ -296,11 +339,37 @@ fn attention_block(
         .for_each(|(idx, out)| {
             let (t, kh) = (idx / nkv, idx % nkv);
             let qs = &q[t * qd + kh * g * hd..t * qd + (kh + 1) * g * hd];
-            Dense.attend(pool, cache.head(li, kh), qs, pos0 + t as u32, scale, out);
+            let head = ctx.cache.head(ctx.layer, kh);
+            Dense.attend(ctx.pool, head, qs, ctx.pos0 + t as u32, ctx.scale, out);
         });
-    gemm(&layer.wo, &s.att[..n * qd], n, &mut s.xb[..n * h]);
-    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
-    Ok(())
+}
+
+/// Flash-decoding: each KV head's blocks are cut into `splits` ranges attended in parallel,
+/// then merged by log-sum-exp. Used for a single decode token over a long context.
+fn attend_split(ctx: &AttnCtx<'_>, cfg: &ModelConfig, splits: usize, s: &mut Scratch) {
+    let (g, nkv, hd) = (cfg.group(), cfg.num_kv_heads, cfg.head_dim);
+    let q = &s.q;
+    let parts = nkv * splits;
+    let accs = s.part_acc[..parts * g * hd].par_chunks_mut(g * hd);
+    accs.zip(s.part_state[..parts].par_iter_mut())
+        .enumerate()
+        .for_each(|(idx, (acc, st))| {
+            let (kh, piece) = (idx / splits, idx % splits);
+            let head = ctx.cache.head(ctx.layer, kh);
+            let nb = head.blocks.len();
+            let range = nb * piece / splits..nb * (piece + 1) / splits;
+            let qs = &q[kh * g * hd..(kh + 1) * g * hd];
+            Dense.partial(ctx.pool, head, range, qs, ctx.pos0, ctx.scale, acc, st);
+        });
+    let (accs, states) = (&s.part_acc, &s.part_state);
+    s.att[..nkv * g * hd]
+        .chunks_mut(g * hd)
+        .enumerate()
+        .for_each(|(kh, out)| {
+            let ids = kh * splits..(kh + 1) * splits;
+            let acc_of = |i: usize| &accs[i * g * hd..(i + 1) * g * hd];
+            merge(ids.clone().map(acc_of).zip(states[ids].iter()), hd, out);
+        });
 }
 
 fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {

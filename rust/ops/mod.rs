@@ -7,6 +7,7 @@ pub mod dot;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 
 /// `x[i] = silu(x[i]) * y[i]`, the SwiGLU gate. `x`, `y`: `(n,)`.
 pub fn swiglu(x: &mut [f32], y: &[f32]) {
