@@ -64,7 +64,7 @@ impl ModelConfig {
         for (name, v) in sizes {
             ensure_config(v > 0, || format!("config {name}={v}: must be > 0"))?;
         }
-        ensure_config(self.num_heads % self.num_kv_heads == 0, || {
+        ensure_config(self.num_heads.is_multiple_of(self.num_kv_heads), || {
             format!(
                 "config num_kv_heads={} must divide num_heads={}",
                 self.num_kv_heads, self.num_heads
@@ -77,7 +77,7 @@ impl ModelConfig {
             )
         })?;
         ensure_config(
-            self.head_dim % 2 == 0 && self.head_dim <= MAX_HEAD_DIM,
+            self.head_dim.is_multiple_of(2) && self.head_dim <= MAX_HEAD_DIM,
             || {
                 format!(
                     "config head_dim={} must be even and <= {MAX_HEAD_DIM}",

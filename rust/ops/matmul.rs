@@ -10,6 +10,13 @@ use rayon::prelude::*;
 /// Rows per rayon task: large enough to amortise scheduling on a 576-wide model.
 const ROWS_PER_TASK: usize = 32;
 
+/// Rows per decode task: about four tasks per thread (enough to balance), never fewer than
+/// `ROWS_PER_TASK` rows, so that a 576-row matrix is not cut into scheduling-bound crumbs.
+fn rows_per_task(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    rows.div_ceil(4 * threads).max(ROWS_PER_TASK)
+}
+
 /// Largest `cols / 32` whose block sums fit the stack buffer of [`gemv`].
 const MAX_BLOCKS: usize = 1024;
 
@@ -25,11 +32,10 @@ pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
     } else {
         &[]
     };
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, o)| {
-            w.dot_rows(c * ROWS_PER_TASK, x, xsum, o);
-        });
+    let per = rows_per_task(out.len());
+    out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+        w.dot_rows(c * per, x, xsum, o);
+    });
 }
 
 /// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.

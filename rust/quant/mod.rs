@@ -11,6 +11,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod blocks;
 mod float;
 
@@ -76,7 +78,7 @@ impl WeightFormat {
             Self::Q4_0 => Q4_0_BYTES,
             Self::Q4_1 => Q4_1_BYTES,
         };
-        if cols % BLOCK_ELEMS != 0 {
+        if !cols.is_multiple_of(BLOCK_ELEMS) {
             return Err(Error::ModelFormat(format!(
                 "{} rows need a multiple of {BLOCK_ELEMS} columns, got {cols}",
                 self.name()
@@ -248,7 +250,11 @@ impl Weight {
     /// kernels when the CPU has them, else [`Weight::dot_row`].
     pub fn dot_rows(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if self.cols % 8 == 0 && avx2::available() {
+        if self.dot_rows_avx512(first, x, xsum, out) {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.cols.is_multiple_of(8) && avx2::available() {
             let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
             if sums_ok && self.fmt != WeightFormat::Bf16 {
                 for (i, o) in out.iter_mut().enumerate() {
@@ -271,6 +277,32 @@ impl Weight {
         for (i, o) in out.iter_mut().enumerate() {
             *o = self.dot_row(first + i, x);
         }
+    }
+
+    /// The AVX-512 path of [`Weight::dot_rows`] for the block formats; false if not taken.
+    #[cfg(target_arch = "x86_64")]
+    fn dot_rows_avx512(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) -> bool {
+        let quantized = matches!(
+            self.fmt,
+            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0
+        );
+        let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
+        if !(quantized && sums_ok && avx512::available()) {
+            return false;
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = self.row(first + i);
+            // SAFETY: `available()` confirmed AVX-512F and F16C; `row`, `x` hold `cols`
+            // elements and `xsum` `cols/32` for the Q4 formats (checked above).
+            *o = unsafe {
+                match self.fmt {
+                    WeightFormat::Q4_1 => avx512::dot_q4_1(row, x, xsum),
+                    WeightFormat::Q4_0 => avx512::dot_q4_0(row, x, xsum),
+                    _ => avx512::dot_q8_0(row, x),
+                }
+            };
+        }
+        true
     }
 
     /// Scalar twin of [`Weight::dot_row`]: dequantize the row, then a plain sequential sum.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,32 +11,28 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError
+from . import gguf_parse as gp
+from .gguf_parse import GGUFFile, read_gguf
 from .gguf_tokenizer import build_tokenizer
 from .model_config import ModelConfig
 from .names import LoadedModel, RawTensor, check_tensors, gguf_to_hf
 
-_Q = gguf.GGMLQuantizationType
-QTYPE_TO_FMT = {_Q.F32: "f32", _Q.F16: "f16", _Q.BF16: "bf16",
-                _Q.Q8_0: "q8_0", _Q.Q4_0: "q4_0", _Q.Q4_1: "q4_1"}
+QTYPE_TO_FMT = {gp.F32: "f32", gp.F16: "f16", gp.BF16: "bf16",
+                gp.Q8_0: "q8_0", gp.Q4_0: "q4_0", gp.Q4_1: "q4_1"}
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
-    """Memory-map a GGUF file; any parse failure becomes a ModelFormatError naming the file."""
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors, OSError...
-        raise ModelFormatError(f"cannot read GGUF file {path}: {e}") from e
-    if reader.byte_order == "S":
-        raise ModelFormatError(f"{path}: big-endian GGUF files are not supported")
-    return reader
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def read_metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
-    """All key/value fields as plain Python values (str, int, float, bool or lists of them)."""
-    try:
-        return {key: field.contents() for key, field in reader.fields.items()}
-    except Exception as e:
-        raise ModelFormatError(f"cannot decode GGUF metadata in {path}: {e}") from e
+def read_metadata(source: GGUFFile | str | os.PathLike[str]) -> dict[str, Any]:
+    """All key/value fields as plain Python values (str, int, float, bool or lists of them),
+    plus the header's GGUF.version, GGUF.tensor_count and GGUF.kv_count."""
+    gf = source if isinstance(source, GGUFFile) else read_gguf(source)
+    meta: dict[str, Any] = {"GGUF.version": gf.version, "GGUF.tensor_count": len(gf.tensors),
+                            "GGUF.kv_count": len(gf.metadata)}
+    meta.update((key, _plain(value)) for key, value in gf.metadata.items())
+    return meta
 
 
 def _get(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None,
@@ -121,20 +118,18 @@ def config_from_metadata(meta: dict[str, Any], n_tokens: int, tied: bool) -> Mod
         raise ModelFormatError(f"GGUF metadata: {e}") from e
 
 
-def _raw_tensors(reader: gguf.GGUFReader, path: Path) -> dict[str, RawTensor]:
+def _raw_tensors(gf: GGUFFile) -> dict[str, RawTensor]:
     """Every tensor as an HF-named RawTensor viewing the memory map (GGUF dims reversed)."""
     tensors: dict[str, RawTensor] = {}
-    for t in reader.tensors:
-        fmt = QTYPE_TO_FMT.get(t.tensor_type)
+    for t in gf.tensors.values():
+        fmt = QTYPE_TO_FMT.get(t.ggml_type)
         if fmt is None:
-            raise ModelFormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; "
+            raise ModelFormatError(f"{gf.path}: tensor {t.name} has type {t.type_name}; "
                                    "supported are F32, F16, BF16, Q8_0, Q4_0, Q4_1")
         name = gguf_to_hf(t.name) or t.name  # unknown names are reported as extras later
         if name in tensors:
-            raise ModelFormatError(f"{path}: tensor {t.name} appears twice")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne0 is the column count
-        data = np.asarray(t.data).reshape(-1).view(np.uint8)
-        tensors[name] = RawTensor(name, fmt, shape, data)
+            raise ModelFormatError(f"{gf.path}: tensor {t.name} appears twice")
+        tensors[name] = RawTensor(name, fmt, t.shape, t.data)  # ne0 is the column count
     return tensors
 
 
@@ -164,7 +159,7 @@ def _token_text(tokens: list[Any], idx: int | None) -> str | None:
     return tokens[idx]
 
 
-def _inspect_info(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path) -> dict[str, Any]:
+def _inspect_info(gf: GGUFFile, meta: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {k: v for k, v in meta.items()
                             if k.startswith("general.") and not isinstance(v, list)}
     info["format"] = "gguf"
@@ -172,18 +167,18 @@ def _inspect_info(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path) -> 
     file_type = meta.get("general.file_type")
     if isinstance(file_type, int) and file_type in gguf.LlamaFileType._value2member_map_:
         info["file_type_name"] = gguf.LlamaFileType(file_type).name
-    info["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
+    info["tensor_types"] = dict(Counter(t.type_name for t in gf.tensors.values()))
     info["tokenizer_model"] = meta.get("tokenizer.ggml.model")
     info["tokenizer_pre"] = meta.get("tokenizer.ggml.pre")
-    info["file_size"] = path.stat().st_size
+    info["file_size"] = gf.file_size
     return info
 
 
 def load_gguf(path: Path) -> LoadedModel:
     """Load and validate a llama GGUF: config, HF-layout tensors, tokenizer, chat template."""
-    reader = open_reader(path)
-    meta = read_metadata(reader, path)
-    tensors = _raw_tensors(reader, path)
+    gf = read_gguf(path)
+    meta = read_metadata(gf)
+    tensors = _raw_tensors(gf)
     tokens = _get(meta, "tokenizer.ggml.tokens", list, required=True)
     cfg = config_from_metadata(meta, len(tokens), tied="lm_head.weight" not in tensors)
     check_tensors(cfg, tensors)
@@ -199,4 +194,4 @@ def load_gguf(path: Path) -> LoadedModel:
         bos_token=_token_text(tokens, cfg.bos_token_id),
         eos_token=_token_text(tokens, cfg.eos_token_ids[0] if cfg.eos_token_ids else None),
         add_bos=_get(meta, "tokenizer.ggml.add_bos_token", bool, False),
-        metadata=_inspect_info(reader, meta, path))
+        metadata=_inspect_info(gf, meta))

@@ -1,0 +1,92 @@
+//! Criterion benchmarks of the core kernels: decode GEMV per weight format, prefill GEMM, and
+//! dense attention over a paged cache at several context lengths.
+//! Run with `cargo bench --bench kernels`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+
+use _core::attention::dense::Dense;
+use _core::attention::Attention;
+use _core::kv::paged::SeqCache;
+use _core::kv::pool::BlockPool;
+use _core::kv::KvDtype;
+use _core::ops::matmul::{gemm, gemv};
+use _core::quant::{Weight, WeightFormat, BLOCK_ELEMS};
+
+/// Deterministic bytes of a `(rows, cols)` matrix in `fmt`, with small finite scales.
+fn matrix(fmt: WeightFormat, rows: usize, cols: usize) -> Weight {
+    let row_bytes = fmt.row_bytes(cols).unwrap();
+    let mut bytes: Vec<u8> = (0..rows * row_bytes)
+        .map(|i| (i * 7919 % 251) as u8)
+        .collect();
+    let block = fmt.row_bytes(BLOCK_ELEMS).unwrap_or(0);
+    let scale = f16::from_f32(0.01).to_le_bytes();
+    match fmt {
+        WeightFormat::F32 => bytes
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&0.01f32.to_le_bytes())),
+        WeightFormat::F16 | WeightFormat::Bf16 => bytes
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&scale)),
+        _ => bytes.chunks_exact_mut(block).for_each(|b| {
+            b[..2].copy_from_slice(&scale);
+            if fmt == WeightFormat::Q4_1 {
+                b[2..4].copy_from_slice(&scale);
+            }
+        }),
+    }
+    Weight::new(fmt, rows, cols, &bytes).unwrap()
+}
+
+fn bench_gemv(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemv_1536x576");
+    let (rows, cols) = (1536, 576);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
+    let mut out = vec![0.0; rows];
+    group.throughput(Throughput::Elements((rows * cols) as u64));
+    for name in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"] {
+        let w = matrix(WeightFormat::parse(name).unwrap(), rows, cols);
+        group.bench_function(name, |b| b.iter(|| gemv(&w, &x, &mut out)));
+    }
+    group.finish();
+}
+
+fn bench_gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm_64tok_1536x576");
+    let (rows, cols, n) = (1536, 576, 64);
+    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32).sin()).collect();
+    let mut out = vec![0.0; n * rows];
+    group.throughput(Throughput::Elements((rows * cols * n) as u64));
+    for name in ["f32", "q4_1"] {
+        let w = matrix(WeightFormat::parse(name).unwrap(), rows, cols);
+        group.bench_function(name, |b| b.iter(|| gemm(&w, &x, n, &mut out)));
+    }
+    group.finish();
+}
+
+fn bench_attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention_decode_g3_d64");
+    let (hd, g) = (64, 3);
+    for &ctx in &[128usize, 2048, 7000] {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut pool = BlockPool::new(ctx / 16 + 1, 16, hd, dtype);
+            let mut cache = SeqCache::new(1, 1);
+            let row: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).cos()).collect();
+            cache.reserve(&pool, ctx).unwrap();
+            for p in 0..ctx as u32 {
+                cache.append(&mut pool, 0, p, &row, &row).unwrap();
+            }
+            let q = vec![0.1f32; g * hd];
+            let mut out = vec![0.0; g * hd];
+            group.throughput(Throughput::Elements(ctx as u64));
+            let id = BenchmarkId::new(dtype.name(), ctx);
+            group.bench_with_input(id, &ctx, |b, _| {
+                b.iter(|| Dense.attend(&pool, cache.head(0, 0), &q, ctx as u32, 0.125, &mut out))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemv, bench_gemm, bench_attention);
+criterion_main!(benches);
