@@ -1,4 +1,5 @@
-"""Benchmarks run only on demand (`make bench`); they load the embedded default model."""
+"""Benchmarks run only on demand (`make bench`); the end-to-end ones load the embedded default
+model with a float16 KV cache."""
 
 from __future__ import annotations
 
@@ -9,5 +10,5 @@ import pytest
 def llm():
     import kvforge
 
-    with kvforge.LLM() as model:
+    with kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16")) as model:
         yield model

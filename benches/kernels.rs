@@ -3,7 +3,6 @@
 //! Run with `cargo bench --bench kernels`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use half::f16;
 
 use _core::attention::dense::Dense;
 use _core::attention::Attention;
@@ -11,31 +10,10 @@ use _core::kv::paged::SeqCache;
 use _core::kv::pool::BlockPool;
 use _core::kv::KvDtype;
 use _core::ops::matmul::{gemm, gemv};
-use _core::quant::{Weight, WeightFormat, BLOCK_ELEMS};
+use _core::quant::{synthetic_weight, Weight, WeightFormat};
 
-/// Deterministic bytes of a `(rows, cols)` matrix in `fmt`, with small finite scales.
 fn matrix(fmt: WeightFormat, rows: usize, cols: usize) -> Weight {
-    let row_bytes = fmt.row_bytes(cols).unwrap();
-    let mut bytes: Vec<u8> = (0..rows * row_bytes)
-        .map(|i| (i * 7919 % 251) as u8)
-        .collect();
-    let block = fmt.row_bytes(BLOCK_ELEMS).unwrap_or(0);
-    let scale = f16::from_f32(0.01).to_le_bytes();
-    match fmt {
-        WeightFormat::F32 => bytes
-            .chunks_exact_mut(4)
-            .for_each(|c| c.copy_from_slice(&0.01f32.to_le_bytes())),
-        WeightFormat::F16 | WeightFormat::Bf16 => bytes
-            .chunks_exact_mut(2)
-            .for_each(|c| c.copy_from_slice(&scale)),
-        _ => bytes.chunks_exact_mut(block).for_each(|b| {
-            b[..2].copy_from_slice(&scale);
-            if fmt == WeightFormat::Q4_1 {
-                b[2..4].copy_from_slice(&scale);
-            }
-        }),
-    }
-    Weight::new(fmt, rows, cols, &bytes).unwrap()
+    synthetic_weight(fmt, rows, cols).unwrap()
 }
 
 fn bench_gemv(c: &mut Criterion) {

@@ -5,7 +5,7 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Engine", "Session", "__version__", "cpu_features", "filtered_probs"]
+__all__ = ["Engine", "KernelBench", "Session", "__version__", "cpu_features", "filtered_probs"]
 __version__: str
 
 @final
@@ -55,6 +55,28 @@ class Session:
     def cached_positions(self, layer: int, kv_head: int) -> list[int]: ...
     def fork(self) -> Session: ...
     def release(self) -> None: ...
+
+@final
+class KernelBench:
+    """One core kernel on synthetic data, for benchmarks."""
+
+    def __new__(
+        cls,
+        kind: str,
+        *,
+        fmt: str = "q4_1",
+        rows: int = 1536,
+        cols: int = 576,
+        tokens: int = 1,
+        kv_dtype: str = "float32",
+        context: int = 128,
+        head_dim: int = 64,
+        group: int = 3,
+        n_threads: int = 0,
+    ) -> KernelBench: ...
+    @property
+    def elements(self) -> int: ...
+    def run(self, repeat: int) -> None: ...
 
 def filtered_probs(
     logits: npt.NDArray[np.float32],

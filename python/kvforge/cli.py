@@ -1,4 +1,4 @@
-"""The ``kvforge`` command line: generate, chat, inspect, convert.
+"""The ``kvforge`` command line: generate, chat, inspect, convert, bench.
 
 Exit codes: 0 success, 1 model or runtime error (one-line message; ``--debug`` shows the
 traceback), 2 usage error.
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c)
     i = sub.add_parser("inspect", help="config, tensor formats, parameters, KV bytes per token")
     i.add_argument("model", nargs="?", default=None)
+    b = sub.add_parser("bench", help="prefill and decode tokens/s on this machine")
+    _model_args(b)
+    b.add_argument("--prefill", type=int, nargs="*", default=[512, 2048],
+                   help="prompt lengths to time (default 512 2048)")
+    b.add_argument("--contexts", type=int, nargs="*", default=[128, 2048, 7000],
+                   help="context lengths to time decode at (default 128 2048 7000)")
+    b.add_argument("--steps", type=int, default=32, help="decode steps per context")
+    b.add_argument("--plot", metavar="PNG", help="save decode tok/s vs context (matplotlib)")
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -123,6 +131,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    llm = _llm(args)
+    rows = bench.run(llm, args.prefill, args.contexts, args.steps)
+    print(f"model: {llm._loaded.path}  threads: {llm._engine.n_threads}  "
+          f"KV: {llm.kv_config.dtype}")
+    print(bench.table(rows))
+    if args.plot:
+        try:
+            print(f"plot: {bench.plot(rows, args.plot)}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loader.convert import convert_to_hf
 
@@ -132,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,33 @@ impl WeightFormat {
     }
 }
 
+/// A deterministic `(rows, cols)` weight in `fmt` with small finite values, for benchmarks.
+pub fn synthetic_weight(fmt: WeightFormat, rows: usize, cols: usize) -> Result<Weight> {
+    let row_bytes = fmt.row_bytes(cols)?;
+    let mut bytes: Vec<u8> = (0..rows * row_bytes)
+        .map(|i| (i * 7919 % 251) as u8)
+        .collect();
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    match fmt {
+        WeightFormat::F32 => bytes
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&0.01f32.to_le_bytes())),
+        WeightFormat::F16 | WeightFormat::Bf16 => bytes
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&scale)),
+        _ => {
+            let block = fmt.row_bytes(BLOCK_ELEMS)?;
+            let scales = if fmt == WeightFormat::Q4_1 { 2 } else { 1 };
+            for b in bytes.chunks_exact_mut(block) {
+                for s in 0..scales {
+                    b[2 * s..2 * s + 2].copy_from_slice(&scale);
+                }
+            }
+        }
+    }
+    Weight::new(fmt, rows, cols, &bytes)
+}
+
 /// Sums of `x` over each 32-element block: `out[b] = sum(x[32b..32b+32])`. `x`: `(cols,)`,
 /// `out`: `(cols/32,)`.
 pub fn block_sums(x: &[f32], out: &mut [f32]) {
