@@ -44,7 +44,7 @@ test-large:  ## many hypothesis examples
 bench:  ## pytest-benchmark end to end, autosaved for comparison
 	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-autosave -q
 
-bench-compare:  ## fail on a >10% mean regression against the last saved run
-	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-compare --benchmark-compare-fail=mean:10% -q
+bench-compare:  ## fail on a >10% median regression against the last saved run
+	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-compare --benchmark-compare-fail=median:10% -q
 
 ci: install-deps build-dev lint test  ## what .ci/run does
