@@ -6,17 +6,19 @@
 //!
 //! [`Dense::partial`] attends over a sub-range of blocks and returns the unnormalised state, so
 //! one long context can be split across threads and merged by log-sum-exp ([`merge`]), as in
-//! flash-decoding. The row kernels come from `ops::simd`: the whole loop is compiled once for
-//! AVX2/FMA/F16C (chosen at run time) and once portably.
+//! flash-decoding. The block kernels come from `kernels.rs`: the whole loop is compiled once
+//! for AVX2/FMA/F16C (chosen at run time) and once portably.
 
 use std::ops::Range;
 
 use super::{Attention, MAX_GROUP};
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
-use crate::kv::store::KvStore;
+use crate::kv::store::KvData;
 use crate::kv::MAX_BLOCK_SIZE;
-use crate::ops::simd::{avx2_available, Kern, Portable};
+use crate::ops::simd::avx2_available;
+
+use super::kernels::{self, BlockShape, Elem};
 
 /// Exact softmax attention.
 #[derive(Debug, Default, Clone, Copy)]
@@ -38,42 +40,6 @@ impl Default for Online {
             max: [f32::NEG_INFINITY; MAX_GROUP],
             sum: [0.0; MAX_GROUP],
         }
-    }
-}
-
-/// Storage element of K/V rows: float32 or float16 bits.
-trait KvElem: Copy {
-    /// # Safety
-    /// As [`Kern::dot`].
-    unsafe fn dot<K: Kern>(q: &[f32], row: &[Self]) -> f32;
-    /// # Safety
-    /// As [`Kern::dot`].
-    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[Self]);
-}
-
-impl KvElem for f32 {
-    #[inline(always)]
-    unsafe fn dot<K: Kern>(q: &[f32], row: &[f32]) -> f32 {
-        // SAFETY: forwarded contract.
-        unsafe { K::dot(q, row) }
-    }
-    #[inline(always)]
-    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[f32]) {
-        // SAFETY: forwarded contract.
-        unsafe { K::axpy(acc, w, row) }
-    }
-}
-
-impl KvElem for u16 {
-    #[inline(always)]
-    unsafe fn dot<K: Kern>(q: &[f32], row: &[u16]) -> f32 {
-        // SAFETY: forwarded contract.
-        unsafe { K::dot_h(q, row) }
-    }
-    #[inline(always)]
-    unsafe fn axpy<K: Kern>(acc: &mut [f32], w: f32, row: &[u16]) {
-        // SAFETY: forwarded contract.
-        unsafe { K::axpy_h(acc, w, row) }
     }
 }
 
@@ -135,14 +101,14 @@ impl Dense {
             q_pos,
             scale,
         };
-        match pool.store() {
-            KvStore::F32 { k, v } => dispatch(&job, blocks, k, v, acc, state),
-            KvStore::F16 { k, v } => dispatch(&job, blocks, k, v, acc, state),
+        match pool.store().data() {
+            KvData::F32 { k, v } => dispatch(&job, blocks, k, v, acc, state),
+            KvData::F16 { k, v } => dispatch(&job, blocks, k, v, acc, state),
         }
     }
 }
 
-fn dispatch<T: KvElem>(
+fn dispatch<T: Elem>(
     job: &Job<'_>,
     blocks: Range<usize>,
     k: &[T],
@@ -155,13 +121,13 @@ fn dispatch<T: KvElem>(
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
         return unsafe { blocks_avx2(job, blocks, k, v, acc, st) };
     }
-    // SAFETY: the portable kernels need no CPU feature.
-    unsafe { attend_blocks::<Portable, T>(job, blocks, k, v, acc, st) }
+    // SAFETY: `avx2 = false` selects the portable kernels, which need no CPU feature.
+    unsafe { attend_blocks::<T>(false, job, blocks, k, v, acc, st) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn blocks_avx2<T: KvElem>(
+unsafe fn blocks_avx2<T: Elem>(
     job: &Job<'_>,
     blocks: Range<usize>,
     k: &[T],
@@ -170,15 +136,17 @@ unsafe fn blocks_avx2<T: KvElem>(
     st: &mut Online,
 ) {
     // SAFETY: this function only runs where the features it enables are present.
-    unsafe { attend_blocks::<crate::ops::simd::Avx2, T>(job, blocks, k, v, acc, st) }
+    unsafe { attend_blocks::<T>(true, job, blocks, k, v, acc, st) }
 }
 
-/// The online-softmax loop over a range of blocks.
+/// The online-softmax loop over a range of blocks: scores of a block for the whole group,
+/// masking by position, rescaling, then the probability-weighted sum of the block's values.
 ///
 /// # Safety
-/// The CPU must support the instruction set of `K`.
+/// `avx2` may only be true on a CPU with AVX2, FMA and F16C.
 #[inline(always)]
-unsafe fn attend_blocks<K: Kern, T: KvElem>(
+unsafe fn attend_blocks<T: Elem>(
+    avx2: bool,
     job: &Job<'_>,
     blocks: Range<usize>,
     k: &[T],
@@ -188,54 +156,48 @@ unsafe fn attend_blocks<K: Kern, T: KvElem>(
 ) {
     let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
     let g = job.q.len() / hd;
+    let store = job.pool.store();
     let mut scores = [0.0f32; MAX_GROUP * MAX_BLOCK_SIZE];
     for bi in blocks {
         let block = job.head.blocks[bi];
         let n = (job.head.len - bi * bs).min(bs);
-        let base = block as usize * bs;
+        let off = store.block_offset(block as usize);
+        let (kb, vb) = (&k[off..off + bs * hd], &v[off..off + bs * hd]);
+        let sh = BlockShape { g, hd, bs, n };
+        // SAFETY: forwarded contract.
+        unsafe { kernels::scores(avx2, job.q, kb, sh, job.scale, &mut scores[..g * bs]) };
         let positions = &job.pool.positions(block)[..n];
         let mut any = false;
         for (s, &p) in positions.iter().enumerate() {
-            let visible = p <= job.q_pos;
-            any |= visible;
-            let row = &k[(base + s) * hd..(base + s + 1) * hd];
-            for gi in 0..g {
-                scores[gi * bs + s] = if visible {
-                    // SAFETY: forwarded contract.
-                    unsafe { T::dot::<K>(&job.q[gi * hd..(gi + 1) * hd], row) * job.scale }
-                } else {
-                    f32::NEG_INFINITY
-                };
+            if p > job.q_pos {
+                (0..g).for_each(|gi| scores[gi * bs + s] = f32::NEG_INFINITY);
+            } else {
+                any = true;
             }
         }
         if !any {
             continue;
         }
         for gi in 0..g {
-            rescale(
-                state,
-                gi,
+            let (sc, out) = (
                 &mut scores[gi * bs..gi * bs + n],
                 &mut acc[gi * hd..(gi + 1) * hd],
             );
-        }
-        for (s, &p) in positions.iter().enumerate() {
-            if p > job.q_pos {
-                continue;
-            }
-            let row = &v[(base + s) * hd..(base + s + 1) * hd];
-            for gi in 0..g {
-                // SAFETY: forwarded contract.
-                unsafe { T::axpy::<K>(&mut acc[gi * hd..(gi + 1) * hd], scores[gi * bs + s], row) };
-            }
+            // SAFETY: forwarded contract.
+            unsafe { rescale(avx2, state, gi, sc, out) };
+            // SAFETY: forwarded contract.
+            unsafe { kernels::weighted_sum(avx2, out, sc, vb, hd) };
         }
     }
 }
 
 /// Folds one block of scores for query head `gi` into the running max and sum, turning the
 /// scores into unnormalised probabilities and rescaling the accumulated output.
+///
+/// # Safety
+/// As [`kernels::exp_shift`].
 #[inline(always)]
-fn rescale(state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
+unsafe fn rescale(avx2: bool, state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
     let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let new_max = state.max[gi].max(block_max);
     let corr = (state.max[gi] - new_max).exp();
@@ -243,12 +205,8 @@ fn rescale(state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
         state.sum[gi] *= corr;
         acc.iter_mut().for_each(|a| *a *= corr);
     }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - new_max).exp();
-        sum += *s;
-    }
-    state.sum[gi] += sum;
+    // SAFETY: forwarded contract.
+    state.sum[gi] += unsafe { kernels::exp_shift(avx2, scores, new_max) };
     state.max[gi] = new_max;
 }
 

@@ -8,6 +8,7 @@
 //! reordered by eviction and blocks may hold any subset of the sequence.
 
 pub mod dense;
+pub mod kernels;
 
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;

@@ -44,7 +44,7 @@ pub struct BlockPool {
 impl BlockPool {
     /// A pool of `num_blocks` blocks of `block_size` slots with `head_dim`-wide K and V rows.
     pub fn new(num_blocks: usize, block_size: usize, head_dim: usize, dtype: KvDtype) -> Self {
-        let store = KvStore::new(dtype, num_blocks * block_size * head_dim);
+        let store = KvStore::new(dtype, num_blocks, block_size, head_dim);
         // Popping from the end hands out low ids first, which keeps touched memory compact.
         let free = (0..num_blocks as BlockId).rev().collect();
         Self {
@@ -185,7 +185,7 @@ impl BlockPool {
         if let Some(p) = self.positions.get_mut(row) {
             *p = pos;
         }
-        self.store.write_row(row, self.head_dim, k, v);
+        self.store.write(id as usize, slot, k, v);
     }
 
     /// Copies slot `src_slot` of `src` into slot `dst_slot` of `dst` (K, V and position).
@@ -197,7 +197,8 @@ impl BlockPool {
                 *d = p;
             }
         }
-        self.store.copy_row(from, to, self.head_dim);
+        self.store
+            .copy_slot(src as usize, src_slot, dst as usize, dst_slot);
     }
 }
 

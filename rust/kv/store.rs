@@ -1,106 +1,141 @@
 //! Key/value storage in the configured dtype.
 //!
-//! Rows are indexed `block * block_size + slot`; each row is `head_dim` wide. Keys and values
-//! live in two flat vectors so that attention streams one of them at a time. The vectors are
+//! Each block holds `block_size` slots of one (layer, KV head). Within a block, values are
+//! slot-major `(block_size, head_dim)`, but keys are **dimension-major** `(head_dim,
+//! block_size)`: attention then scores eight (or sixteen) slots at once with one broadcast
+//! multiply-add per dimension, with no horizontal sums. Keys and values live in two flat
+//! vectors, `block * block_size * head_dim` elements apart per block. The vectors are
 //! zero-initialised, which the allocator serves from untouched pages: a large pool costs
 //! resident memory only for blocks that have been written.
 
 use crate::kv::KvDtype;
 use half::f16;
 
-/// Flat K and V storage, `(rows, head_dim)` each.
+/// The flat K and V vectors of every block.
 #[derive(Debug)]
-pub enum KvStore {
-    /// float32 rows.
+pub enum KvData {
+    /// float32 elements.
     F32 {
-        /// Keys, `(rows, head_dim)`.
+        /// Keys, per block `(head_dim, block_size)`.
         k: Vec<f32>,
-        /// Values, `(rows, head_dim)`.
+        /// Values, per block `(block_size, head_dim)`.
         v: Vec<f32>,
     },
-    /// float16 rows (half the memory; values rounded on write), held as raw `u16` bits so the
-    /// allocation is a zeroed one that costs no resident memory until written.
+    /// float16 bits (half the memory; values rounded on write). Raw `u16` so the allocation
+    /// is a zeroed one that costs no resident memory until written.
     F16 {
-        /// Keys, `(rows, head_dim)`, f16 bits.
+        /// Keys, per block `(head_dim, block_size)`, f16 bits.
         k: Vec<u16>,
-        /// Values, `(rows, head_dim)`, f16 bits.
+        /// Values, per block `(block_size, head_dim)`, f16 bits.
         v: Vec<u16>,
     },
 }
 
+/// K and V of every block of a pool.
+#[derive(Debug)]
+pub struct KvStore {
+    block_size: usize,
+    head_dim: usize,
+    data: KvData,
+}
+
 impl KvStore {
-    /// Storage for `len` elements of K and of V.
-    pub fn new(dtype: KvDtype, len: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => Self::F32 {
+    /// Storage for `num_blocks` blocks.
+    pub fn new(dtype: KvDtype, num_blocks: usize, block_size: usize, head_dim: usize) -> Self {
+        let len = num_blocks * block_size * head_dim;
+        let data = match dtype {
+            KvDtype::F32 => KvData::F32 {
                 k: vec![0.0; len],
                 v: vec![0.0; len],
             },
-            KvDtype::F16 => Self::F16 {
-                k: vec![0u16; len],
-                v: vec![0u16; len],
+            KvDtype::F16 => KvData::F16 {
+                k: vec![0; len],
+                v: vec![0; len],
             },
+        };
+        Self {
+            block_size,
+            head_dim,
+            data,
         }
     }
 
     /// The element type.
     pub fn dtype(&self) -> KvDtype {
-        match self {
-            Self::F32 { .. } => KvDtype::F32,
-            Self::F16 { .. } => KvDtype::F16,
+        match self.data {
+            KvData::F32 { .. } => KvDtype::F32,
+            KvData::F16 { .. } => KvDtype::F16,
         }
     }
 
-    /// Writes row `row` of K and V from float32 `(head_dim,)` slices.
-    pub fn write_row(&mut self, row: usize, head_dim: usize, k_in: &[f32], v_in: &[f32]) {
-        let span = row * head_dim..(row + 1) * head_dim;
-        match self {
-            Self::F32 { k, v } => {
-                k[span.clone()].copy_from_slice(k_in);
-                v[span].copy_from_slice(v_in);
-            }
-            Self::F16 { k, v } => {
-                for (d, &s) in k[span.clone()].iter_mut().zip(k_in) {
-                    *d = f16::from_f32(s).to_bits();
+    /// The raw vectors (attention reads them block by block).
+    pub fn data(&self) -> &KvData {
+        &self.data
+    }
+
+    /// Element offset of `block`'s first K or V element.
+    pub fn block_offset(&self, block: usize) -> usize {
+        block * self.block_size * self.head_dim
+    }
+
+    /// Writes slot `slot` of `block` from float32 key and value rows `(head_dim,)`.
+    pub fn write(&mut self, block: usize, slot: usize, k_in: &[f32], v_in: &[f32]) {
+        let (bs, hd, base) = (self.block_size, self.head_dim, self.block_offset(block));
+        let vrow = base + slot * hd..base + (slot + 1) * hd;
+        match &mut self.data {
+            KvData::F32 { k, v } => {
+                for (d, &x) in k_in.iter().enumerate() {
+                    k[base + d * bs + slot] = x;
                 }
-                for (d, &s) in v[span].iter_mut().zip(v_in) {
-                    *d = f16::from_f32(s).to_bits();
+                v[vrow].copy_from_slice(v_in);
+            }
+            KvData::F16 { k, v } => {
+                for (d, &x) in k_in.iter().enumerate() {
+                    k[base + d * bs + slot] = f16::from_f32(x).to_bits();
+                }
+                for (d, &x) in v[vrow].iter_mut().zip(v_in) {
+                    *d = f16::from_f32(x).to_bits();
                 }
             }
         }
     }
 
-    /// Copies row `from` to row `to` in both K and V.
-    pub fn copy_row(&mut self, from: usize, to: usize, head_dim: usize) {
-        let (src, dst) = (from * head_dim, to * head_dim);
-        match self {
-            Self::F32 { k, v } => {
-                k.copy_within(src..src + head_dim, dst);
-                v.copy_within(src..src + head_dim, dst);
+    /// Copies slot `(sb, ss)` to slot `(db, ds)`, keys and values.
+    pub fn copy_slot(&mut self, sb: usize, ss: usize, db: usize, ds: usize) {
+        let (bs, hd) = (self.block_size, self.head_dim);
+        let (src, dst) = (self.block_offset(sb), self.block_offset(db));
+        #[allow(clippy::too_many_arguments)]
+        fn copy<T: Copy>(
+            k: &mut [T],
+            v: &mut [T],
+            src: usize,
+            dst: usize,
+            ss: usize,
+            ds: usize,
+            bs: usize,
+            hd: usize,
+        ) {
+            for d in 0..hd {
+                k[dst + d * bs + ds] = k[src + d * bs + ss];
             }
-            Self::F16 { k, v } => {
-                k.copy_within(src..src + head_dim, dst);
-                v.copy_within(src..src + head_dim, dst);
-            }
+            v.copy_within(src + ss * hd..src + (ss + 1) * hd, dst + ds * hd);
+        }
+        match &mut self.data {
+            KvData::F32 { k, v } => copy(k, v, src, dst, ss, ds, bs, hd),
+            KvData::F16 { k, v } => copy(k, v, src, dst, ss, ds, bs, hd),
         }
     }
 
-    /// Reads row `row` of K and V into float32 `(head_dim,)` slices (for tests and tools).
-    pub fn read_row(&self, row: usize, head_dim: usize, k_out: &mut [f32], v_out: &mut [f32]) {
-        let span = row * head_dim..(row + 1) * head_dim;
-        match self {
-            Self::F32 { k, v } => {
-                k_out.copy_from_slice(&k[span.clone()]);
-                v_out.copy_from_slice(&v[span]);
-            }
-            Self::F16 { k, v } => {
-                for (d, &s) in k_out.iter_mut().zip(&k[span.clone()]) {
-                    *d = f16::from_bits(s).to_f32();
-                }
-                for (d, &s) in v_out.iter_mut().zip(&v[span]) {
-                    *d = f16::from_bits(s).to_f32();
-                }
-            }
+    /// Reads slot `slot` of `block` into float32 rows `(head_dim,)` (for tests and tools).
+    pub fn read(&self, block: usize, slot: usize, k_out: &mut [f32], v_out: &mut [f32]) {
+        let (bs, hd, base) = (self.block_size, self.head_dim, self.block_offset(block));
+        let to_f32 = |h: u16| f16::from_bits(h).to_f32();
+        for d in 0..hd {
+            let (ki, vi) = (base + d * bs + slot, base + slot * hd + d);
+            (k_out[d], v_out[d]) = match &self.data {
+                KvData::F32 { k, v } => (k[ki], v[vi]),
+                KvData::F16 { k, v } => (to_f32(k[ki]), to_f32(v[vi])),
+            };
         }
     }
 }
