@@ -25,12 +25,11 @@ unsafe fn half(b: &[u8], at: usize) -> f32 {
 unsafe fn nibbles_dot(p: *const u8, x: *const f32) -> __m512 {
     // SAFETY: `p` has 16 bytes and `x` 32 floats; AVX-512F enabled by the callers.
     unsafe {
-        let bytes = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(bytes, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+        // One widening of the 16 bytes to 16 lanes; the low nibbles (elements 0..16) are a
+        // mask away and the high nibbles (16..32) a shift away.
+        let wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let q0 = _mm512_cvtepi32_ps(_mm512_and_si512(wide, _mm512_set1_epi32(0x0f)));
+        let q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(wide, 4));
         let a = _mm512_mul_ps(q0, _mm512_loadu_ps(x));
         _mm512_fmadd_ps(q1, _mm512_loadu_ps(x.add(16)), a)
     }
