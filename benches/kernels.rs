@@ -47,7 +47,7 @@ fn bench_attention(c: &mut Criterion) {
     let (hd, g) = (64, 3);
     for &ctx in &[128usize, 2048, 7000] {
         for dtype in [KvDtype::F32, KvDtype::F16] {
-            let mut pool = BlockPool::new(ctx / 16 + 1, 16, hd, dtype);
+            let mut pool = BlockPool::new(ctx / 16 + 1, 16, hd, dtype).unwrap();
             let mut cache = SeqCache::new(1, 1);
             let row: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).cos()).collect();
             cache.reserve(&pool, ctx).unwrap();

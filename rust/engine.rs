@@ -55,7 +55,7 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("cannot start threads: {e}")))?;
         let cfg = &model.cfg;
         let inv_freq = rope::inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
-        let pool = BlockPool::new(kv.num_blocks, kv.block_size, cfg.head_dim, kv.dtype);
+        let pool = BlockPool::new(kv.num_blocks, kv.block_size, cfg.head_dim, kv.dtype)?;
         Ok(Self {
             model,
             inv_freq,
@@ -65,11 +65,19 @@ impl Engine {
         })
     }
 
-    /// Locks the block pool. A poisoned lock (a panic elsewhere) is reported, not propagated.
+    /// Locks the block pool. If a panic elsewhere poisoned the lock, the pool is checked and,
+    /// when its bookkeeping is intact, used again: one failed session must not disable every
+    /// other session of the engine.
     pub fn pool(&self) -> Result<MutexGuard<'_, BlockPool>> {
-        self.pool
-            .lock()
-            .map_err(|_| Error::Internal("KV pool lock poisoned by a panic".into()))
+        match self.pool.lock() {
+            Ok(guard) => Ok(guard),
+            Err(poisoned) => {
+                let guard = poisoned.into_inner();
+                guard.check()?;
+                self.pool.clear_poison();
+                Ok(guard)
+            }
+        }
     }
 
     /// Runs `f` on this engine's threads.

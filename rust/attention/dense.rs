@@ -15,7 +15,6 @@ use super::{Attention, MAX_GROUP};
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
 use crate::kv::store::KvData;
-use crate::kv::MAX_BLOCK_SIZE;
 use crate::ops::simd::avx2_available;
 
 use super::kernels::{self, BlockShape, Elem};
@@ -156,8 +155,39 @@ unsafe fn attend_blocks<T: Elem>(
 ) {
     let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
     let g = job.q.len() / hd;
+    SCORES.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(g * bs, 0.0);
+        // SAFETY: forwarded contract.
+        unsafe { attend_with(avx2, job, blocks, k, v, acc, state, &mut buf) }
+    });
+}
+
+thread_local! {
+    /// Scores of one block for one query group, `(g, block_size)`: reused by every call on
+    /// this thread instead of zeroing a worst-case stack array each time.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Body of [`attend_blocks`] with its score buffer.
+///
+/// # Safety
+/// As [`attend_blocks`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_with<T: Elem>(
+    avx2: bool,
+    job: &Job<'_>,
+    blocks: Range<usize>,
+    k: &[T],
+    v: &[T],
+    acc: &mut [f32],
+    state: &mut Online,
+    scores: &mut [f32],
+) {
+    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
+    let g = job.q.len() / hd;
     let store = job.pool.store();
-    let mut scores = [0.0f32; MAX_GROUP * MAX_BLOCK_SIZE];
     for bi in blocks {
         let block = job.head.blocks[bi];
         let n = (job.head.len - bi * bs).min(bs);
@@ -165,7 +195,7 @@ unsafe fn attend_blocks<T: Elem>(
         let (kb, vb) = (&k[off..off + bs * hd], &v[off..off + bs * hd]);
         let sh = BlockShape { g, hd, bs, n };
         // SAFETY: forwarded contract.
-        unsafe { kernels::scores(avx2, job.q, kb, sh, job.scale, &mut scores[..g * bs]) };
+        unsafe { kernels::scores(avx2, job.q, kb, sh, job.scale, scores) };
         let positions = &job.pool.positions(block)[..n];
         let mut any = false;
         for (s, &p) in positions.iter().enumerate() {
@@ -317,7 +347,7 @@ mod tests {
         let q: Vec<f32> = (0..g * hd).map(|j| val(j, 3)).collect();
         for bs in [1, 4, 16, 64] {
             for dtype in [KvDtype::F32, KvDtype::F16] {
-                let mut pool = BlockPool::new(64, bs, hd, dtype);
+                let mut pool = BlockPool::new(64, bs, hd, dtype).unwrap();
                 let mut cache = SeqCache::new(1, 1);
                 cache.reserve(&pool, n).unwrap();
                 for i in 0..n {

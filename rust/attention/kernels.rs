@@ -153,7 +153,7 @@ pub unsafe fn weighted_sum<T: Elem>(avx2: bool, acc: &mut [f32], p: &[f32], vb: 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{scores_portable, BlockShape, Elem};
+    use super::{BlockShape, Elem};
     use std::arch::x86_64::*;
 
     /// Eight slots per step, up to four query heads per pass over the key dimensions.
@@ -194,12 +194,16 @@ mod x86 {
                 }
             }
         }
-        if full < sh.n {
-            let mut tail = [0.0f32; super::super::MAX_GROUP * crate::kv::MAX_BLOCK_SIZE];
-            scores_portable(q, kb, sh, scale, &mut tail[..sh.g * sh.bs]);
-            for gi in 0..sh.g {
-                let row = gi * sh.bs;
-                out[row + full..row + sh.n].copy_from_slice(&tail[row + full..row + sh.n]);
+        // Slots past the last whole chunk (only when bs is not a multiple of 8).
+        for gi in 0..sh.g {
+            let qg = &q[gi * sh.hd..(gi + 1) * sh.hd];
+            for slot in full..sh.n {
+                let dot: f32 = qg
+                    .iter()
+                    .enumerate()
+                    .map(|(d, &x)| x * kb[d * sh.bs + slot].get())
+                    .sum();
+                out[gi * sh.bs + slot] = dot * scale;
             }
         }
     }

@@ -157,6 +157,22 @@ impl SeqCache {
         let new_len = head.len.checked_sub(remove.len()).ok_or_else(|| {
             Error::Internal(format!("removing {} of {} slots", remove.len(), head.len))
         })?;
+        // Copy-on-write of a shared hole block takes one fresh block: make sure the pool has
+        // them all before moving anything, so a failure leaves the cache untouched.
+        let mut shared = 0;
+        let mut last = None;
+        for bi in remove.iter().take_while(|&&s| s < new_len).map(|s| s / bs) {
+            if last != Some(bi) && pool.refcount_of(block_at(head, bi)?)? > 1 {
+                shared += 1;
+            }
+            last = Some(bi);
+        }
+        if shared > pool.free_blocks() {
+            return Err(Error::CacheFull(format!(
+                "evicting needs {shared} copy-on-write blocks but only {} are free",
+                pool.free_blocks()
+            )));
+        }
         let holes = remove.iter().copied().take_while(|&s| s < new_len);
         let mut gone = remove
             .iter()
@@ -240,7 +256,7 @@ mod tests {
 
     #[test]
     fn fork_shares_and_writes_copy() {
-        let mut pool = BlockPool::new(8, 2, 4, KvDtype::F32);
+        let mut pool = BlockPool::new(8, 2, 4, KvDtype::F32).unwrap();
         let mut a = SeqCache::new(1, 1);
         fill(&mut a, &mut pool, 3);
         let mut b = a.fork(&mut pool).unwrap();
@@ -258,7 +274,7 @@ mod tests {
 
     #[test]
     fn remove_slots_compacts_and_frees_blocks() {
-        let mut pool = BlockPool::new(8, 2, 4, KvDtype::F32);
+        let mut pool = BlockPool::new(8, 2, 4, KvDtype::F32).unwrap();
         let mut a = SeqCache::new(1, 1);
         fill(&mut a, &mut pool, 7);
         a.remove_slots(&mut pool, 0, &[1, 2, 3, 6]).unwrap();

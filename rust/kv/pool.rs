@@ -43,18 +43,29 @@ pub struct BlockPool {
 
 impl BlockPool {
     /// A pool of `num_blocks` blocks of `block_size` slots with `head_dim`-wide K and V rows.
-    pub fn new(num_blocks: usize, block_size: usize, head_dim: usize, dtype: KvDtype) -> Self {
-        let store = KvStore::new(dtype, num_blocks, block_size, head_dim);
+    pub fn new(
+        num_blocks: usize,
+        block_size: usize,
+        head_dim: usize,
+        dtype: KvDtype,
+    ) -> Result<Self> {
+        if num_blocks > BlockId::MAX as usize {
+            return Err(Error::Config(format!(
+                "KVCacheConfig num_blocks={num_blocks} exceeds the limit {}",
+                BlockId::MAX
+            )));
+        }
+        let store = KvStore::new(dtype, num_blocks, block_size, head_dim)?;
         // Popping from the end hands out low ids first, which keeps touched memory compact.
         let free = (0..num_blocks as BlockId).rev().collect();
-        Self {
+        Ok(Self {
             block_size,
             head_dim,
             store,
-            positions: vec![0; num_blocks * block_size],
+            positions: crate::kv::store::zeroed(num_blocks * block_size)?,
             refcount: vec![0; num_blocks],
             free,
-        }
+        })
     }
 
     /// Slots per block.
@@ -209,7 +220,7 @@ mod tests {
 
     #[test]
     fn exhausting_the_pool_is_an_error_and_frees_restore_it() {
-        let mut pool = BlockPool::new(3, 4, 8, KvDtype::F32);
+        let mut pool = BlockPool::new(3, 4, 8, KvDtype::F32).unwrap();
         let ids: Vec<_> = (0..3).map(|_| pool.alloc().unwrap()).collect();
         assert!(matches!(pool.alloc(), Err(Error::CacheFull(_))));
         pool.incref(ids[0]).unwrap();

@@ -8,8 +8,33 @@
 //! zero-initialised, which the allocator serves from untouched pages: a large pool costs
 //! resident memory only for blocks that have been written.
 
+use crate::error::{Error, Result};
 use crate::kv::KvDtype;
 use half::f16;
+
+/// Numbers for which the all-zero bit pattern is the value zero.
+pub trait Zeroable: Copy {}
+impl Zeroable for f32 {}
+impl Zeroable for u16 {}
+impl Zeroable for u32 {}
+
+/// A zero-filled vector from a zeroed allocation (lazily committed by the OS), or `CacheFull`
+/// when the allocator refuses, instead of aborting the process.
+pub fn zeroed<T: Zeroable>(len: usize) -> Result<Vec<T>> {
+    let fail = || Error::CacheFull(format!("cannot allocate {len} KV elements"));
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| fail())?;
+    // SAFETY: `layout` has non-zero size (len > 0 and T is not zero-sized).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(fail());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `[T; len]`, and
+    // all-zero bytes are a valid `T` (`Zeroable`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
 
 /// The flat K and V vectors of every block.
 #[derive(Debug)]
@@ -40,24 +65,32 @@ pub struct KvStore {
 }
 
 impl KvStore {
-    /// Storage for `num_blocks` blocks.
-    pub fn new(dtype: KvDtype, num_blocks: usize, block_size: usize, head_dim: usize) -> Self {
-        let len = num_blocks * block_size * head_dim;
+    /// Storage for `num_blocks` blocks, or `CacheFull` if the memory cannot be had.
+    pub fn new(
+        dtype: KvDtype,
+        num_blocks: usize,
+        block_size: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let len = num_blocks
+            .checked_mul(block_size)
+            .and_then(|n| n.checked_mul(head_dim))
+            .ok_or_else(|| Error::Config(format!("KV pool of {num_blocks} blocks overflows")))?;
         let data = match dtype {
             KvDtype::F32 => KvData::F32 {
-                k: vec![0.0; len],
-                v: vec![0.0; len],
+                k: zeroed(len)?,
+                v: zeroed(len)?,
             },
             KvDtype::F16 => KvData::F16 {
-                k: vec![0; len],
-                v: vec![0; len],
+                k: zeroed(len)?,
+                v: zeroed(len)?,
             },
         };
-        Self {
+        Ok(Self {
             block_size,
             head_dim,
             data,
-        }
+        })
     }
 
     /// The element type.

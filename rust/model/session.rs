@@ -28,6 +28,8 @@ pub enum Logits {
     Last,
     /// Every token's, `(n, vocab_size)`, returned as a vector.
     All,
+    /// None (an inner prefill chunk whose logits nobody reads).
+    Skip,
 }
 
 /// A sequence being decoded.
@@ -95,8 +97,19 @@ impl Session {
             .as_ref()
             .map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
         let mut all = Vec::new();
-        for chunk in tokens.chunks(step) {
-            self.forward_chunk(chunk, want)?;
+        let chunks = tokens.len().div_ceil(step);
+        for (i, chunk) in tokens.chunks(step).enumerate() {
+            let this = if want == Logits::Last && i + 1 < chunks {
+                Logits::Skip
+            } else {
+                want
+            };
+            if let Err(e) = self.forward_chunk(chunk, this) {
+                // Earlier chunks are already cached: the sequence no longer matches its
+                // caller's history, so it must not be extended.
+                self.poisoned |= i > 0;
+                return Err(e);
+            }
             if want == Logits::All {
                 all.extend(self.take_all_logits(chunk.len()));
             }
@@ -196,6 +209,7 @@ impl Session {
                 rmsnorm(last, &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..h]);
                 gemm(e.model.head(), &s.xb[..h], 1, &mut s.logits);
             }
+            Logits::Skip => {}
             Logits::All => rmsnorm(
                 &s.x[..n * h],
                 &e.model.norm,

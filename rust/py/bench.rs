@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 
 use super::errors::{run, to_py};
 use crate::attention::dense::Dense;
-use crate::attention::Attention;
+use crate::attention::{Attention, MAX_GROUP, MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::pool::BlockPool;
@@ -41,6 +41,11 @@ pub struct PyKernelBench {
 }
 
 fn matmul(fmt: &str, rows: usize, cols: usize, tokens: usize) -> Result<Work> {
+    if rows == 0 || cols == 0 || tokens == 0 {
+        return Err(Error::Config(format!(
+            "rows={rows}, cols={cols}, tokens={tokens} must be >= 1"
+        )));
+    }
     let w = synthetic_weight(WeightFormat::parse(fmt)?, rows, cols)?;
     let x = (0..tokens * cols)
         .map(|i| (i as f32 * 0.01).sin())
@@ -54,7 +59,13 @@ fn matmul(fmt: &str, rows: usize, cols: usize, tokens: usize) -> Result<Work> {
 }
 
 fn attention(dtype: &str, context: usize, head_dim: usize, group: usize) -> Result<Work> {
-    let mut pool = BlockPool::new(context.div_ceil(16), 16, head_dim, KvDtype::parse(dtype)?);
+    let ok_dims = (1..=MAX_HEAD_DIM).contains(&head_dim) && (1..=MAX_GROUP).contains(&group);
+    if !ok_dims {
+        return Err(Error::Config(format!(
+            "head_dim={head_dim} must be in [1, {MAX_HEAD_DIM}] and group={group} in [1, {MAX_GROUP}]"
+        )));
+    }
+    let mut pool = BlockPool::new(context.div_ceil(16), 16, head_dim, KvDtype::parse(dtype)?)?;
     let mut cache = SeqCache::new(1, 1);
     cache.reserve(&pool, context)?;
     let row: Vec<f32> = (0..head_dim).map(|i| (i as f32 * 0.1).cos()).collect();

@@ -17,7 +17,7 @@ use crate::kv::KvDtype;
 use crate::model::session::Logits;
 use crate::model::{LlamaModel, ModelConfig, Session};
 use crate::ops::rope::RopeScaling;
-use crate::quant::{SharedBytes, Weight, WeightFormat};
+use crate::quant::{SharedBytes, StableBytes, Weight, WeightFormat};
 use crate::sample::{Sampler, SamplingConfig};
 
 /// A loaded model with its KV pool and threads.
@@ -92,33 +92,64 @@ struct ArrayBytes {
     _owner: Py<PyAny>,
 }
 
-// SAFETY: the memory belongs to a read-only numpy array that `_owner` keeps alive; nothing
-// writes to it, and `Py<PyAny>` may be sent and dropped from any thread.
+// SAFETY: the memory belongs to a read-only object that `_owner` keeps alive; nothing writes
+// to it, and `Py<PyAny>` may be sent and dropped from any thread.
 unsafe impl Send for ArrayBytes {}
 // SAFETY: as above, shared reads only.
 unsafe impl Sync for ArrayBytes {}
 
-impl AsRef<[u8]> for ArrayBytes {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `ptr`/`len` describe the contiguous buffer of the array held by `_owner`.
+// SAFETY: `ptr`/`len` are fixed at construction and describe memory that `_owner` keeps
+// alive and that no one can write (see `immutable_root`).
+unsafe impl StableBytes for ArrayBytes {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: as above.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
-/// Shares the array's memory when numpy says it is read-only (a file mapping); copies it
-/// otherwise, since Python code could still write to a writeable array.
+/// The object that really owns an array's memory, if that memory can never be written: the
+/// end of the `.base` chain, accepted only when it exposes a read-only buffer (an `mmap`
+/// opened for reading, `bytes`). A non-writeable flag alone is not enough: the flag can be
+/// turned back on, or the memory written through another view.
+fn immutable_root<'py>(data: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let mut root = data.clone();
+    for _ in 0..64 {
+        let base = root.getattr("base")?;
+        if base.is_none() {
+            return Ok(None); // the array owns its data: writeable at will
+        }
+        if base.getattr("base").is_err() {
+            let view = data
+                .py()
+                .import("builtins")?
+                .getattr("memoryview")?
+                .call1((&base,));
+            let readonly = match view {
+                Ok(v) => v.getattr("readonly")?.extract::<bool>()?,
+                Err(_) => false,
+            };
+            return Ok(readonly.then_some(base));
+        }
+        root = base;
+    }
+    Ok(None)
+}
+
+/// Uses the array's memory in place when it belongs to a read-only object (the model file's
+/// mapping); copies it otherwise.
 fn weight_bytes(data: &PyReadonlyArray1<'_, u8>) -> PyResult<SharedBytes> {
     let bytes = data.as_slice()?;
-    let writeable: bool = data.getattr("flags")?.getattr("writeable")?.extract()?;
-    if writeable {
-        return Ok(Arc::new(bytes.to_vec()));
-    }
-    let owner = data.as_any().clone().unbind();
-    Ok(Arc::new(ArrayBytes {
-        ptr: bytes.as_ptr(),
-        len: bytes.len(),
-        _owner: owner,
-    }))
+    Ok(match immutable_root(data.as_any())? {
+        Some(root) => {
+            let (ptr, len) = (bytes.as_ptr(), bytes.len());
+            Arc::new(ArrayBytes {
+                ptr,
+                len,
+                _owner: root.unbind(),
+            })
+        }
+        None => Arc::new(bytes.to_vec()),
+    })
 }
 
 fn weight(t: &TensorArg<'_>) -> PyResult<Weight> {

@@ -125,7 +125,7 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (b, xs) in row
         .chunks_exact(Q8_0_BYTES)
@@ -154,8 +154,8 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len() / 8 * 8;
+pub unsafe fn dot_f16(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
+    let n = x.len().min(row.len() / 2) / 8 * 8;
     let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     // SAFETY: indices stay below `n <= x.len()`; `row` has 2 bytes per element.
@@ -182,8 +182,8 @@ pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len() / 8 * 8;
+pub unsafe fn dot_f32(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
+    let n = x.len().min(row.len() / 4) / 8 * 8;
     let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     // SAFETY: indices stay below `n <= x.len()`; `row` has 4 bytes per element (unaligned loads).

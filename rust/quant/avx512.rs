@@ -50,13 +50,13 @@ pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     {
         // SAFETY: `b` is one whole block and `xs` 32 floats.
         unsafe {
-            let (d, m) = (half(b, 0), half(b, 2));
-            acc = _mm512_fmadd_ps(
-                _mm512_set1_ps(d),
-                nibbles_dot(b.as_ptr().add(4), xs.as_ptr()),
-                acc,
-            );
-            macc += m * xsum[bi];
+            // d and m are adjacent f16 values: one conversion gives both.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
+            let d = _mm512_broadcastss_ps(dm);
+            acc = _mm512_fmadd_ps(d, nibbles_dot(b.as_ptr().add(4), xs.as_ptr()), acc);
+            macc += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * xsum[bi];
         }
     }
     _mm512_reduce_add_ps(acc) + macc
@@ -94,7 +94,7 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX-512F and F16C ([`available`]).
 #[target_feature(enable = "avx512f,f16c")]
-pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     for (b, xs) in row
         .chunks_exact(Q8_0_BYTES)

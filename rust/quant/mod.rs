@@ -123,9 +123,31 @@ pub fn block_sums(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Bytes owned elsewhere and kept alive by this handle, e.g. a read-only memory map of the
-/// model file: weights used in place cost no copy and no anonymous memory.
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+/// Immutable bytes whose address never changes, e.g. a read-only memory map of the model file:
+/// weights used in place cost no copy and no anonymous memory.
+///
+/// # Safety
+/// `bytes` must return the same slice (address and length) on every call for as long as the
+/// value lives, and nothing may write to that memory meanwhile.
+pub unsafe trait StableBytes: Send + Sync {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+// SAFETY: a `Vec` that is never mutated (it sits behind an `Arc`) keeps its heap buffer.
+unsafe impl StableBytes for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// A decode row kernel: `(row bytes, x, block sums of x) -> row . x`. Unsafe because the SIMD
+/// kernels need their CPU features (checked before one is handed out).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+type RowKernel = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
+
+/// Shared ownership of a weight's stored bytes.
+pub type SharedBytes = Arc<dyn StableBytes>;
 
 /// A weight matrix `(rows, cols)` in its stored format.
 #[derive(Clone)]
@@ -170,14 +192,14 @@ impl Weight {
         let want = rows.checked_mul(row_bytes).ok_or_else(|| {
             Error::ModelFormat(format!("weight shape ({rows}, {cols}) overflows"))
         })?;
-        let got = (*bytes).as_ref().len();
+        let slice = bytes.bytes();
+        let (got, base) = (slice.len(), slice.as_ptr());
         if got != want || rows == 0 || cols == 0 {
             return Err(Error::ModelFormat(format!(
                 "{} weight of shape ({rows}, {cols}) needs {want} bytes, got {got}",
                 fmt.name(),
             )));
         }
-        let base = (*bytes).as_ref().as_ptr();
         Ok(Self {
             fmt,
             rows,
@@ -211,7 +233,7 @@ impl Weight {
 
     /// Bytes held in memory.
     pub fn nbytes(&self) -> usize {
-        (*self.data).as_ref().len()
+        self.data.bytes().len()
     }
 
     #[inline(always)]
@@ -276,60 +298,53 @@ impl Weight {
     /// `xsum`: [`block_sums`] of `x` when [`Weight::needs_xsum`], else empty. Uses the AVX2
     /// kernels when the CPU has them, else [`Weight::dot_row`].
     pub fn dot_rows(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.dot_rows_avx512(first, x, xsum, out) {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.cols.is_multiple_of(8) && avx2::available() {
-            let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
-            if sums_ok && self.fmt != WeightFormat::Bf16 {
+        assert_eq!(x.len(), self.cols, "dot_rows: x must have cols elements");
+        assert!(
+            first + out.len() <= self.rows,
+            "dot_rows: rows out of range"
+        );
+        let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
+        match self.fast_kernel().filter(|_| sums_ok) {
+            Some(k) => {
                 for (i, o) in out.iter_mut().enumerate() {
-                    let row = self.row(first + i);
-                    // SAFETY: `available()` confirmed AVX2, FMA and F16C; `row` and `x` have
-                    // `cols` elements and `xsum` `cols/32` where the format reads it.
-                    *o = unsafe {
-                        match self.fmt {
-                            WeightFormat::Q4_1 => avx2::dot_q4_1(row, x, xsum),
-                            WeightFormat::Q4_0 => avx2::dot_q4_0(row, x, xsum),
-                            WeightFormat::Q8_0 => avx2::dot_q8_0(row, x),
-                            WeightFormat::F16 => avx2::dot_f16(row, x),
-                            WeightFormat::F32 | WeightFormat::Bf16 => avx2::dot_f32(row, x),
-                        }
-                    };
+                    // SAFETY: `fast_kernel` only returns kernels this CPU runs; `row` and `x`
+                    // hold `cols` elements and `xsum` `cols/32` where the kernel reads it.
+                    *o = unsafe { k(self.row(first + i), x, xsum) };
                 }
-                return;
             }
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = self.dot_row(first + i, x);
+            None => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.dot_row(first + i, x);
+                }
+            }
         }
     }
 
-    /// The AVX-512 path of [`Weight::dot_rows`] for the block formats; false if not taken.
-    #[cfg(target_arch = "x86_64")]
-    fn dot_rows_avx512(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) -> bool {
-        let quantized = matches!(
-            self.fmt,
-            WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0
-        );
-        let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
-        if !(quantized && sums_ok && avx512::available()) {
-            return false;
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = self.row(first + i);
-            // SAFETY: `available()` confirmed AVX-512F and F16C; `row`, `x` hold `cols`
-            // elements and `xsum` `cols/32` for the Q4 formats (checked above).
-            *o = unsafe {
+    /// The fastest row kernel for this format on this CPU (AVX-512, then AVX2), if any.
+    fn fast_kernel(&self) -> Option<RowKernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use WeightFormat as F;
+            if avx512::available() {
                 match self.fmt {
-                    WeightFormat::Q4_1 => avx512::dot_q4_1(row, x, xsum),
-                    WeightFormat::Q4_0 => avx512::dot_q4_0(row, x, xsum),
-                    _ => avx512::dot_q8_0(row, x),
+                    F::Q4_1 => return Some(avx512::dot_q4_1),
+                    F::Q4_0 => return Some(avx512::dot_q4_0),
+                    F::Q8_0 => return Some(avx512::dot_q8_0),
+                    _ => {}
                 }
-            };
+            }
+            if self.cols.is_multiple_of(8) && avx2::available() {
+                return match self.fmt {
+                    F::Q4_1 => Some(avx2::dot_q4_1),
+                    F::Q4_0 => Some(avx2::dot_q4_0),
+                    F::Q8_0 => Some(avx2::dot_q8_0),
+                    F::F16 => Some(avx2::dot_f16),
+                    F::F32 => Some(avx2::dot_f32),
+                    F::Bf16 => None,
+                };
+            }
         }
-        true
+        None
     }
 
     /// Scalar twin of [`Weight::dot_row`]: dequantize the row, then a plain sequential sum.
@@ -420,6 +435,59 @@ mod tests {
                     (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                     "{name} row {i}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// Each SIMD kernel set on its own: a CPU with AVX-512 would otherwise never run the AVX2
+    /// block kernels through `dot_rows`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_simd_kernel_set_matches_the_scalar_twin() {
+        type K = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
+        let (rows, cols) = (3, 96);
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
+            .collect();
+        let mut xsum = vec![0.0; cols / BLOCK_ELEMS];
+        block_sums(&x, &mut xsum);
+        let mut sets: Vec<(&str, Vec<(&str, K)>)> = Vec::new();
+        if avx2::available() {
+            let k: Vec<(&str, K)> = vec![
+                ("q4_1", avx2::dot_q4_1),
+                ("q4_0", avx2::dot_q4_0),
+                ("q8_0", avx2::dot_q8_0),
+                ("f16", avx2::dot_f16),
+                ("f32", avx2::dot_f32),
+            ];
+            sets.push(("avx2", k));
+        }
+        if avx512::available() {
+            let k: Vec<(&str, K)> = vec![
+                ("q4_1", avx512::dot_q4_1),
+                ("q4_0", avx512::dot_q4_0),
+                ("q8_0", avx512::dot_q8_0),
+            ];
+            sets.push(("avx512", k));
+        }
+        for (set, kernels) in sets {
+            for (name, kernel) in kernels {
+                let w = Weight::new(
+                    WeightFormat::parse(name).unwrap(),
+                    rows,
+                    cols,
+                    &matrix(WeightFormat::parse(name).unwrap(), rows, cols),
+                )
+                .unwrap();
+                for r in 0..rows {
+                    // SAFETY: the set's features were detected above.
+                    let got = unsafe { kernel(w.row(r), &x, &xsum) };
+                    let want = w.dot_row_unopt(r, &x);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{set} {name}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
