@@ -1,7 +1,8 @@
 //! The block pool: fixed-size KV blocks, a free list and reference counts.
 //!
-//! A block holds `block_size` token slots of one (layer, KV head): keys `(block_size, head_dim)`,
-//! values `(block_size, head_dim)` and each slot's original position. Blocks are handed out by
+//! A block holds `block_size` token slots of one (layer, KV head): keys `(head_dim,
+//! block_size)` (dimension-major, see `store.rs`), values `(block_size, head_dim)` and each
+//! slot's original position. Blocks are handed out by
 //! [`BlockPool::alloc`], shared by [`BlockPool::incref`] (fork) and returned to the free list when
 //! the last reference is dropped. The invariant `free + live == total` (no prefix cache yet, so
 //! `cached == 0`) holds after every call; `check` verifies it in tests.
@@ -172,14 +173,6 @@ impl BlockPool {
             return Err(Error::Internal("free + live != total".into()));
         }
         Ok(())
-    }
-
-    /// Position of `slot` in block `id`.
-    pub fn position(&self, id: BlockId, slot: usize) -> u32 {
-        self.positions
-            .get(id as usize * self.block_size + slot)
-            .copied()
-            .unwrap_or(u32::MAX)
     }
 
     /// Positions of block `id`, `(block_size,)`.

@@ -158,17 +158,4 @@ impl KvStore {
             KvData::F16 { k, v } => copy(k, v, src, dst, ss, ds, bs, hd),
         }
     }
-
-    /// Reads slot `slot` of `block` into float32 rows `(head_dim,)` (for tests and tools).
-    pub fn read(&self, block: usize, slot: usize, k_out: &mut [f32], v_out: &mut [f32]) {
-        let (bs, hd, base) = (self.block_size, self.head_dim, self.block_offset(block));
-        let to_f32 = |h: u16| f16::from_bits(h).to_f32();
-        for d in 0..hd {
-            let (ki, vi) = (base + d * bs + slot, base + slot * hd + d);
-            (k_out[d], v_out[d]) = match &self.data {
-                KvData::F32 { k, v } => (k[ki], v[vi]),
-                KvData::F16 { k, v } => (to_f32(k[ki]), to_f32(v[vi])),
-            };
-        }
-    }
 }

@@ -1,7 +1,7 @@
 //! Elementwise and reduction kernels on plain float32 slices, plus the weight matmuls.
 //!
-//! Every kernel takes slices with the shapes documented on it; none allocates, except `gemm`
-//! for its row-major transpose when it runs over more than one token.
+//! Every kernel takes slices with the shapes documented on it; none allocates, except `gemm`,
+//! which takes one float32 panel buffer per task to dequantize weight rows into.
 
 pub mod dot;
 pub mod matmul;

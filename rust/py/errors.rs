@@ -1,5 +1,7 @@
 //! Maps core errors onto the Python hierarchy in `kvforge.errors`, and runs heavy calls with
-//! the GIL released and panics caught, so that no `PanicException` ever reaches Python.
+//! the GIL released and panics caught, so that no `PanicException` ever reaches Python. A
+//! session whose call panicked stays unusable (its lock is poisoned); the engine's KV pool is
+//! re-checked and stays usable for other sessions.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -398,7 +398,7 @@ impl PySession {
         flat.into_pyarray(py).reshape([n, vocab])
     }
 
-    /// Logits of the last processed token, `(vocab,)`.
+    /// Logits of the last token of the last `prefill`/`decode` call, `(vocab,)`.
     fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let v = run(py, || Ok(self.lock()?.session.last_logits().to_vec()))?;
         Ok(v.into_pyarray(py))

@@ -6,8 +6,10 @@
 //! Nothing is expanded to float32 up front: kernels dequantize a row (or a block) on the fly,
 //! so the resident size of the model is its file size.
 //!
-//! Dispatch: `Weight::dot_row` / `Weight::dequant_row` pick the per-format kernel in
-//! `float.rs` (f32/f16/bf16) or `blocks.rs` (q8_0/q4_0/q4_1).
+//! Dispatch: decode goes through `Weight::dot_rows`, which picks one row kernel per call:
+//! `avx512.rs` (block formats), else `avx2.rs`, else the portable `Weight::dot_row`.
+//! `Weight::dequant_row` (prefill panels) and `dot_row` use the per-format code in `float.rs`
+//! (f32/f16/bf16) and `blocks.rs` (q8_0/q4_0/q4_1), the scalar twins of the SIMD kernels.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
