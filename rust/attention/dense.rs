@@ -115,52 +115,19 @@ fn dispatch<T: Elem>(
     acc: &mut [f32],
     st: &mut Online,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-        return unsafe { blocks_avx2(job, blocks, k, v, acc, st) };
-    }
-    // SAFETY: `avx2 = false` selects the portable kernels, which need no CPU feature.
-    unsafe { attend_blocks::<T>(false, job, blocks, k, v, acc, st) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn blocks_avx2<T: Elem>(
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    k: &[T],
-    v: &[T],
-    acc: &mut [f32],
-    st: &mut Online,
-) {
-    // SAFETY: this function only runs where the features it enables are present.
-    unsafe { attend_blocks::<T>(true, job, blocks, k, v, acc, st) }
-}
-
-/// The online-softmax loop over a range of blocks: scores of a block for the whole group,
-/// masking by position, rescaling, then the probability-weighted sum of the block's values.
-///
-/// # Safety
-/// `avx2` may only be true on a CPU with AVX2, FMA and F16C.
-#[inline(always)]
-unsafe fn attend_blocks<T: Elem>(
-    avx2: bool,
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    k: &[T],
-    v: &[T],
-    acc: &mut [f32],
-    state: &mut Online,
-) {
-    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
-    let g = job.q.len() / hd;
+    let g = job.q.len() / job.pool.head_dim();
     SCORES.with(|cell| {
         let mut buf = cell.borrow_mut();
-        buf.resize(g * bs, 0.0);
-        // SAFETY: forwarded contract.
-        unsafe { attend_with(avx2, job, blocks, k, v, acc, state, &mut buf) }
-    });
+        buf.resize(g * job.pool.block_size(), 0.0);
+        let scores: &mut [f32] = &mut buf;
+        #[cfg(target_arch = "x86_64")]
+        if avx2_available() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+            return unsafe { blocks_avx2(job, blocks, k, v, acc, st, scores) };
+        }
+        // SAFETY: `avx2 = false` selects the portable kernels, which need no CPU feature.
+        unsafe { attend_blocks::<T>(false, job, blocks, k, v, acc, st, scores) }
+    })
 }
 
 thread_local! {
@@ -169,13 +136,33 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Body of [`attend_blocks`] with its score buffer.
+/// The AVX2 build of [`attend_blocks`]. The thread-local buffer is fetched by the caller:
+/// a closure inside this function would not inherit its target features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks_avx2<T: Elem>(
+    job: &Job<'_>,
+    blocks: Range<usize>,
+    k: &[T],
+    v: &[T],
+    acc: &mut [f32],
+    st: &mut Online,
+    scores: &mut [f32],
+) {
+    // SAFETY: this function only runs where the features it enables are present.
+    unsafe { attend_blocks::<T>(true, job, blocks, k, v, acc, st, scores) }
+}
+
+/// The online-softmax loop over a range of blocks: scores of a block for the whole group,
+/// masking by position, rescaling, then the probability-weighted sum of the block's values.
+/// `scores`: `(g, block_size)` scratch.
 ///
 /// # Safety
-/// As [`attend_blocks`].
+/// `avx2` may only be true on a CPU with AVX2, FMA and F16C.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_with<T: Elem>(
+unsafe fn attend_blocks<T: Elem>(
     avx2: bool,
     job: &Job<'_>,
     blocks: Range<usize>,
