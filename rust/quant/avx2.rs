@@ -14,13 +14,12 @@ use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// True when this CPU runs the kernels of this file.
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+    crate::ops::simd::avx2_available()
 }
 
+/// The f16 at `b[at..at + 2]` as f32 (F16C), for block scales; shared with `avx512.rs`.
 #[inline(always)]
-unsafe fn half(b: &[u8], at: usize) -> f32 {
+pub(super) unsafe fn half(b: &[u8], at: usize) -> f32 {
     let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
     // SAFETY: F16C is enabled by the callers' target features.
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))) }

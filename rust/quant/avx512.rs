@@ -6,18 +6,12 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::half;
 use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// True when this CPU runs the kernels of this file.
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c")
-}
-
-#[inline(always)]
-unsafe fn half(b: &[u8], at: usize) -> f32 {
-    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
-    // SAFETY: F16C is enabled by the callers' target features.
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))) }
 }
 
 /// `sum(q * x)` over one block of nibbles at `p` (16 bytes: low nibbles are elements 0..16).
