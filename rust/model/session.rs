@@ -285,9 +285,18 @@ fn attention_block(
         cfg.rms_norm_eps,
         &mut s.xb[..n * h],
     );
-    gemm(&layer.wq, &s.xb[..n * h], n, &mut s.q[..n * qd]);
-    gemm(&layer.wk, &s.xb[..n * h], n, &mut s.k[..n * kvd]);
-    gemm(&layer.wv, &s.xb[..n * h], n, &mut s.v[..n * kvd]);
+    // The three projections read the same input: run them as one fork so their row tasks
+    // share the pool instead of paying three joins.
+    let (x, q, k, v) = (
+        &s.xb[..n * h],
+        &mut s.q[..n * qd],
+        &mut s.k[..n * kvd],
+        &mut s.v[..n * kvd],
+    );
+    rayon::join(
+        || gemm(&layer.wq, x, n, q),
+        || rayon::join(|| gemm(&layer.wk, x, n, k), || gemm(&layer.wv, x, n, v)),
+    );
     for t in 0..n {
         let (c, sn) = (
             &s.cos[t * half..(t + 1) * half],
@@ -390,8 +399,11 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {
     let h = layer.attn_norm.len();
     let f = layer.w_gate.rows();
     rmsnorm(&s.x[..n * h], &layer.ffn_norm, eps, &mut s.xb[..n * h]);
-    gemm(&layer.w_gate, &s.xb[..n * h], n, &mut s.hb[..n * f]);
-    gemm(&layer.w_up, &s.xb[..n * h], n, &mut s.hb2[..n * f]);
+    let (x, gate, up) = (&s.xb[..n * h], &mut s.hb[..n * f], &mut s.hb2[..n * f]);
+    rayon::join(
+        || gemm(&layer.w_gate, x, n, gate),
+        || gemm(&layer.w_up, x, n, up),
+    );
     swiglu(&mut s.hb[..n * f], &s.hb2[..n * f]);
     gemm(&layer.w_down, &s.hb[..n * f], n, &mut s.xb[..n * h]);
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
