@@ -34,6 +34,21 @@ pub struct Layer {
     pub w_down: Weight,
 }
 
+impl Layer {
+    /// The seven weight matrices, in checkpoint order.
+    pub fn matrices(&self) -> [&Weight; 7] {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+}
+
 /// A loaded Llama-family model.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -123,10 +138,7 @@ impl LlamaModel {
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|w| w.nbytes())
-                    .sum::<usize>()
+                l.matrices().iter().map(|w| w.nbytes()).sum::<usize>()
                     + 4 * (l.attn_norm.len() + l.ffn_norm.len())
             })
             .sum();

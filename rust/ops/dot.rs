@@ -29,19 +29,6 @@ pub fn reduce(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// True when the AVX2 build of the portable row kernels may run on this CPU.
-#[inline]
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -245,9 +245,7 @@ impl PyEngine {
         add(&m.embed);
         m.lm_head.iter().for_each(&mut add);
         for l in &m.layers {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .into_iter()
-                .for_each(&mut add);
+            l.matrices().into_iter().for_each(&mut add);
         }
         out
     }

@@ -265,8 +265,8 @@ impl Weight {
     #[inline]
     pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if crate::ops::dot::has_avx2() {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if crate::ops::simd::avx2_available() {
+            // SAFETY: the CPU supports AVX2 (and more), checked just above.
             return unsafe { self.dot_row_avx2(r, x) };
         }
         self.dot_row_portable(r, x)
