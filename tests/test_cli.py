@@ -13,20 +13,13 @@ import numpy as np
 import pytest
 from kvforge.cli import main
 from kvforge.presses import StreamingLLM
-from tiny_models import random_weights, real_model_path, tiny_config, weight_shapes, write_gguf
+from tiny_models import real_model_path, tiny_config, weight_shapes, write_gguf
 
 PROMPT = "Hello world"
 IDS = [(5 * i + 3) % 297 + 2 for i in range(70)]
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return tiny_config()
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_weights(cfg, seed=3)
+WEIGHTS_SEED = 3  # random weights of the shared `weights` fixture
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,12 @@ from kvforge import (
     SamplingParams,
 )
 from kvforge.presses import StreamingLLM
-from tiny_models import random_weights, tiny_config, write_gguf, write_hf_folder
+from tiny_models import tiny_config, write_gguf, write_hf_folder
 
 PROMPT = [5, 6, 7, 8, 9]
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return tiny_config()
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_weights(cfg, seed=2)
+WEIGHTS_SEED = 2  # random weights of the shared `weights` fixture
 
 
 @pytest.fixture(scope="module")

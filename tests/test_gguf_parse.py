@@ -15,7 +15,7 @@ from kvforge.loader import WEIGHT_FORMATS, load_model
 from kvforge.loader import gguf_parse as gp
 from kvforge.loader.gguf_file import read_metadata
 from kvforge.loader.gguf_parse import GGML_TYPES, read_gguf
-from tiny_models import random_weights, real_model_path, tiny_config, write_gguf
+from tiny_models import real_model_path, write_gguf
 
 # ---------------------------------------------------------------- agreement with GGUFReader
 
@@ -48,16 +48,6 @@ def _assert_agrees(gf: gp.GGUFFile, reader: gguf.GGUFReader) -> None:
                                       err_msg=rt.name)
     # the loader's plain-value metadata is what the reader's contents() gave
     assert read_metadata(gf) == {k: f.contents() for k, f in reader.fields.items()}
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return tiny_config()
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_weights(cfg)
 
 
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS)

@@ -55,16 +55,6 @@ def _assert_matches(model, ref: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(to_float32(t), ref[name], err_msg=name)
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return tiny_config()
-
-
-@pytest.fixture(scope="module")
-def weights(cfg):
-    return random_weights(cfg)
-
-
 # ---------------------------------------------------------------- round trips
 
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
