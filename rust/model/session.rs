@@ -96,7 +96,12 @@ impl Session {
             .press
             .as_ref()
             .map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
-        let mut all = Vec::new();
+        let vocab = self.engine.model.cfg.vocab_size;
+        let mut all = if want == Logits::All {
+            vec![0.0f32; tokens.len() * vocab]
+        } else {
+            Vec::new()
+        };
         let chunks = tokens.len().div_ceil(step);
         for (i, chunk) in tokens.chunks(step).enumerate() {
             let this = if want == Logits::Last && i + 1 < chunks {
@@ -111,7 +116,8 @@ impl Session {
                 return Err(e);
             }
             if want == Logits::All {
-                all.extend(self.take_all_logits(chunk.len()));
+                let at = i * step * vocab;
+                self.write_all_logits(chunk.len(), &mut all[at..at + chunk.len() * vocab]);
             }
         }
         Ok(all)
@@ -220,13 +226,11 @@ impl Session {
         Ok(())
     }
 
-    fn take_all_logits(&self, n: usize) -> Vec<f32> {
+    /// LM head over the `n` final-normed rows of the last chunk into `out` (`(n, vocab)`).
+    fn write_all_logits(&self, n: usize, out: &mut [f32]) {
         let e = &self.engine;
-        let h = e.model.cfg.hidden_size;
-        let mut out = vec![0.0f32; n * e.model.cfg.vocab_size];
-        let xb = &self.scratch.xb[..n * h];
-        e.install(|| gemm(e.model.head(), xb, n, &mut out));
-        out
+        let xb = &self.scratch.xb[..n * e.model.cfg.hidden_size];
+        e.install(|| gemm(e.model.head(), xb, n, out));
     }
 
     /// A new session sharing this one's cache blocks (copy-on-write) and a copy of its press.
