@@ -125,8 +125,8 @@ impl Session {
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if self.poisoned {
-            return Err(Error::Internal(
-                "session unusable after an internal error".into(),
+            return Err(Error::Config(
+                "this session was left partly extended by a failed step: release() it first".into(),
             ));
         }
         if tokens.is_empty() {
@@ -253,6 +253,7 @@ impl Session {
     pub fn release(&mut self) -> Result<()> {
         let mut pool = self.engine.pool()?;
         self.next_pos = 0;
+        self.poisoned = false;
         self.cache.release(&mut pool)
     }
 }
