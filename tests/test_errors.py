@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import time
 import types
 
 import kvforge
@@ -400,6 +403,31 @@ def test_use_after_close(gguf_path):
         assert rest[-1].finish_reason == "length"
     except kvforge.Error:
         pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_clear_error(llm, baseline):
+    """The compute threads do not survive fork(): the child gets an error, not a hang."""
+    llm.generate(PROMPT, max_new_tokens=2)  # the thread pool is running
+    pid = os.fork()
+    if pid == 0:  # the child reports through its exit code only
+        code = 1
+        try:
+            llm.generate(PROMPT, max_new_tokens=2)
+        except kvforge.Error as e:
+            code = 0 if "fork" in str(e) else 2
+        except BaseException:
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert_usable(llm, baseline)
 
 
 # ---------------------------------------------------------------- LLM construction

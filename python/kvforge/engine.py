@@ -46,6 +46,7 @@ class LLM:
         # The core now holds every weight (read-only mappings in place, others copied).
         self._loaded.tensors = {}
         self._closed = False
+        self._pid = os.getpid()
 
     def _num_blocks(self, kv: KVCacheConfig) -> int:
         cfg = self._loaded.config
@@ -81,6 +82,11 @@ class LLM:
     def _core_engine(self) -> Any:
         if self._closed:
             raise Error("this LLM is closed")
+        if os.getpid() != self._pid:
+            # The compute threads exist only in the parent: a forked child would wait forever.
+            raise Error(f"this LLM was loaded in process {self._pid} and cannot run in the forked "
+                        f"process {os.getpid()}: load the model after fork, or use the 'spawn' "
+                        "start method")
         return self._engine
 
     # -- tokens -------------------------------------------------------------------------------
