@@ -112,6 +112,7 @@ def test_stream_equals_non_streamed(llm):
     assert last.stats.prompt_tokens == full.stats.prompt_tokens
 
 
+@pytest.mark.a6(23)
 def test_stream_closed_early_frees_blocks(llm):
     stream = llm.generate(PROMPT, max_new_tokens=30, ignore_eos=True, stream=True)
     next(stream)
@@ -394,6 +395,7 @@ def short_llm(gguf_path):
         yield model
 
 
+@pytest.mark.a6(12)
 @pytest.mark.parametrize("n", [16, 17, 40])
 def test_prompt_at_or_over_max_context_raises(short_llm, n):
     ids = IDS_100[:n]

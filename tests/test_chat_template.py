@@ -83,6 +83,7 @@ def _payloads(target: Path) -> list[str]:
     ]
 
 
+@pytest.mark.a6(9)
 def test_template_injection_payloads_are_blocked(tmp_path):
     target = tmp_path / "pwned"
     for payload in _payloads(target):
@@ -91,6 +92,7 @@ def test_template_injection_payloads_are_blocked(tmp_path):
         assert not target.exists(), payload
 
 
+@pytest.mark.a6(9)
 def test_template_errors_become_config_errors():
     with pytest.raises(ConfigError, match="chat template error: roles must alternate"):
         render_chat("{{ raise_exception('roles must alternate') }}", MESSAGES)

@@ -93,6 +93,7 @@ BAD_PROMPTS = [
 ]
 
 
+@pytest.mark.a6(10, 11, 19)
 @pytest.mark.parametrize("prompt,cls,builtin,words", BAD_PROMPTS)
 @pytest.mark.parametrize("stream", [False, True])
 def test_bad_prompt(llm, baseline, prompt, cls, builtin, words, stream):
@@ -104,6 +105,7 @@ def test_bad_prompt(llm, baseline, prompt, cls, builtin, words, stream):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(10, 11, 19)
 @pytest.mark.parametrize("prompt,cls,builtin,words", BAD_PROMPTS[1:9])
 def test_bad_prompt_in_logits(llm, baseline, prompt, cls, builtin, words):
     with pytest.raises(cls) as e:
@@ -112,6 +114,7 @@ def test_bad_prompt_in_logits(llm, baseline, prompt, cls, builtin, words):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(10, 11)
 def test_bad_prompt_inside_a_batch(llm, baseline):
     with pytest.raises(ConfigError, match="empty"):
         llm.generate(["Hello", ""], max_new_tokens=3)
@@ -120,6 +123,7 @@ def test_bad_prompt_inside_a_batch(llm, baseline):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(11)
 @given(ids=st.lists(st.integers(-3, 305), max_size=10),
        stop_ids=st.lists(st.integers(-2, 302), max_size=3))
 def test_random_token_ids_are_checked(llm, ids, stop_ids):
@@ -134,6 +138,7 @@ def test_random_token_ids_are_checked(llm, ids, stop_ids):
     assert llm.kv_stats()["live_blocks"] == 0
 
 
+@pytest.mark.a6(19)
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64, np.uint64])
 def test_numpy_integer_arrays_accepted(llm, baseline, dtype):
     out = llm.generate(np.array(PROMPT, dtype=dtype), max_new_tokens=6, ignore_eos=True)
@@ -142,6 +147,7 @@ def test_numpy_integer_arrays_accepted(llm, baseline, dtype):
                         ignore_eos=True).token_ids == baseline
 
 
+@pytest.mark.a6(11)
 @pytest.mark.parametrize("ids,words", [([-1], ("stop_token_ids", "-1")),
                                        ([3, 300], ("stop_token_ids", "300")),
                                        ([10**9], ("stop_token_ids", "1000000000"))])
@@ -190,6 +196,7 @@ BAD_PARAMS = [
 ]
 
 
+@pytest.mark.a6(13, 14, 19)
 @pytest.mark.parametrize("kwargs,cls,builtin,name", BAD_PARAMS)
 def test_bad_sampling_params(llm, baseline, kwargs, cls, builtin, name):
     with pytest.raises(cls) as e:
@@ -203,6 +210,7 @@ def test_bad_sampling_params(llm, baseline, kwargs, cls, builtin, name):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(19)
 def test_params_must_be_sampling_params(llm, baseline):
     with pytest.raises(InputTypeError) as e:
         llm.generate(PROMPT, {"max_new_tokens": 3})
@@ -210,6 +218,7 @@ def test_params_must_be_sampling_params(llm, baseline):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(15)
 @pytest.mark.parametrize("temperature", [0, 0.0])
 def test_temperature_zero_is_greedy(llm, temperature):
     out = llm.generate(PROMPT, max_new_tokens=5, temperature=temperature, top_k=5, top_p=0.5,
@@ -220,6 +229,7 @@ def test_temperature_zero_is_greedy(llm, temperature):
 
 # ---------------------------------------------------------------- row 12: context length
 
+@pytest.mark.a6(12)
 def test_prompt_longer_than_context(gguf_path):
     with kvforge.LLM(gguf_path, max_context=8) as small:
         with pytest.raises(ConfigError) as e:
@@ -243,6 +253,7 @@ BAD_KV = [
 ]
 
 
+@pytest.mark.a6(16, 19)
 @pytest.mark.parametrize("kwargs,cls,name", BAD_KV)
 def test_bad_kv_config(kwargs, cls, name):
     with pytest.raises(cls) as e:
@@ -250,6 +261,7 @@ def test_bad_kv_config(kwargs, cls, name):
     check_error(e.value, cls, ValueError if cls is ConfigError else TypeError, name)
 
 
+@pytest.mark.a6(16)
 @pytest.mark.parametrize("kwargs,name", [({"sink": -1, "window": 8}, "sink"),
                                          ({"sink": 4, "window": 0}, "window"),
                                          ({"sink": 4, "window": 2.0}, "window")])
@@ -259,6 +271,7 @@ def test_bad_streaming_llm_press(kwargs, name):
     assert isinstance(e.value, (ConfigError, InputTypeError)) and name in str(e.value)
 
 
+@pytest.mark.a6(19)
 def test_bad_press_object(llm, baseline):
     with pytest.raises(InputTypeError) as e:
         llm.generate(PROMPT, press="streaming")
@@ -266,12 +279,14 @@ def test_bad_press_object(llm, baseline):
     assert_usable(llm, baseline)
 
 
+@pytest.mark.a6(16)
 def test_too_few_blocks_for_one_sequence(gguf_path):
     with pytest.raises(ConfigError) as e:
         kvforge.LLM(gguf_path, kv=KVCacheConfig(num_blocks=1))
     check_error(e.value, ConfigError, ValueError, "num_blocks")
 
 
+@pytest.mark.a6(17)
 def test_pool_exhausted_is_cache_full_and_recovers(gguf_path):
     # 2 layers x 2 KV heads: 8 blocks of 16 hold 32 tokens per head
     with kvforge.LLM(gguf_path, kv=KVCacheConfig(num_blocks=8)) as small:
@@ -310,6 +325,7 @@ NON_FINITE = {
 }
 
 
+@pytest.mark.a6(20)
 @pytest.mark.parametrize("case", sorted(NON_FINITE))
 @pytest.mark.parametrize("writer", ["gguf", "hf"])
 def test_non_finite_weight_raises_numerical_error(tmp_path, cfg, weights, llm, baseline,
@@ -332,6 +348,7 @@ def test_non_finite_weight_raises_numerical_error(tmp_path, cfg, weights, llm, b
     assert_usable(llm, baseline)  # other engines are untouched
 
 
+@pytest.mark.a6(21)
 def test_all_logits_minus_inf_is_an_error(tmp_path, cfg, weights):
     # hidden state reduced to one channel that an infinite lm_head column multiplies:
     # every logit is +inf or -inf, none finite
@@ -352,6 +369,7 @@ def test_all_logits_minus_inf_is_an_error(tmp_path, cfg, weights):
                 assert bad.kv_stats()["live_blocks"] == 0
 
 
+@pytest.mark.a6(21)
 @pytest.mark.parametrize("scale", [1e30, -1e30])
 def test_huge_logits_sample_stably(tmp_path, cfg, weights, scale):
     def edit(x):
@@ -368,6 +386,7 @@ def test_huge_logits_sample_stably(tmp_path, cfg, weights, scale):
             assert out.token_ids == [best], kwargs
 
 
+@pytest.mark.a6(21)
 def test_last_rope_position(tmp_path, weights):
     cfg32 = tiny_config(max_position_embeddings=32)
     with kvforge.LLM(write_gguf(tmp_path / "p32.gguf", cfg32, weights)) as m:
@@ -380,6 +399,7 @@ def test_last_rope_position(tmp_path, weights):
 
 # ---------------------------------------------------------------- row 24: closed engine
 
+@pytest.mark.a6(24)
 def test_use_after_close(gguf_path):
     m = kvforge.LLM(gguf_path)
     running = m.generate(PROMPT, max_new_tokens=10, ignore_eos=True, stream=True)
@@ -405,6 +425,7 @@ def test_use_after_close(gguf_path):
         pass
 
 
+@pytest.mark.a6(24)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_gets_a_clear_error(llm, baseline):
     """The compute threads do not survive fork(): the child gets an error, not a hang."""
@@ -545,6 +566,7 @@ LOADER_CASES = [
 ]
 
 
+@pytest.mark.a6(1, 4, 5)
 @pytest.mark.parametrize("corrupt,cls", LOADER_CASES)
 def test_loader_smoke_hf(tmp_path, cfg, weights, corrupt, cls):
     folder = _hf(tmp_path, cfg, weights)
@@ -554,6 +576,7 @@ def test_loader_smoke_hf(tmp_path, cfg, weights, corrupt, cls):
     check_error(e.value, cls, ValueError)
 
 
+@pytest.mark.a6(4)
 def test_loader_smoke_missing_tensor(tmp_path, cfg, weights):
     w = dict(weights)
     del w["model.layers.1.mlp.down_proj.weight"]
@@ -562,6 +585,7 @@ def test_loader_smoke_missing_tensor(tmp_path, cfg, weights):
     check_error(e.value, ModelFormatError, ValueError, "model.layers.1.mlp.down_proj.weight")
 
 
+@pytest.mark.a6(4)
 def test_loader_smoke_wrong_shape(tmp_path, cfg, weights):
     w = dict(weights)
     w["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
@@ -570,6 +594,7 @@ def test_loader_smoke_wrong_shape(tmp_path, cfg, weights):
     check_error(e.value, ModelFormatError, ValueError, "k_proj")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("cut", [0, 4, 64, 5000])
 def test_loader_smoke_truncated_gguf(gguf_path, tmp_path, cut):
     path = tmp_path / "cut.gguf"
@@ -579,6 +604,7 @@ def test_loader_smoke_truncated_gguf(gguf_path, tmp_path, cut):
     check_error(e.value, ModelFormatError, ValueError, "cut.gguf")
 
 
+@pytest.mark.a6(8)
 def test_loader_smoke_bad_magic(tmp_path):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGML" + bytes(128))

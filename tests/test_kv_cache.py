@@ -154,6 +154,7 @@ def test_pool_invariants_after_every_operation(llms, block_size, ops):
         check(llm, live=0)
 
 
+@pytest.mark.a6(23)
 def test_exception_in_consumer_releases_immediately(llms):
     llm = llms[3]
     with pytest.raises(Stop):
@@ -164,6 +165,7 @@ def test_exception_in_consumer_releases_immediately(llms):
     check(llm, live=0)
 
 
+@pytest.mark.a6(23)
 def test_unconsumed_stream_holds_nothing(llms):
     llm = llms[3]
     stream = llm.generate([5, 6, 7], stream=True, max_new_tokens=30)
@@ -363,6 +365,7 @@ def test_cache_full_then_still_usable(model_path):
     check(llm, live=0)
 
 
+@pytest.mark.a6(17)
 def test_cache_full_in_one_session_leaves_another_intact(model_path):
     llm = kvforge.LLM(model_path, kv=KVCacheConfig(block_size=4, num_blocks=3 * HEADS))
     with kvforge.LLM(model_path, kv=KVCacheConfig(block_size=4)) as roomy:
@@ -401,6 +404,7 @@ def test_streaming_press_fits_a_small_pool(model_path):
 # KVCacheConfig
 
 
+@pytest.mark.a6(16)
 @pytest.mark.parametrize(("kw", "name"), [
     ({"block_size": 0}, "block_size"), ({"block_size": 257}, "block_size"),
     ({"block_size": -4}, "block_size"), ({"dtype": "int8"}, "dtype"),

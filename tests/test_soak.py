@@ -154,6 +154,7 @@ def run_soak(llm: kvforge.LLM, calls: int) -> None:
     assert llm.generate(PROMPT, greedy).token_ids == before
 
 
+@pytest.mark.a6(10, 11, 12, 13, 14, 19, 23)
 def test_soak_tiny(tiny_path):
     with kvforge.LLM(tiny_path, max_context=MAX_CONTEXT) as llm:
         run_soak(llm, 200)

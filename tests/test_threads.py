@@ -30,6 +30,7 @@ def tiny_switch_interval():
     sys.setswitchinterval(old)
 
 
+@pytest.mark.a6(22)
 def test_eight_threads_get_the_single_thread_outputs(llm, tiny_switch_interval):
     prompts = [[1 + i, 20 + i, 40 + i, 7] for i in range(8)]
     want = [llm.generate(p, max_new_tokens=24, ignore_eos=True).token_ids for p in prompts]
@@ -56,6 +57,7 @@ def test_eight_threads_get_the_single_thread_outputs(llm, tiny_switch_interval):
     assert llm.kv_stats()["live_blocks"] == 0
 
 
+@pytest.mark.a6(22)
 def test_compute_releases_the_gil(tmp_path):
     """Another Python thread keeps running during one long call into the core. With the GIL
     held for the whole call, it would not get a single tick in."""

@@ -53,3 +53,44 @@ def token_list(name: str, value: Any, vocab_size: int | None = None) -> list[int
         limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
         raise ConfigError(f"{name} has ids outside {limit}: {bad[:8]}")
     return ids
+
+
+# -- KV-cache compression, sparse attention and speculative decoding --------------------------
+# One place for the limits of these settings (RELIABILITY.md A6 rows 16 and 18), so a bad value
+# fails when the object is built and never reaches a kernel as a negative or oversized count.
+
+def kv_budget(name: str, value: Any, *, context: int, floor: int = 1) -> int:
+    """Tokens a compressed head cache may keep: ``floor <= value <= context``. ``floor`` is the
+    policy's own minimum (for example ``sink + window``)."""
+    if floor > context:
+        raise ConfigError(f"{name}: the policy needs at least {floor} tokens but the context "
+                          f"length is {context}")
+    return integer(name, value, lo=floor, hi=context)
+
+
+def compression_ratio(name: str, value: Any) -> float:
+    """Fraction of the cache to evict: ``0 <= value < 1`` (1 would evict everything)."""
+    return real(name, value, lo=0.0, hi=1.0, hi_open=True)
+
+
+def sparse_k(name: str, value: Any, length: int) -> int:
+    """Keys a sparse attention step keeps: at least 1; values above ``length`` are clamped to
+    ``length`` (documented: top-k with k >= len is dense attention)."""
+    return min(integer(name, value, lo=1), max(length, 1))
+
+
+def rank(name: str, value: Any, head_dim: int) -> int:
+    """Rank of a low-rank key projection: ``1 <= value <= head_dim``."""
+    return integer(name, value, lo=1, hi=head_dim)
+
+
+def draft_tokens(name: str, value: Any, *, limit: int = 64) -> int:
+    """Tokens a draft proposes per speculative step: ``1 <= value <= limit``."""
+    return integer(name, value, lo=1, hi=limit)
+
+
+def same_vocab(draft_vocab: int, target_vocab: int) -> None:
+    """Speculative decoding compares token ids, so both models must share one vocabulary."""
+    if draft_vocab != target_vocab:
+        raise ConfigError(f"draft vocab_size={draft_vocab} differs from the target's "
+                          f"{target_vocab}: speculative decoding needs one shared vocabulary")

@@ -15,6 +15,7 @@ from .config import KVCacheConfig, SamplingParams
 from .errors import ConfigError, Error, InputTypeError, NumericalError
 from .generation import GenerationChunk, GenerationOutput, run_generation
 from .loader import LoadedModel, default_model_path, load_model
+from .presses import PRESSES
 
 PREFILL_CHUNK = 64
 
@@ -113,13 +114,14 @@ class LLM:
 
     # -- running ------------------------------------------------------------------------------
     def _session(self, press: Any = None) -> Any:
+        if press is not None:
+            if not isinstance(press, PRESSES):
+                raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
+            press._check(self.max_context)
         session = self._core_engine().session(prefill_chunk=PREFILL_CHUNK,
                                               max_context=self.max_context)
         if press is not None:
-            apply = getattr(press, "_apply", None)
-            if apply is None:
-                raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
-            apply(session)
+            press._apply(session)
         return session
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:

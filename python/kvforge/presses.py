@@ -28,6 +28,10 @@ class StreamingLLM:
         v.integer("StreamingLLM sink", self.sink, lo=0)
         v.integer("StreamingLLM window", self.window, lo=1)
 
+    def _check(self, context: int) -> None:
+        """The cache this press keeps must fit the model's context (and so the pool)."""
+        v.kv_budget("StreamingLLM sink + window", self.sink + self.window, context=context)
+
     def _apply(self, session) -> None:
         session.set_press("streaming_llm", sink=self.sink, window=self.window)
 
