@@ -6,10 +6,11 @@
 //!
 //! Policies run before each forward step with the number of tokens about to be appended, so a
 //! cache under a press never exceeds its budget during the step.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod streaming;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::pool::BlockPool;
 
@@ -79,18 +80,24 @@ pub fn evict_head(
     s.order.clear();
     s.order.extend(0..len);
     // Partition so the `len - keep` lowest scores come first (ties: older position first).
-    let scores = &s.scores;
-    let positions = &s.positions;
+    let (scores, positions) = (&s.scores, &s.positions);
+    // Both vectors have `len` entries; a missing one would sort last (kept).
+    let key = |i: usize| {
+        let score = scores.get(i).copied().unwrap_or(f64::INFINITY);
+        (score, positions.get(i).copied().unwrap_or(u32::MAX))
+    };
     let by_score = |a: &usize, b: &usize| {
-        scores[*a]
-            .total_cmp(&scores[*b])
-            .then(positions[*a].cmp(&positions[*b]))
+        let ((sa, pa), (sb, pb)) = (key(*a), key(*b));
+        sa.total_cmp(&sb).then(pa.cmp(&pb))
     };
     let n_drop = len - keep;
     if n_drop < len {
         s.order.select_nth_unstable_by(n_drop, by_score);
     }
-    let dropped = &mut s.order[..n_drop];
+    let dropped = s
+        .order
+        .get_mut(..n_drop)
+        .ok_or_else(|| Error::Internal(format!("dropping {n_drop} of {len} slots")))?;
     dropped.sort_unstable();
     cache.remove_slots(pool, index, dropped)
 }

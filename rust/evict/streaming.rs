@@ -4,6 +4,7 @@
 //! Before `n` tokens are appended, if `len + n > sink + window` the cache keeps the `sink`
 //! oldest positions and the `window - n` newest, so it never holds more than `sink + window`
 //! tokens. Keys keep their original RoPE positions (no re-rotation).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use super::EvictionPolicy;
 

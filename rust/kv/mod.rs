@@ -6,6 +6,7 @@
 //!   real blocks per head. Keys are stored after RoPE with each slot's original position, so
 //!   slot order carries no meaning: attention masks by position, not by slot index.
 //! - [`store::KvStore`]: the K and V rows in float32 or float16.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod paged;
 pub mod pool;

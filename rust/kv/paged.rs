@@ -109,7 +109,7 @@ impl SeqCache {
             .blocks
             .last()
             .ok_or_else(|| Error::Internal("empty block table".into()))?;
-        pool.write(id, slot, pos, k, v);
+        pool.write(id, slot, pos, k, v)?;
         head.len += 1;
         Ok(())
     }
@@ -193,7 +193,7 @@ impl SeqCache {
                 .ok_or_else(|| Error::Internal("no donor slot".into()))?;
             make_exclusive(pool, head, hole / bs)?;
             let (src, dst) = (block_at(head, donor / bs)?, block_at(head, hole / bs)?);
-            pool.copy_slot(src, donor % bs, dst, hole % bs);
+            pool.copy_slot(src, donor % bs, dst, hole % bs)?;
         }
         let keep_blocks = new_len.div_ceil(bs);
         for b in head.blocks.drain(keep_blocks.min(head.blocks.len())..) {
@@ -232,7 +232,7 @@ fn make_exclusive(pool: &mut BlockPool, head: &mut HeadCache, bi: usize) -> Resu
     let new = pool.alloc()?;
     let filled = (head.len - bi * pool.block_size()).min(pool.block_size());
     for slot in 0..filled {
-        pool.copy_slot(old, slot, new, slot);
+        pool.copy_slot(old, slot, new, slot)?;
     }
     pool.decref(old)?;
     if let Some(b) = head.blocks.get_mut(bi) {

@@ -184,16 +184,29 @@ impl BlockPool {
     }
 
     /// Writes slot `slot` of block `id`: key and value rows `(head_dim,)` and the position.
-    pub fn write(&mut self, id: BlockId, slot: usize, pos: u32, k: &[f32], v: &[f32]) {
+    pub fn write(
+        &mut self,
+        id: BlockId,
+        slot: usize,
+        pos: u32,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let row = id as usize * self.block_size + slot;
         if let Some(p) = self.positions.get_mut(row) {
             *p = pos;
         }
-        self.store.write(id as usize, slot, k, v);
+        self.store.write(id as usize, slot, k, v)
     }
 
     /// Copies slot `src_slot` of `src` into slot `dst_slot` of `dst` (K, V and position).
-    pub fn copy_slot(&mut self, src: BlockId, src_slot: usize, dst: BlockId, dst_slot: usize) {
+    pub fn copy_slot(
+        &mut self,
+        src: BlockId,
+        src_slot: usize,
+        dst: BlockId,
+        dst_slot: usize,
+    ) -> Result<()> {
         let from = src as usize * self.block_size + src_slot;
         let to = dst as usize * self.block_size + dst_slot;
         if let Some(&p) = self.positions.get(from) {
@@ -202,7 +215,7 @@ impl BlockPool {
             }
         }
         self.store
-            .copy_slot(src as usize, src_slot, dst as usize, dst_slot);
+            .copy_slot(src as usize, src_slot, dst as usize, dst_slot)
     }
 }
 

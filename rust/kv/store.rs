@@ -7,10 +7,12 @@
 //! vectors, `block * block_size * head_dim` elements apart per block. The vectors are
 //! zero-initialised, which the allocator serves from untouched pages: a large pool costs
 //! resident memory only for blocks that have been written.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::error::{Error, Result};
 use crate::kv::KvDtype;
 use half::f16;
+use std::ops::Range;
 
 /// Numbers for which the all-zero bit pattern is the value zero.
 pub trait Zeroable: Copy {}
@@ -112,50 +114,106 @@ impl KvStore {
     }
 
     /// Writes slot `slot` of `block` from float32 key and value rows `(head_dim,)`.
-    pub fn write(&mut self, block: usize, slot: usize, k_in: &[f32], v_in: &[f32]) {
-        let (bs, hd, base) = (self.block_size, self.head_dim, self.block_offset(block));
-        let vrow = base + slot * hd..base + (slot + 1) * hd;
+    pub fn write(&mut self, block: usize, slot: usize, k_in: &[f32], v_in: &[f32]) -> Result<()> {
+        let (bs, hd) = (self.block_size, self.head_dim);
+        let (keys, vals) = (self.block_range(block)?, self.row_range(block, slot)?);
+        if slot >= bs || k_in.len() != hd || v_in.len() != hd {
+            return Err(Error::Internal(format!("KV write of slot {slot}")));
+        }
         match &mut self.data {
             KvData::F32 { k, v } => {
-                for (d, &x) in k_in.iter().enumerate() {
-                    k[base + d * bs + slot] = x;
-                }
-                v[vrow].copy_from_slice(v_in);
+                write_rows(k, v, keys, vals, slot, bs, |x| x, k_in, v_in);
             }
             KvData::F16 { k, v } => {
-                for (d, &x) in k_in.iter().enumerate() {
-                    k[base + d * bs + slot] = f16::from_f32(x).to_bits();
-                }
-                for (d, &x) in v[vrow].iter_mut().zip(v_in) {
-                    *d = f16::from_f32(x).to_bits();
-                }
+                let half = |x| f16::from_f32(x).to_bits();
+                write_rows(k, v, keys, vals, slot, bs, half, k_in, v_in);
             }
         }
+        Ok(())
     }
 
     /// Copies slot `(sb, ss)` to slot `(db, ds)`, keys and values.
-    pub fn copy_slot(&mut self, sb: usize, ss: usize, db: usize, ds: usize) {
-        let (bs, hd) = (self.block_size, self.head_dim);
-        let (src, dst) = (self.block_offset(sb), self.block_offset(db));
-        #[allow(clippy::too_many_arguments)]
-        fn copy<T: Copy>(
-            k: &mut [T],
-            v: &mut [T],
-            src: usize,
-            dst: usize,
-            ss: usize,
-            ds: usize,
-            bs: usize,
-            hd: usize,
-        ) {
-            for d in 0..hd {
-                k[dst + d * bs + ds] = k[src + d * bs + ss];
-            }
-            v.copy_within(src + ss * hd..src + (ss + 1) * hd, dst + ds * hd);
+    pub fn copy_slot(&mut self, sb: usize, ss: usize, db: usize, ds: usize) -> Result<()> {
+        let bs = self.block_size;
+        let (src, dst) = (self.block_range(sb)?, self.block_range(db)?);
+        let (src_row, dst_row) = (self.row_range(sb, ss)?, self.row_range(db, ds)?);
+        if ss >= bs || ds >= bs {
+            return Err(Error::Internal(format!("KV copy of slots {ss} -> {ds}")));
         }
         match &mut self.data {
-            KvData::F32 { k, v } => copy(k, v, src, dst, ss, ds, bs, hd),
-            KvData::F16 { k, v } => copy(k, v, src, dst, ss, ds, bs, hd),
+            KvData::F32 { k, v } => copy_rows(k, v, src, dst, src_row, dst_row, ss, ds, bs),
+            KvData::F16 { k, v } => copy_rows(k, v, src, dst, src_row, dst_row, ss, ds, bs),
+        }
+        Ok(())
+    }
+
+    /// Element range of `block`'s keys, checked against the storage.
+    fn block_range(&self, block: usize) -> Result<Range<usize>> {
+        let n = self.block_size * self.head_dim;
+        let start = block * n;
+        if start + n > self.len() {
+            return Err(Error::Internal(format!("KV block {block} out of range")));
+        }
+        Ok(start..start + n)
+    }
+
+    /// Element range of one slot's value row, checked against the storage.
+    fn row_range(&self, block: usize, slot: usize) -> Result<Range<usize>> {
+        let start = self.block_range(block)?.start + slot * self.head_dim;
+        Ok(start..start + self.head_dim)
+    }
+
+    fn len(&self) -> usize {
+        match &self.data {
+            KvData::F32 { k, .. } => k.len(),
+            KvData::F16 { k, .. } => k.len(),
         }
     }
+}
+
+/// Writes one slot: keys strided by `bs` inside the block's key range, values as one row.
+#[allow(clippy::too_many_arguments)]
+fn write_rows<T: Copy>(
+    k: &mut [T],
+    v: &mut [T],
+    keys: Range<usize>,
+    vals: Range<usize>,
+    slot: usize,
+    bs: usize,
+    conv: impl Fn(f32) -> T,
+    k_in: &[f32],
+    v_in: &[f32],
+) {
+    let kb = k.get_mut(keys).unwrap_or_default();
+    for (d, &x) in kb.iter_mut().skip(slot).step_by(bs).zip(k_in) {
+        *d = conv(x);
+    }
+    for (d, &x) in v.get_mut(vals).unwrap_or_default().iter_mut().zip(v_in) {
+        *d = conv(x);
+    }
+}
+
+/// Copies one slot's keys (strided by `bs`) and value row; ranges come checked.
+#[allow(clippy::too_many_arguments)]
+fn copy_rows<T: Copy>(
+    k: &mut [T],
+    v: &mut [T],
+    src: Range<usize>,
+    dst: Range<usize>,
+    src_row: Range<usize>,
+    dst_row: Range<usize>,
+    ss: usize,
+    ds: usize,
+    bs: usize,
+) {
+    let hd = src.len() / bs;
+    for d in 0..hd {
+        let from = src.start + d * bs + ss;
+        if let Some(&x) = k.get(from) {
+            if let Some(y) = k.get_mut(dst.start + d * bs + ds) {
+                *y = x;
+            }
+        }
+    }
+    v.copy_within(src_row, dst_row.start);
 }
