@@ -1,11 +1,14 @@
-"""kvforge next to llama.cpp (llama-cpp-python) on the same GGUF and the same prompt ids.
+"""kvforge next to llama.cpp (llama-cpp-python) and torch on the same GGUF and prompt ids.
 
 Every measurement runs in a fresh subprocess (so peak RSS is per engine and per workload), and
-the engines alternate run by run so that machine noise hits both alike. Prints a table of
-tokens/s with the ratio kvforge / llama.cpp. llama-cpp-python is optional and never installed
-by CI: `pip install llama-cpp-python` to use this script.
+the engines alternate run by run so that machine noise hits all alike. Prints a table of
+tokens/s with the ratios kvforge / peer. The peers are optional and never installed by CI:
+`pip install llama-cpp-python` for llama.cpp; for torch, give `--torch-python` the interpreter
+of an environment with `torch transformers gguf numpy` (transformers dequantizes the GGUF to
+float32, the reference "torch fp32" engine).
 
     python benches/compare_llamacpp.py [--threads 2] [--rounds 3] [--quick]
+        [--torch-python /path/to/venv/bin/python]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def prompt_ids(n: int) -> list[int]:
     return np.random.default_rng(0).integers(100, 40000, size=n).tolist()
 
 
-def run_kvforge(kind: str, n: int, threads: int, flash: bool) -> float:
+def run_kvforge(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
     import kvforge
 
     llm = kvforge.LLM(n_threads=threads, kv=kvforge.KVCacheConfig(dtype="float16"))
@@ -44,11 +47,10 @@ def run_kvforge(kind: str, n: int, threads: int, flash: bool) -> float:
     return DECODE_STEPS / (time.perf_counter() - t1)
 
 
-def run_llamacpp(kind: str, n: int, threads: int, flash: bool) -> float:
-    from kvforge.loader import default_model_path
+def run_llamacpp(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
     from llama_cpp import Llama
 
-    llm = Llama(str(default_model_path()), n_ctx=8192, n_threads=threads,
+    llm = Llama(gguf, n_ctx=8192, n_threads=threads,
                 n_threads_batch=threads, n_batch=512, flash_attn=flash, verbose=False)
     ids = prompt_ids(n)
     t0 = time.perf_counter()
@@ -62,18 +64,45 @@ def run_llamacpp(kind: str, n: int, threads: int, flash: bool) -> float:
     return DECODE_STEPS / (time.perf_counter() - t1)
 
 
-WORKERS = {"kvforge": run_kvforge, "llama.cpp": run_llamacpp}
+def run_torch(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
+    import os
+    from pathlib import Path
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # everything comes from the local GGUF
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 torch_dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(n)])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        t1 = time.perf_counter()
+        if kind == "prefill":
+            return n / (t1 - t0)
+        past, tok = out.past_key_values, ids[:, -1:]
+        t1 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            past = model(tok, past_key_values=past, use_cache=True).past_key_values
+        return DECODE_STEPS / (time.perf_counter() - t1)
+
+
+WORKERS = {"kvforge": run_kvforge, "llama.cpp": run_llamacpp, "torch": run_torch}
 
 
 def worker(args: argparse.Namespace) -> None:
-    rate = WORKERS[args.worker](args.kind, args.n, args.threads, args.flash)
+    rate = WORKERS[args.worker](args.kind, args.n, args.threads, args.flash, args.gguf)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rate": rate, "rss_mib": rss_mib}))
 
 
-def measure(engine: str, kind: str, n: int, threads: int, flash: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--kind", kind, "--n", str(n),
-           "--threads", str(threads)] + (["--flash"] if flash else [])
+def measure(engine: str, kind: str, n: int, args: argparse.Namespace, flash: bool = False) -> dict:
+    python = args.torch_python if engine == "torch" else sys.executable
+    cmd = [python, __file__, "--worker", engine, "--kind", kind, "--n", str(n),
+           "--threads", str(args.threads), "--gguf", args.gguf] + (["--flash"] if flash else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,28 +116,40 @@ def main() -> None:
     p.add_argument("--kind", default="prefill")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--flash", action="store_true")
+    p.add_argument("--gguf", help="model file (default: the embedded SmolLM2)")
+    p.add_argument("--torch-python", help="interpreter with torch + transformers (adds torch)")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.gguf is None:
+        from kvforge.loader import default_model_path
+
+        args.gguf = str(default_model_path())
+    table(args)
+
+
+def table(args: argparse.Namespace) -> None:
     rows = [("prefill", 512), ("decode", 128)]
     if not args.quick:
         rows += [("prefill", 2048), ("decode", 2048), ("decode", 7000)]
-    print(f"threads={args.threads} rounds={args.rounds} (median tokens/s; kvforge KV float16)")
-    print(f"{'metric':<22}{'kvforge':>10}{'llama.cpp':>11}{'llama.cpp FA':>14}{'ratio':>8}"
-          f"{'ratio FA':>10}{'RSS kvf':>9}{'RSS FA':>8}")
+    peers = ["llama.cpp", "llama.cpp FA"] + (["torch"] if args.torch_python else [])
+    print(f"threads={args.threads} rounds={args.rounds} (median tokens/s, peak RSS MiB; "
+          "kvforge KV float16)")
+    print(f"{'metric':<18}{'kvforge':>9}" + "".join(f"{p:>14}{'ratio':>7}" for p in peers)
+          + f"{'RSS kvf':>9}" + "".join(f"{'RSS ' + p:>17}" for p in peers))
     for kind, n in rows:
-        res: dict[str, list[dict]] = {"kvforge": [], "llama.cpp": [], "llama.cpp FA": []}
+        res: dict[str, list[dict]] = {k: [] for k in ["kvforge"] + peers}
         for _ in range(args.rounds):
-            res["kvforge"].append(measure("kvforge", kind, n, args.threads, False))
-            res["llama.cpp"].append(measure("llama.cpp", kind, n, args.threads, False))
-            res["llama.cpp FA"].append(measure("llama.cpp", kind, n, args.threads, True))
+            for engine in res:
+                res[engine].append(measure(engine.split()[0], kind, n, args,
+                                           flash=engine.endswith("FA")))
         med = {k: statistics.median(r["rate"] for r in v) for k, v in res.items()}
         rss = {k: max(r["rss_mib"] for r in v) for k, v in res.items()}
         label = f"{kind} {'ctx ' if kind == 'decode' else ''}{n}"
-        print(f"{label:<22}{med['kvforge']:>10.1f}{med['llama.cpp']:>11.1f}"
-              f"{med['llama.cpp FA']:>14.1f}{med['kvforge'] / med['llama.cpp']:>8.2f}"
-              f"{med['kvforge'] / med['llama.cpp FA']:>10.2f}{rss['kvforge']:>9.0f}"
-              f"{rss['llama.cpp FA']:>8.0f}", flush=True)
+        print(f"{label:<18}{med['kvforge']:>9.1f}"
+              + "".join(f"{med[p]:>14.1f}{med['kvforge'] / med[p]:>7.2f}" for p in peers)
+              + f"{rss['kvforge']:>9.0f}" + "".join(f"{rss[p]:>17.0f}" for p in peers),
+              flush=True)
 
 
 if __name__ == "__main__":
