@@ -8,7 +8,7 @@ of an environment with `torch transformers gguf numpy` (transformers dequantizes
 float32, the reference "torch fp32" engine).
 
     python benches/compare_llamacpp.py [--threads 2] [--rounds 3] [--quick]
-        [--torch-python /path/to/venv/bin/python]
+        [--torch-python /path/to/venv/bin/python] [--int8]
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ def prompt_ids(n: int) -> list[int]:
     return np.random.default_rng(0).integers(100, 40000, size=n).tolist()
 
 
-def run_kvforge(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
+def run_kvforge(kind: str, n: int, threads: int, flash: bool, gguf: str,
+                activations: str = "float32") -> float:
     import kvforge
 
-    llm = kvforge.LLM(n_threads=threads, kv=kvforge.KVCacheConfig(dtype="float16"))
+    llm = kvforge.LLM(gguf, n_threads=threads, kv=kvforge.KVCacheConfig(dtype="float16"),
+                      activations=activations)
     ids = prompt_ids(n)
     session = llm._session()
     t0 = time.perf_counter()
@@ -90,7 +92,12 @@ def run_torch(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
         return DECODE_STEPS / (time.perf_counter() - t1)
 
 
-WORKERS = {"kvforge": run_kvforge, "llama.cpp": run_llamacpp, "torch": run_torch}
+def run_kvforge_int8(kind: str, n: int, threads: int, flash: bool, gguf: str) -> float:
+    return run_kvforge(kind, n, threads, flash, gguf, activations="int8")
+
+
+WORKERS = {"kvforge": run_kvforge, "kvforge-int8": run_kvforge_int8, "llama.cpp": run_llamacpp,
+           "torch": run_torch}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -117,6 +124,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--flash", action="store_true")
     p.add_argument("--gguf", help="model file (default: the embedded SmolLM2)")
+    p.add_argument("--int8", action="store_true",
+                   help="add kvforge with opt-in int8 activations (its ratio: to llama.cpp)")
     p.add_argument("--torch-python", help="interpreter with torch + transformers (adds torch)")
     args = p.parse_args()
     if args.worker:
@@ -128,11 +137,19 @@ def main() -> None:
     table(args)
 
 
+def ratio(med: dict[str, float], peer: str) -> float:
+    """kvforge / peer; for the int8 row, kvforge-int8 / llama.cpp (the engine it resembles)."""
+    if peer == "kvforge-int8":
+        return med[peer] / med["llama.cpp"]
+    return med["kvforge"] / med[peer]
+
+
 def table(args: argparse.Namespace) -> None:
     rows = [("prefill", 512), ("decode", 128)]
     if not args.quick:
         rows += [("prefill", 2048), ("decode", 2048), ("decode", 7000)]
-    peers = ["llama.cpp", "llama.cpp FA"] + (["torch"] if args.torch_python else [])
+    peers = (["kvforge-int8"] if args.int8 else []) + ["llama.cpp", "llama.cpp FA"] + (
+        ["torch"] if args.torch_python else [])
     print(f"threads={args.threads} rounds={args.rounds} (median tokens/s, peak RSS MiB; "
           "kvforge KV float16)")
     print(f"{'metric':<18}{'kvforge':>9}" + "".join(f"{p:>14}{'ratio':>7}" for p in peers)
@@ -147,7 +164,7 @@ def table(args: argparse.Namespace) -> None:
         rss = {k: max(r["rss_mib"] for r in v) for k, v in res.items()}
         label = f"{kind} {'ctx ' if kind == 'decode' else ''}{n}"
         print(f"{label:<18}{med['kvforge']:>9.1f}"
-              + "".join(f"{med[p]:>14.1f}{med['kvforge'] / med[p]:>7.2f}" for p in peers)
+              + "".join(f"{med[p]:>14.1f}{ratio(med, p):>7.2f}" for p in peers)
               + f"{rss['kvforge']:>9.0f}" + "".join(f"{rss[p]:>17.0f}" for p in peers),
               flush=True)
 

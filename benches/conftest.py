@@ -12,3 +12,12 @@ def llm():
 
     with kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16")) as model:
         yield model
+
+
+@pytest.fixture(scope="session")
+def llm_int8():
+    """The same with opt-in int8 activations for decode steps."""
+    import kvforge
+
+    with kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"), activations="int8") as model:
+        yield model

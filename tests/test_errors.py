@@ -468,6 +468,8 @@ def test_nonexistent_path():
     ({"max_context": "big"}, InputTypeError, TypeError, "max_context"),
     ({"kv": "x"}, InputTypeError, TypeError, "kv"),
     ({"kv": {"block_size": 16}}, InputTypeError, TypeError, "kv"),
+    ({"activations": "int4"}, ConfigError, ValueError, "activations"),
+    ({"activations": 8}, InputTypeError, TypeError, "activations"),
 ])
 def test_bad_llm_arguments(gguf_path, kwargs, cls, builtin, name):
     with pytest.raises(cls) as e:

@@ -19,6 +19,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
     p.add_argument("--kv-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--activations", choices=("float32", "int8"), default="float32",
+                   help="int8: faster, approximate decode steps (default: exact float32)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _llm(args: argparse.Namespace) -> Any:
     from . import LLM, KVCacheConfig
 
-    return LLM(args.model, n_threads=args.threads,
+    return LLM(args.model, n_threads=args.threads, activations=args.activations,
                kv=KVCacheConfig(block_size=args.block_size, dtype=args.kv_dtype))
 
 

@@ -18,6 +18,9 @@ from .loader import LoadedModel, default_model_path, load_model
 from .presses import PRESSES
 
 PREFILL_CHUNK = 64
+# "int8" quantizes the inputs of one-token projections (decode) to int8 blocks: faster,
+# approximate, opt-in. Prefill and float-format weights stay exact.
+ACTIVATIONS = ("float32", "int8")
 
 
 class LLM:
@@ -26,14 +29,23 @@ class LLM:
 
     ``n_threads``: compute threads (default: all cores). ``max_context``: longest sequence
     (default: the model's trained context). ``kv``: the paged KV cache settings.
+    ``activations``: ``"float32"`` (exact, default) or ``"int8"``: decode steps quantize the
+    inputs of quantized-weight projections to int8 blocks, which is faster but approximate
+    (prefill and float weights stay exact).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_threads: int | None = None,
-                 max_context: int | None = None, kv: KVCacheConfig | None = None):
+                 max_context: int | None = None, kv: KVCacheConfig | None = None,
+                 activations: str = "float32"):
         kv = KVCacheConfig() if kv is None else kv
         if not isinstance(kv, KVCacheConfig):
             raise InputTypeError(f"kv must be a KVCacheConfig, got {type(kv).__name__}")
         threads = 0 if n_threads is None else v.integer("n_threads", n_threads, lo=1, hi=1024)
+        if not isinstance(activations, str):
+            raise InputTypeError(f"activations must be a str, got {type(activations).__name__}")
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+        self.activations = activations
         self._loaded: LoadedModel = load_model(default_model_path() if path is None else path)
         cfg = self._loaded.config
         self.max_context = cfg.max_position_embeddings if max_context is None else v.integer(
@@ -122,6 +134,8 @@ class LLM:
                                               max_context=self.max_context)
         if press is not None:
             press._apply(session)
+        if self.activations != "float32":
+            session.set_activations(self.activations)
         return session
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:

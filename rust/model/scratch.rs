@@ -3,6 +3,7 @@
 
 use crate::attention::dense::Online;
 use crate::model::ModelConfig;
+use crate::quant::act8::QuantizedX;
 
 /// Activations for up to `chunk` tokens. Every field is row-major `(tokens, width)`.
 #[derive(Debug)]
@@ -36,6 +37,22 @@ pub struct Scratch {
     pub part_acc: Vec<f32>,
     /// Softmax states of those partials `(num_kv_heads * MAX_SPLITS,)`.
     pub part_state: Vec<Online>,
+    /// One-token steps quantize projection inputs to int8 (opt-in, approximate).
+    pub int8_decode: bool,
+    /// The int8 copy of the current projection input, when `int8_decode`.
+    pub qx: QuantizedX,
+}
+
+impl Scratch {
+    /// Quantizes `x` into `qx` for the int8 kernels when this is an int8 one-token step;
+    /// otherwise leaves `qx` empty so that projections take the exact path.
+    pub fn prepare_act8(int8_decode: bool, n: usize, x: &[f32], qx: &mut QuantizedX) {
+        if int8_decode && n == 1 {
+            qx.quantize(x);
+        } else {
+            qx.blocks = 0;
+        }
+    }
 }
 
 /// Most pieces one head's context is split into for a decode step.
@@ -60,6 +77,8 @@ impl Scratch {
             logits: vec![0.0; cfg.vocab_size],
             part_acc: vec![0.0; cfg.num_kv_heads * MAX_SPLITS * cfg.group() * cfg.head_dim],
             part_state: vec![Online::default(); cfg.num_kv_heads * MAX_SPLITS],
+            int8_decode: false,
+            qx: QuantizedX::default(),
         }
     }
 }

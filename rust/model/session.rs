@@ -19,7 +19,8 @@ use crate::kv::pool::BlockPool;
 use crate::model::llama::Layer;
 use crate::model::scratch::{Scratch, MAX_SPLITS};
 use crate::model::ModelConfig;
-use crate::ops::{add_assign, matmul::gemm, norm::rmsnorm, rope, swiglu};
+use crate::ops::matmul::{gemm, project};
+use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
 
 /// Which logits a forward call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,12 @@ impl Session {
             poisoned: false,
             engine,
         })
+    }
+
+    /// Opt-in int8 activations for one-token steps (approximate; see `quant::act8`). Prefill
+    /// chunks and float-format weights stay exact.
+    pub fn set_int8_decode(&mut self, on: bool) {
+        self.scratch.int8_decode = on;
     }
 
     /// Installs an eviction policy applied before every forward step.
@@ -213,7 +220,8 @@ impl Session {
             Logits::Last => {
                 let last = &s.x[(n - 1) * h..n * h];
                 rmsnorm(last, &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..h]);
-                gemm(e.model.head(), &s.xb[..h], 1, &mut s.logits);
+                Scratch::prepare_act8(s.int8_decode, n, &s.xb[..h], &mut s.qx);
+                project(e.model.head(), &s.xb[..h], &s.qx, 1, &mut s.logits);
             }
             Logits::Skip => {}
             Logits::All => rmsnorm(
@@ -233,14 +241,17 @@ impl Session {
         e.install(|| gemm(e.model.head(), xb, n, out));
     }
 
-    /// A new session sharing this one's cache blocks (copy-on-write) and a copy of its press.
+    /// A new session sharing this one's cache blocks (copy-on-write), a copy of its press and
+    /// its activation mode.
     pub fn fork(&self) -> Result<Self> {
         let mut pool = self.engine.pool()?;
         let cache = self.cache.fork(&mut pool)?;
+        let mut scratch = Scratch::new(&self.engine.model.cfg, self.scratch.chunk);
+        scratch.int8_decode = self.scratch.int8_decode;
         Ok(Self {
             engine: Arc::clone(&self.engine),
             cache,
-            scratch: Scratch::new(&self.engine.model.cfg, self.scratch.chunk),
+            scratch,
             press: self.press.as_ref().map(|p| p.boxed_clone()),
             evict_scratch: EvictScratch::default(),
             next_pos: self.next_pos,
@@ -298,9 +309,16 @@ fn attention_block(
         &mut s.k[..n * kvd],
         &mut s.v[..n * kvd],
     );
+    Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
+    let qx = &s.qx;
     rayon::join(
-        || gemm(&layer.wq, x, n, q),
-        || rayon::join(|| gemm(&layer.wk, x, n, k), || gemm(&layer.wv, x, n, v)),
+        || project(&layer.wq, x, qx, n, q),
+        || {
+            rayon::join(
+                || project(&layer.wk, x, qx, n, k),
+                || project(&layer.wv, x, qx, n, v),
+            )
+        },
     );
     for t in 0..n {
         let (c, sn) = (
@@ -328,7 +346,8 @@ fn attention_block(
     } else {
         attend_tokens(&ctx, cfg, n, s);
     }
-    gemm(&layer.wo, &s.att[..n * qd], n, &mut s.xb[..n * h]);
+    Scratch::prepare_act8(s.int8_decode, n, &s.att[..n * qd], &mut s.qx);
+    project(&layer.wo, &s.att[..n * qd], &s.qx, n, &mut s.xb[..n * h]);
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
     Ok(())
 }
@@ -405,11 +424,14 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {
     let f = layer.w_gate.rows();
     rmsnorm(&s.x[..n * h], &layer.ffn_norm, eps, &mut s.xb[..n * h]);
     let (x, gate, up) = (&s.xb[..n * h], &mut s.hb[..n * f], &mut s.hb2[..n * f]);
+    Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
+    let qx = &s.qx;
     rayon::join(
-        || gemm(&layer.w_gate, x, n, gate),
-        || gemm(&layer.w_up, x, n, up),
+        || project(&layer.w_gate, x, qx, n, gate),
+        || project(&layer.w_up, x, qx, n, up),
     );
     swiglu(&mut s.hb[..n * f], &s.hb2[..n * f]);
-    gemm(&layer.w_down, &s.hb[..n * f], n, &mut s.xb[..n * h]);
+    Scratch::prepare_act8(s.int8_decode, n, &s.hb[..n * f], &mut s.qx);
+    project(&layer.w_down, &s.hb[..n * f], &s.qx, n, &mut s.xb[..n * h]);
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
 }

@@ -4,6 +4,7 @@
 //! fuses dequantization into each row's dot product; `gemm` dequantizes each row once into a
 //! float32 buffer and reuses it for every token of the chunk.
 
+use crate::quant::act8::QuantizedX;
 use crate::quant::{block_sums, Weight, BLOCK_ELEMS};
 use rayon::prelude::*;
 
@@ -36,6 +37,26 @@ pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
         w.dot_rows(c * per, x, xsum, o);
     });
+}
+
+/// `out = W x` with `x` already quantized to int8 blocks: the opt-in, approximate decode mode
+/// (see `quant::act8`). `w`: `(rows, cols)` with [`Weight::has_act8`]; `x`: `cols / 32` blocks;
+/// `out`: `(rows,)`.
+pub fn gemv_act8(w: &Weight, x: &QuantizedX, out: &mut [f32]) {
+    let per = rows_per_task(out.len());
+    out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+        w.dot_rows_act8(c * per, x, o);
+    });
+}
+
+/// `out = W x` for `n` tokens, through the int8 kernels when `x` was quantized for them
+/// (`qx.fits(cols)`, one token, a block-format weight) and the exact float path otherwise.
+pub fn project(w: &Weight, x: &[f32], qx: &QuantizedX, n: usize, out: &mut [f32]) {
+    if n == 1 && qx.fits(w.cols()) && w.has_act8() {
+        gemv_act8(w, qx, out);
+    } else {
+        gemm(w, x, n, out);
+    }
 }
 
 /// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.

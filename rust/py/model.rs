@@ -356,6 +356,25 @@ impl PySession {
         })
     }
 
+    /// `"float32"` (exact, the default) or `"int8"`: one-token steps quantize projection
+    /// inputs to int8 blocks (faster, approximate; prefill stays exact).
+    fn set_activations(&self, py: Python<'_>, kind: &str) -> PyResult<()> {
+        let kind = kind.to_owned();
+        run(py, || {
+            let int8 = match kind.as_str() {
+                "float32" => false,
+                "int8" => true,
+                other => {
+                    return Err(Error::Config(format!(
+                        "activations={other:?} must be \"float32\" or \"int8\""
+                    )))
+                }
+            };
+            self.lock()?.session.set_int8_decode(int8);
+            Ok(())
+        })
+    }
+
     /// Runs `token_ids` and samples the next token.
     fn prefill(&self, py: Python<'_>, token_ids: Vec<i64>) -> PyResult<u32> {
         run(py, || {

@@ -11,6 +11,11 @@
 //! `Weight::dequant_row` (prefill panels) and `dot_row` use the per-format code in `float.rs`
 //! (f32/f16/bf16) and `blocks.rs` (q8_0/q4_0/q4_1), the scalar twins of the SIMD kernels.
 
+pub mod act8;
+#[cfg(target_arch = "x86_64")]
+mod act8_avx2;
+#[cfg(target_arch = "x86_64")]
+mod act8_avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -147,6 +152,10 @@ unsafe impl StableBytes for Vec<u8> {
 /// kernels need their CPU features (checked before one is handed out).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 type RowKernel = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
+
+/// A decode row kernel over int8 activations: `(row bytes, quantized x) -> row . x`. Unsafe
+/// for the same reason as [`RowKernel`].
+type Act8Kernel = unsafe fn(&[u8], &act8::QuantizedX) -> f32;
 
 /// Shared ownership of a weight's stored bytes.
 pub type SharedBytes = Arc<dyn StableBytes>;
@@ -319,6 +328,68 @@ impl Weight {
                     *o = self.dot_row(first + i, x);
                 }
             }
+        }
+    }
+
+    /// True for the block formats, which have int8-activation kernels ([`Weight::dot_rows_act8`]).
+    pub fn has_act8(&self) -> bool {
+        self.act8_kernel().is_some()
+    }
+
+    /// Like [`Weight::dot_rows`] with int8 activations (opt-in, approximate; see `act8.rs`).
+    /// Panics unless [`Weight::has_act8`] and `x` has `cols / 32` blocks.
+    pub fn dot_rows_act8(&self, first: usize, x: &act8::QuantizedX, out: &mut [f32]) {
+        assert_eq!(x.blocks * BLOCK_ELEMS, self.cols, "dot_rows_act8: x blocks");
+        assert!(first + out.len() <= self.rows, "dot_rows_act8: rows");
+        let kernel = self.act8_kernel().expect("dot_rows_act8 on a float weight");
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: `act8_kernel` only returns kernels this CPU runs; the row holds
+            // `x.blocks` blocks (asserted above).
+            *o = unsafe { kernel(self.row(first + i), x) };
+        }
+    }
+
+    /// The int8-activation row kernel for this format on this CPU (AVX2, else scalar).
+    fn act8_kernel(&self) -> Option<Act8Kernel> {
+        use WeightFormat as F;
+        #[cfg(target_arch = "x86_64")]
+        if act8_avx512::available() {
+            return match self.fmt {
+                F::Q8_0 => Some(act8_avx512::dot_q8_0),
+                F::Q4_0 => Some(act8_avx512::dot_q4_0),
+                F::Q4_1 => Some(act8_avx512::dot_q4_1),
+                _ => None,
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return match self.fmt {
+                F::Q8_0 => Some(act8_avx2::dot_q8_0),
+                F::Q4_0 => Some(act8_avx2::dot_q4_0),
+                F::Q4_1 => Some(act8_avx2::dot_q4_1),
+                _ => None,
+            };
+        }
+        match self.fmt {
+            F::Q8_0 => Some(act8::dot_q8_0),
+            F::Q4_0 => Some(act8::dot_q4_0),
+            F::Q4_1 => Some(act8::dot_q4_1),
+            _ => None,
+        }
+    }
+
+    /// The stored bytes of row `r`.
+    pub fn row_bytes_of(&self, r: usize) -> &[u8] {
+        self.row(r)
+    }
+
+    /// Scalar twin of [`Weight::dot_rows_act8`] for one row.
+    pub fn dot_row_act8_scalar(&self, r: usize, x: &act8::QuantizedX) -> f32 {
+        match self.fmt {
+            WeightFormat::Q8_0 => act8::dot_q8_0(self.row(r), x),
+            WeightFormat::Q4_0 => act8::dot_q4_0(self.row(r), x),
+            WeightFormat::Q4_1 => act8::dot_q4_1(self.row(r), x),
+            _ => f32::NAN,
         }
     }
 

@@ -1,0 +1,257 @@
+//! AVX2 twins of the int8-activation row kernels in `act8.rs`.
+//!
+//! One 32-element block is one 256-bit integer multiply: unsigned weight bytes times signed
+//! activation bytes (`maddubs`, pairs summed into i16), then pairs of i16 summed into eight i32
+//! lanes (`madd` with ones), converted to float and scaled with one FMA. Products stay within
+//! i16: nibbles are at most 15 and |qx| at most 127, and for Q8_0 the weight's sign moves onto
+//! the activation so that the unsigned operand is |qw| <= 128.
+//!
+//! Callers must check [`super::avx2::available`]; every function here is `unsafe` for that.
+
+use std::arch::x86_64::*;
+
+use super::act8::QuantizedX;
+use super::avx2::half;
+use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+
+/// Sum of eight f32 lanes.
+#[inline(always)]
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: AVX is implied by the callers' target features.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The 32 nibbles at `p` (16 bytes, ggml order) as bytes 0..32 in element order.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: `p` has 16 readable bytes; AVX2 enabled by the callers.
+    unsafe {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+}
+
+/// `sum(u[i] * s[i])` over 32 bytes as eight i32 lanes: `u` unsigned, `s` signed.
+#[inline(always)]
+unsafe fn dot_i32(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: AVX2 is enabled by the callers' target features.
+    unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+}
+
+/// Horizontal sums of eight i32x8 vectors: lane `j` of the result sums the lanes of `v[j]`.
+#[inline(always)]
+unsafe fn sum8(v: &[__m256i; 8]) -> __m256i {
+    // SAFETY: AVX2 is enabled by the callers' target features.
+    unsafe {
+        // Each hadd level halves the lanes per vector; the two 128-bit halves of the last
+        // level hold the low and high halves of the same eight sums.
+        let a01 = _mm256_hadd_epi32(v[0], v[1]);
+        let a23 = _mm256_hadd_epi32(v[2], v[3]);
+        let a45 = _mm256_hadd_epi32(v[4], v[5]);
+        let a67 = _mm256_hadd_epi32(v[6], v[7]);
+        let b0 = _mm256_hadd_epi32(a01, a23);
+        let b1 = _mm256_hadd_epi32(a45, a67);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(b0, b1),
+            _mm256_permute2x128_si256::<0x31>(b0, b1),
+        )
+    }
+}
+
+/// The two f16 values at `p + j * stride` (j = 0..8) as floats: (first ones, second ones).
+#[inline(always)]
+pub(super) unsafe fn halves8(p: *const u8, stride: i32) -> (__m256, __m256) {
+    // SAFETY: 4 bytes are readable at each `p + j * stride` (every block is longer); AVX2
+    // and F16C are enabled by the callers' target features.
+    unsafe {
+        let idx = _mm256_mullo_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(stride),
+        );
+        let g = _mm256_i32gather_epi32::<1>(p as *const i32, idx);
+        let lo = _mm256_and_si256(g, _mm256_set1_epi32(0xffff));
+        let hi = _mm256_srli_epi32::<16>(g);
+        // packus interleaves per 128-bit lane; the permute puts the eight `lo` first.
+        let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
+        (
+            _mm256_cvtph_ps(_mm256_castsi256_si128(packed)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(packed)),
+        )
+    }
+}
+
+/// Int8 activations of block `b` as one vector.
+#[inline(always)]
+unsafe fn qx_block(x: &QuantizedX, b: usize) -> __m256i {
+    // SAFETY: the callers keep `b < x.blocks`, and `x.q` holds `x.blocks * 32` values.
+    unsafe { _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK_ELEMS) as *const __m256i) }
+}
+
+/// Q8_0 weight bytes of the block at `p` made unsigned, with their signs moved onto `v`.
+#[inline(always)]
+unsafe fn q8_dot(p: *const u8, v: __m256i) -> __m256i {
+    // SAFETY: the block at `p` has 34 bytes; AVX2 enabled by the callers.
+    unsafe {
+        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        dot_i32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w))
+    }
+}
+
+/// Q4_1 row · quantized `x` (see `act8::dot_q4_1`). Eight blocks per step with vector
+/// scales (per-block scalar scale work would otherwise dominate), then the rest one by one.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_1(row: &[u8], x: &QuantizedX) -> f32 {
+    const B: usize = Q4_1_BYTES;
+    let nb = x.blocks.min(row.len() / B);
+    let (mut acc, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    // SAFETY: every block read is below `nb`, so inside `row` and `x`.
+    unsafe {
+        while b + 8 <= nb {
+            let p = row.as_ptr().add(b * B);
+            let mut dots = [_mm256_setzero_si256(); 8];
+            for (j, d) in dots.iter_mut().enumerate() {
+                *d = dot_i32(nibbles(p.add(j * B + 4)), qx_block(x, b + j));
+            }
+            let (dw, m) = halves8(p, B as i32);
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sum8(&dots)), acc);
+            off = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.s.as_ptr().add(b)), off);
+            b += 8;
+        }
+        hsum(acc) + hsum(off) + dot_q4_1_from(row, x, b)
+    }
+}
+
+/// Blocks `first..` of a Q4_1 row · quantized `x`, one block at a time.
+///
+/// # Safety
+/// As [`dot_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q4_1_from(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
+    const B: usize = Q4_1_BYTES;
+    let mut total = 0.0;
+    for bi in first..x.blocks.min(row.len() / B) {
+        // SAFETY: block `bi` is inside `row` and `x`.
+        unsafe {
+            let p = row.as_ptr().add(bi * B);
+            let dot = hsum(_mm256_cvtepi32_ps(dot_i32(
+                nibbles(p.add(4)),
+                qx_block(x, bi),
+            )));
+            total += half(row, bi * B) * *x.d.get_unchecked(bi) * dot
+                + half(row, bi * B + 2) * *x.s.get_unchecked(bi);
+        }
+    }
+    total
+}
+
+/// Q4_0 row · quantized `x` (see `act8::dot_q4_0`), blocked like [`dot_q4_1`].
+///
+/// # Safety
+/// As [`dot_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q4_0(row: &[u8], x: &QuantizedX) -> f32 {
+    const B: usize = Q4_0_BYTES;
+    let nb = x.blocks.min(row.len() / B);
+    let (mut acc, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    // SAFETY: every block read is below `nb`, so inside `row` and `x`.
+    unsafe {
+        while b + 8 <= nb {
+            let p = row.as_ptr().add(b * B);
+            let mut dots = [_mm256_setzero_si256(); 8];
+            for (j, d) in dots.iter_mut().enumerate() {
+                *d = dot_i32(nibbles(p.add(j * B + 2)), qx_block(x, b + j));
+            }
+            let (dw, _) = halves8(p, B as i32);
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sum8(&dots)), acc);
+            off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(x.s.as_ptr().add(b)), off);
+            b += 8;
+        }
+        hsum(acc) - 8.0 * hsum(off) + dot_q4_0_from(row, x, b)
+    }
+}
+
+/// Blocks `first..` of a Q4_0 row · quantized `x`, one block at a time.
+///
+/// # Safety
+/// As [`dot_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q4_0_from(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
+    const B: usize = Q4_0_BYTES;
+    let mut total = 0.0;
+    for bi in first..x.blocks.min(row.len() / B) {
+        // SAFETY: block `bi` is inside `row` and `x`.
+        unsafe {
+            let p = row.as_ptr().add(bi * B);
+            let dot = hsum(_mm256_cvtepi32_ps(dot_i32(
+                nibbles(p.add(2)),
+                qx_block(x, bi),
+            )));
+            let dw = half(row, bi * B);
+            total += dw * (*x.d.get_unchecked(bi) * dot - 8.0 * *x.s.get_unchecked(bi));
+        }
+    }
+    total
+}
+
+/// Q8_0 row · quantized `x` (see `act8::dot_q8_0`), blocked like [`dot_q4_1`].
+///
+/// # Safety
+/// As [`dot_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0(row: &[u8], x: &QuantizedX) -> f32 {
+    const B: usize = Q8_0_BYTES;
+    let nb = x.blocks.min(row.len() / B);
+    let mut acc = _mm256_setzero_ps();
+    let mut b = 0;
+    // SAFETY: every block read is below `nb`, so inside `row` and `x`.
+    unsafe {
+        while b + 8 <= nb {
+            let p = row.as_ptr().add(b * B);
+            let mut dots = [_mm256_setzero_si256(); 8];
+            for (j, d) in dots.iter_mut().enumerate() {
+                *d = q8_dot(p.add(j * B), qx_block(x, b + j));
+            }
+            let (dw, _) = halves8(p, B as i32);
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sum8(&dots)), acc);
+            b += 8;
+        }
+        hsum(acc) + dot_q8_0_from(row, x, b)
+    }
+}
+
+/// Blocks `first..` of a Q8_0 row · quantized `x`, one block at a time.
+///
+/// # Safety
+/// As [`dot_q4_1`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q8_0_from(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
+    const B: usize = Q8_0_BYTES;
+    let mut total = 0.0;
+    for bi in first..x.blocks.min(row.len() / B) {
+        // SAFETY: block `bi` is inside `row` and `x`.
+        unsafe {
+            let dot = hsum(_mm256_cvtepi32_ps(q8_dot(
+                row.as_ptr().add(bi * B),
+                qx_block(x, bi),
+            )));
+            total += half(row, bi * B) * *x.d.get_unchecked(bi) * dot;
+        }
+    }
+    total
+}
