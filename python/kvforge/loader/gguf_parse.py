@@ -30,6 +30,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_ALIGNMENT = 1 << 20
 MAX_DIMS = 4
+MAX_NAME = 64  # ggml's GGML_MAX_NAME, counting the terminating NUL
 _INT64_MAX = (1 << 63) - 1
 _HEADER_SIZE = 24  # magic, version, tensor_count, kv_count
 # Smallest possible encodings, used to bound counts before anything is allocated.
@@ -293,6 +294,8 @@ class _TensorInfo(NamedTuple):
 def _read_kv(h: _Header, index: int, metadata: dict[str, Any],
              types: dict[str, tuple[int, ...]]) -> None:
     key = h.string(f"metadata key #{index}")
+    if not key:
+        raise h.fail(f"metadata key #{index} is empty")
     if key in metadata:
         raise h.fail(f"metadata key {key!r} appears twice")
     vtype = h.value_type(f"metadata {key!r}", allow_array=True)
@@ -307,6 +310,9 @@ def _read_kv(h: _Header, index: int, metadata: dict[str, Any],
 
 def _read_tensor_info(h: _Header, index: int) -> _TensorInfo:
     name = h.string(f"tensor #{index} name")
+    if len(name.encode()) >= MAX_NAME:
+        raise h.fail(f"tensor #{index} name {name[:MAX_NAME]!r}... is {len(name.encode())} "
+                     f"bytes; ggml allows at most {MAX_NAME - 1}")
     what = f"tensor {name!r}"
     n_dims = h.u32(f"{what} n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -447,6 +453,14 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         raise
 
 
+def parse_gguf(buf: bytes | mmap.mmap, path: str | os.PathLike[str] = "<memory>") -> GGUFFile:
+    """Parse GGUF content already in memory; tensor data are views of `buf`.
+
+    `path` only names the source in errors. Raises ModelFormatError exactly as read_gguf does.
+    """
+    return _parse(buf, len(buf), Path(path))
+
+
 __all__ = [
     "BF16",
     "DEFAULT_ALIGNMENT",
@@ -462,5 +476,6 @@ __all__ = [
     "Q4_1",
     "Q8_0",
     "SUPPORTED_TYPES",
+    "parse_gguf",
     "read_gguf",
 ]

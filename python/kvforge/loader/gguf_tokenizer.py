@@ -101,7 +101,7 @@ def build_tokenizer(model: Any, pre: Any, tokens: Any, merges: Any,
         raise ModelFormatError(f"GGUF tokenizer.ggml.model={model!r} is not supported "
                                "(only 'gpt2' byte-level BPE)")
     pre = "default" if pre is None else pre
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:  # a list is unhashable
         raise ModelFormatError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported "
                                f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
     tokens = _str_list(tokens, "tokenizer.ggml.tokens")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -37,6 +38,8 @@ def _get_float(d: dict[str, Any], key: str, default: float) -> float:
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"config.json: {key}={value!r} must be a number")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() would overflow
+        raise ConfigError(f"config.json: {key} is an integer beyond the float range")
     return float(value)
 
 
@@ -123,15 +126,22 @@ def config_from_dict(d: Any) -> ModelConfig:
 
 def _shard_path(folder: Path, rel: Any) -> Path:
     """Resolve a shard file name from the index, refusing anything outside the folder."""
-    if not isinstance(rel, str) or not rel:
+    if not isinstance(rel, str) or not rel or "\0" in rel:  # os calls refuse NUL bytes
         raise ModelFormatError(f"shard index: bad shard file name {rel!r}")
     if (PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute()
             or ".." in PurePosixPath(rel.replace("\\", "/")).parts):
         raise ModelFormatError(f"shard index: shard path {rel!r} leaves the model folder")
-    full = (folder / rel).resolve()
-    if not full.is_relative_to(folder.resolve()):  # a symlink pointing elsewhere
+    try:
+        full = (folder / rel).resolve()
+        inside = full.is_relative_to(folder.resolve())
+        present = full.is_file()
+    # OSError: e.g. a name longer than the file system allows; RuntimeError: Path.resolve()
+    # reports a symlink loop that way before Python 3.13.
+    except (OSError, RuntimeError) as e:
+        raise ModelFormatError(f"shard index: shard path {rel!r}: {e}") from e
+    if not inside:  # a symlink pointing elsewhere
         raise ModelFormatError(f"shard index: shard path {rel!r} resolves outside the folder")
-    if not full.is_file():
+    if not present:
         raise ModelFormatError(f"shard index: shard file {rel!r} is missing")
     return full
 
@@ -186,10 +196,14 @@ def _token_text(value: Any, key: str) -> str | None:
 def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():  # the standalone file takes precedence, as in transformers
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"cannot read chat template {jinja}: {e}") from e
     tpl = tok_cfg.get("chat_template")
     if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        named = {t["name"]: t.get("template") for t in tpl
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}  # names are keys
         tpl = named.get("default")
     if tpl is not None and not isinstance(tpl, str):
         raise ModelFormatError("tokenizer_config.json: chat_template must be a string")

@@ -101,8 +101,10 @@ LAYER_NAMES = {
 }
 _HF_GLOBAL = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
 _HF_LAYER = {hf: gg for gg, hf in LAYER_NAMES.items()}
-_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
-_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Layer numbers are ASCII and at most 9 digits: int() of a longer run of digits is slow, and
+# past 4300 digits it raises ValueError. Longer ones are reported as unexpected tensors.
+_GGUF_LAYER_RE = re.compile(r"blk\.([0-9]{1,9})\.(.+)")
+_HF_LAYER_RE = re.compile(r"model\.layers\.([0-9]{1,9})\.(.+)")
 
 
 def gguf_to_hf(name: str) -> str | None:
@@ -147,6 +149,12 @@ def _format_problem(name: str, t: RawTensor) -> str | None:
 
 def check_tensors(cfg: ModelConfig, tensors: dict[str, RawTensor]) -> None:
     """Raise one ModelFormatError listing every missing, extra, misshapen or badly stored tensor."""
+    # Every layer needs len(LAYER_NAMES) tensors. A layer count beyond the tensor count cannot
+    # be right, and the table of expected names must not grow with a hostile count.
+    if cfg.num_layers > len(tensors):
+        raise ModelFormatError(
+            f"config num_layers={cfg.num_layers} cannot match a model of {len(tensors)} "
+            f"tensors: every layer needs {len(LAYER_NAMES)}")
     expected = expected_shapes(cfg)
     problems = [f"missing tensor {n} (expected shape {s})"
                 for n, s in expected.items() if n not in tensors]
