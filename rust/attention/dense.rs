@@ -175,11 +175,19 @@ unsafe fn attend_blocks<T: Elem>(
     let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
     let g = job.q.len() / hd;
     let store = job.pool.store();
+    let end = blocks.end;
     for bi in blocks {
         let block = job.head.blocks[bi];
         let n = (job.head.len - bi * bs).min(bs);
         let off = store.block_offset(block as usize);
         let (kb, vb) = (&k[off..off + bs * hd], &v[off..off + bs * hd]);
+        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the next
+        // one coming: ask for it while this one is computed.
+        if let Some(&next) = job.head.blocks.get(bi + 1).filter(|_| bi + 1 < end) {
+            let at = store.block_offset(next as usize);
+            kernels::prefetch(&k[at..at + bs * hd]);
+            kernels::prefetch(&v[at..at + bs * hd]);
+        }
         let sh = BlockShape { g, hd, bs, n };
         // SAFETY: forwarded contract.
         unsafe { kernels::scores(avx2, job.q, kb, sh, job.scale, scores) };
@@ -202,9 +210,9 @@ unsafe fn attend_blocks<T: Elem>(
             );
             // SAFETY: forwarded contract.
             unsafe { rescale(avx2, state, gi, sc, out) };
-            // SAFETY: forwarded contract.
-            unsafe { kernels::weighted_sum(avx2, out, sc, vb, hd) };
         }
+        // SAFETY: forwarded contract.
+        unsafe { kernels::weighted_sum(avx2, &mut acc[..g * hd], scores, bs, n, vb, hd) };
     }
 }
 

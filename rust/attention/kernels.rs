@@ -47,6 +47,23 @@ impl Elem for u16 {
     }
 }
 
+/// Hints the CPU to bring `data` into cache (a no-op off x86-64).
+#[inline(always)]
+pub fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(data);
+        let base = data.as_ptr() as *const i8;
+        for at in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, and `base + at` stays inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(at)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Shapes of one block computation.
 #[derive(Clone, Copy)]
 pub struct BlockShape {
@@ -76,13 +93,22 @@ pub fn scores_portable<T: Elem>(q: &[f32], kb: &[T], sh: BlockShape, scale: f32,
     }
 }
 
-/// Portable twin of [`weighted_sum`]: `acc += sum_s p[s] * vb[s]`. `acc`: `(hd,)`; `p`:
-/// `(n,)`; `vb`: `(bs, hd)`.
-pub fn weighted_sum_portable<T: Elem>(acc: &mut [f32], p: &[f32], vb: &[T], hd: usize) {
-    for (s, &w) in p.iter().enumerate() {
-        if w != 0.0 {
-            for (a, &x) in acc.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
-                *a += w * x.get();
+/// Portable twin of [`weighted_sum`]: `acc[gi] += sum_s p[gi * ps + s] * vb[s]` for every
+/// query head `gi`. `acc`: `(g, hd)`; `p`: `(g, ps)` with `n <= ps` used slots; `vb`: `(bs, hd)`.
+pub fn weighted_sum_portable<T: Elem>(
+    acc: &mut [f32],
+    p: &[f32],
+    ps: usize,
+    n: usize,
+    vb: &[T],
+    hd: usize,
+) {
+    for (gi, out) in acc.chunks_exact_mut(hd).enumerate() {
+        for (s, &w) in p[gi * ps..gi * ps + n].iter().enumerate() {
+            if w != 0.0 {
+                for (a, &x) in out.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
+                    *a += w * x.get();
+                }
             }
         }
     }
@@ -136,19 +162,28 @@ pub unsafe fn scores<T: Elem>(
     scores_portable(q, kb, sh, scale, out)
 }
 
-/// `acc += sum_s p[s] * vb[s]` with the fastest kernel available.
+/// `acc[gi] += sum_s p[gi * ps + s] * vb[s]` for the whole query group (shapes as in
+/// [`weighted_sum_portable`]) with the fastest kernel available.
 ///
 /// # Safety
 /// As [`scores`].
 #[inline(always)]
-pub unsafe fn weighted_sum<T: Elem>(avx2: bool, acc: &mut [f32], p: &[f32], vb: &[T], hd: usize) {
+pub unsafe fn weighted_sum<T: Elem>(
+    avx2: bool,
+    acc: &mut [f32],
+    p: &[f32],
+    ps: usize,
+    n: usize,
+    vb: &[T],
+    hd: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2 && hd.is_multiple_of(8) {
         // SAFETY: forwarded contract.
-        return unsafe { x86::weighted_sum(acc, p, vb, hd) };
+        return unsafe { x86::weighted_sum(acc, p, ps, n, vb, hd) };
     }
     let _ = avx2;
-    weighted_sum_portable(acc, p, vb, hd)
+    weighted_sum_portable(acc, p, ps, n, vb, hd)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -156,7 +191,9 @@ mod x86 {
     use super::{BlockShape, Elem};
     use std::arch::x86_64::*;
 
-    /// Eight slots per step, up to four query heads per pass over the key dimensions.
+    /// Sixteen slots per step when the block allows it (two independent FMA chains per head
+    /// hide the multiply-add latency), else eight; up to three query heads per pass over the
+    /// key dimensions, with the head count a constant so the accumulators stay in registers.
     #[inline(always)]
     pub unsafe fn scores<T: Elem>(
         q: &[f32],
@@ -172,25 +209,13 @@ mod x86 {
         } else {
             sh.n / 8 * 8
         };
-        // SAFETY: every load reads kb[d * bs + c .. + 8] with c + 8 <= full <= bs, and
-        // q[(g0 + j) * hd + d] with g0 + j < g; AVX2/FMA/F16C per the caller.
-        unsafe {
-            let vscale = _mm256_set1_ps(scale);
-            for c in (0..full).step_by(8) {
-                for g0 in (0..sh.g).step_by(4) {
-                    let gn = (sh.g - g0).min(4);
-                    let mut s = [_mm256_setzero_ps(); 4];
-                    for d in 0..sh.hd {
-                        let kv = T::load8(kb.as_ptr().add(d * sh.bs + c));
-                        for (j, sj) in s.iter_mut().enumerate().take(gn) {
-                            let qv = _mm256_set1_ps(*q.get_unchecked((g0 + j) * sh.hd + d));
-                            *sj = _mm256_fmadd_ps(qv, kv, *sj);
-                        }
-                    }
-                    for (j, sj) in s.iter().enumerate().take(gn) {
-                        let dst = out.as_mut_ptr().add((g0 + j) * sh.bs + c);
-                        _mm256_storeu_ps(dst, _mm256_mul_ps(*sj, vscale));
-                    }
+        for g0 in (0..sh.g).step_by(3) {
+            // SAFETY: forwarded contract; heads g0.. exist in `q` and `out`.
+            unsafe {
+                match sh.g - g0 {
+                    1 => score_heads::<T, 1>(q, kb, sh, scale, out, g0, full),
+                    2 => score_heads::<T, 2>(q, kb, sh, scale, out, g0, full),
+                    _ => score_heads::<T, 3>(q, kb, sh, scale, out, g0, full),
                 }
             }
         }
@@ -204,6 +229,60 @@ mod x86 {
                     .map(|(d, &x)| x * kb[d * sh.bs + slot].get())
                     .sum();
                 out[gi * sh.bs + slot] = dot * scale;
+            }
+        }
+    }
+
+    /// Scores of query heads `g0..g0 + G` for slots `0..full` (a multiple of 8).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_heads<T: Elem, const G: usize>(
+        q: &[f32],
+        kb: &[T],
+        sh: BlockShape,
+        scale: f32,
+        out: &mut [f32],
+        g0: usize,
+        full: usize,
+    ) {
+        // SAFETY: every load reads kb[d * bs + c .. + 16 or + 8] with that end <= full <= bs,
+        // and q[(g0 + j) * hd + d] with g0 + j < g; AVX2/FMA/F16C per the caller.
+        unsafe {
+            let vscale = _mm256_set1_ps(scale);
+            let qp = q.as_ptr().add(g0 * sh.hd);
+            let mut c = 0;
+            while c + 16 <= full {
+                let mut s = [[_mm256_setzero_ps(); 2]; G];
+                for d in 0..sh.hd {
+                    let row = kb.as_ptr().add(d * sh.bs + c);
+                    let (k0, k1) = (T::load8(row), T::load8(row.add(8)));
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        let qv = _mm256_set1_ps(*qp.add(j * sh.hd + d));
+                        sj[0] = _mm256_fmadd_ps(qv, k0, sj[0]);
+                        sj[1] = _mm256_fmadd_ps(qv, k1, sj[1]);
+                    }
+                }
+                for (j, sj) in s.iter().enumerate() {
+                    let dst = out.as_mut_ptr().add((g0 + j) * sh.bs + c);
+                    _mm256_storeu_ps(dst, _mm256_mul_ps(sj[0], vscale));
+                    _mm256_storeu_ps(dst.add(8), _mm256_mul_ps(sj[1], vscale));
+                }
+                c += 16;
+            }
+            while c < full {
+                let mut s = [_mm256_setzero_ps(); G];
+                for d in 0..sh.hd {
+                    let kv = T::load8(kb.as_ptr().add(d * sh.bs + c));
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        let qv = _mm256_set1_ps(*qp.add(j * sh.hd + d));
+                        *sj = _mm256_fmadd_ps(qv, kv, *sj);
+                    }
+                }
+                for (j, sj) in s.iter().enumerate() {
+                    let dst = out.as_mut_ptr().add((g0 + j) * sh.bs + c);
+                    _mm256_storeu_ps(dst, _mm256_mul_ps(*sj, vscale));
+                }
+                c += 8;
             }
         }
     }
@@ -270,30 +349,79 @@ mod x86 {
         sum
     }
 
-    /// The accumulator lives in registers, 64 dimensions (eight vectors) at a time.
+    /// Each value row is loaded (and converted from f16) once for up to three query heads:
+    /// per 32 dimensions, 3 x 4 accumulators and 4 value vectors fill the 16 registers.
     #[inline(always)]
-    pub unsafe fn weighted_sum<T: Elem>(acc: &mut [f32], p: &[f32], vb: &[T], hd: usize) {
+    pub unsafe fn weighted_sum<T: Elem>(
+        acc: &mut [f32],
+        p: &[f32],
+        ps: usize,
+        n: usize,
+        vb: &[T],
+        hd: usize,
+    ) {
+        let g = acc.len() / hd;
+        for g0 in (0..g).step_by(3) {
+            let a = acc.as_mut_ptr().wrapping_add(g0 * hd);
+            let pg = p.as_ptr().wrapping_add(g0 * ps);
+            // SAFETY: forwarded contract; heads g0.. exist in `acc` and `p`.
+            unsafe {
+                match g - g0 {
+                    1 => heads::<T, 1>(a, pg, ps, n, vb, hd),
+                    2 => heads::<T, 2>(a, pg, ps, n, vb, hd),
+                    _ => heads::<T, 3>(a, pg, ps, n, vb, hd),
+                }
+            }
+        }
+    }
+
+    /// [`weighted_sum`] for `G` query heads at `acc` (`(G, hd)`) with probabilities at `p`
+    /// (`(G, ps)`); a constant `G` lets the accumulators live in registers.
+    #[inline(always)]
+    unsafe fn heads<T: Elem, const G: usize>(
+        acc: *mut f32,
+        p: *const f32,
+        ps: usize,
+        n: usize,
+        vb: &[T],
+        hd: usize,
+    ) {
         // SAFETY: hd % 8 == 0 (checked by the caller); loads read vb[s * hd + d0 + 8r ..+8]
-        // with s < p.len() <= bs and d0 + 8r + 8 <= hd; AVX2/FMA/F16C per the caller.
+        // with s < n <= bs and d0 + 8r + 8 <= hd, p[j * ps + s] and acc[j * hd + ..] with
+        // j < G; AVX2/FMA/F16C per the caller.
         unsafe {
-            for d0 in (0..hd).step_by(64) {
-                let lanes = ((hd - d0) / 8).min(8);
-                let mut a = [_mm256_setzero_ps(); 8];
-                for (r, ar) in a.iter_mut().enumerate().take(lanes) {
-                    *ar = _mm256_loadu_ps(acc.as_ptr().add(d0 + 8 * r));
-                }
-                for (s, &w) in p.iter().enumerate() {
-                    if w == 0.0 {
-                        continue;
+            for d0 in (0..hd).step_by(32) {
+                let lanes = ((hd - d0) / 8).min(4);
+                let mut a = [[_mm256_setzero_ps(); 4]; G];
+                for (j, aj) in a.iter_mut().enumerate() {
+                    for (r, ar) in aj.iter_mut().enumerate().take(lanes) {
+                        *ar = _mm256_loadu_ps(acc.add(j * hd + d0 + 8 * r));
                     }
-                    let wv = _mm256_set1_ps(w);
+                }
+                for s in 0..n {
+                    let mut w = [0.0f32; G];
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        *wj = *p.add(j * ps + s);
+                    }
+                    if w.iter().all(|&x| x == 0.0) {
+                        continue; // a masked slot
+                    }
                     let row = vb.as_ptr().add(s * hd + d0);
-                    for (r, ar) in a.iter_mut().enumerate().take(lanes) {
-                        *ar = _mm256_fmadd_ps(wv, T::load8(row.add(8 * r)), *ar);
+                    let mut v = [_mm256_setzero_ps(); 4];
+                    for (r, vr) in v.iter_mut().enumerate().take(lanes) {
+                        *vr = T::load8(row.add(8 * r));
+                    }
+                    for (aj, &wj) in a.iter_mut().zip(&w) {
+                        let wv = _mm256_set1_ps(wj);
+                        for (r, ar) in aj.iter_mut().enumerate().take(lanes) {
+                            *ar = _mm256_fmadd_ps(wv, v[r], *ar);
+                        }
                     }
                 }
-                for (r, ar) in a.iter().enumerate().take(lanes) {
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(d0 + 8 * r), *ar);
+                for (j, aj) in a.iter().enumerate() {
+                    for (r, ar) in aj.iter().enumerate().take(lanes) {
+                        _mm256_storeu_ps(acc.add(j * hd + d0 + 8 * r), *ar);
+                    }
                 }
             }
         }
@@ -340,11 +468,20 @@ mod tests {
             let vb: Vec<f32> = (0..bs * hd)
                 .map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0)
                 .collect();
-            let p: Vec<f32> = (0..n).map(|s| s as f32 / 10.0).collect();
-            let (mut fa, mut sa) = (vec![0.25; hd], vec![0.25; hd]);
+            // Rows of `bs` probabilities per query head, with a masked (zero) slot.
+            let p: Vec<f32> = (0..g * bs)
+                .map(|i| {
+                    if i % bs == 1 {
+                        0.0
+                    } else {
+                        (i % 13) as f32 / 10.0
+                    }
+                })
+                .collect();
+            let (mut fa, mut sa) = (vec![0.25; g * hd], vec![0.25; g * hd]);
             // SAFETY: AVX2 checked above.
-            unsafe { weighted_sum(true, &mut fa, &p, &vb, hd) };
-            weighted_sum_portable(&mut sa, &p, &vb, hd);
+            unsafe { weighted_sum(true, &mut fa, &p, bs, n, &vb, hd) };
+            weighted_sum_portable(&mut sa, &p, bs, n, &vb, hd);
             assert!(
                 fa.iter().zip(&sa).all(|(a, b)| (a - b).abs() < 1e-4),
                 "weighted_sum hd={hd}"
