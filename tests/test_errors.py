@@ -348,6 +348,29 @@ def test_non_finite_weight_raises_numerical_error(tmp_path, cfg, weights, llm, b
     assert_usable(llm, baseline)  # other engines are untouched
 
 
+@pytest.mark.a6(2, 20)
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "q8_0", "q4_1", "hf-f16"])
+def test_check_finite_refuses_non_finite_weights_at_load(tmp_path, cfg, weights, case, fmt):
+    name, edit = NON_FINITE[case]
+    w = _with(weights, name, edit)
+    with np.errstate(all="ignore"):  # quantizing a NaN block gives a NaN scale, silently
+        path = (write_hf_folder(tmp_path / "bad", cfg, w, dtype="f16") if fmt == "hf-f16"
+                else write_gguf(tmp_path / "bad.gguf", cfg, w, fmt=fmt))
+    with pytest.raises(ModelFormatError) as e:
+        kvforge.LLM(path, check_finite=True)
+    check_error(e.value, ModelFormatError, ValueError, "non-finite", "check_finite")
+    # the GGUF name of the tensor differs, but every loader reports the HF name
+    assert name in str(e.value)
+
+
+def test_check_finite_accepts_finite_weights(gguf_path):
+    with kvforge.LLM(gguf_path, check_finite=True) as m:
+        assert m.generate(PROMPT, max_new_tokens=2).token_ids
+    with pytest.raises(InputTypeError, match="check_finite"):
+        kvforge.LLM(gguf_path, check_finite="yes")
+
+
 @pytest.mark.a6(21)
 def test_all_logits_minus_inf_is_an_error(tmp_path, cfg, weights):
     # hidden state reduced to one channel that an infinite lm_head column multiplies:

@@ -15,6 +15,7 @@ from .config import KVCacheConfig, SamplingParams
 from .errors import ConfigError, Error, InputTypeError, NumericalError
 from .generation import GenerationChunk, GenerationOutput, run_generation
 from .loader import LoadedModel, default_model_path, load_model
+from .loader.finite import check_finite as _check_finite
 from .presses import PRESSES
 
 PREFILL_CHUNK = 64
@@ -31,12 +32,14 @@ class LLM:
     (default: the model's trained context). ``kv``: the paged KV cache settings.
     ``activations``: ``"float32"`` (exact, default) or ``"int8"``: decode steps quantize the
     inputs of quantized-weight projections to int8 blocks, which is faster but approximate
-    (prefill and float weights stay exact).
+    (prefill and float weights stay exact). ``check_finite=True`` reads every weight once at load
+    and refuses NaN or Inf with a ``ModelFormatError`` naming the tensor (otherwise they surface
+    as ``NumericalError`` when logits turn non-finite).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_threads: int | None = None,
                  max_context: int | None = None, kv: KVCacheConfig | None = None,
-                 activations: str = "float32"):
+                 activations: str = "float32", check_finite: bool = False):
         kv = KVCacheConfig() if kv is None else kv
         if not isinstance(kv, KVCacheConfig):
             raise InputTypeError(f"kv must be a KVCacheConfig, got {type(kv).__name__}")
@@ -46,7 +49,11 @@ class LLM:
         if activations not in ACTIVATIONS:
             raise ConfigError(f"activations={activations!r} must be one of {ACTIVATIONS}")
         self.activations = activations
+        if not isinstance(check_finite, bool):
+            raise InputTypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
         self._loaded: LoadedModel = load_model(default_model_path() if path is None else path)
+        if check_finite:
+            _check_finite(self._loaded.tensors)
         cfg = self._loaded.config
         self.max_context = cfg.max_position_embeddings if max_context is None else v.integer(
             "max_context", max_context, lo=1, hi=2**31)
