@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CHUNK = 64  # kvforge.engine.PREFILL_CHUNK
+from kvforge.engine import PREFILL_CHUNK
+
+CHUNK = PREFILL_CHUNK
 
 
 class Full(Exception):

@@ -21,7 +21,7 @@ REF = json.loads((DATA / "smollm2_fixed32.json").read_text())
 REF_EOS_INDEX = 7  # greedy continuation of REF's prompt emits id 2 (EOS) here
 PARIS = "The capital of France is Paris."
 PROMPT = "Hello world! The key-value cache"
-IDS_100 = [(7 * i + 3) % 297 + 2 for i in range(100)]  # crosses the 64-token prefill chunk
+IDS_LONG = [(7 * i + 3) % 297 + 2 for i in range(300)]  # crosses a prefill chunk boundary
 
 
 WEIGHTS_SEED = 1  # random weights of the shared `weights` fixture
@@ -326,21 +326,21 @@ def test_tokenizer_real(real_llm):
 # ---------------------------------------------------------------- logits
 
 def test_logits_shape_and_dtype(llm):
-    got = llm.logits(IDS_100)
+    got = llm.logits(IDS_LONG)
     assert isinstance(got, np.ndarray)
-    assert got.shape == (100, llm.config.vocab_size) and got.dtype == np.float32
+    assert got.shape == (len(IDS_LONG), llm.config.vocab_size) and got.dtype == np.float32
     assert np.isfinite(got).all()
-    np.testing.assert_array_equal(llm.logits(np.array(IDS_100, dtype=np.int64)), got)
+    np.testing.assert_array_equal(llm.logits(np.array(IDS_LONG, dtype=np.int64)), got)
 
 
-@pytest.mark.parametrize("k", [1, 2, 37, 63, 64, 65, 99])
+@pytest.mark.parametrize("k", [1, 2, 37, 255, 256, 257, 299])
 def test_logits_are_causal(llm, k):
-    full = llm.logits(IDS_100)
-    np.testing.assert_allclose(llm.logits(IDS_100[:k]), full[:k], rtol=0, atol=1e-5)
+    full = llm.logits(IDS_LONG)
+    np.testing.assert_allclose(llm.logits(IDS_LONG[:k]), full[:k], rtol=0, atol=1e-5)
 
 
 def test_greedy_tokens_are_logits_argmax(llm):
-    prompt = IDS_100[:70]
+    prompt = IDS_LONG[:260]
     out = llm.generate(prompt, max_new_tokens=8, ignore_eos=True)
     teacher = llm.logits(prompt + out.token_ids[:-1])
     assert teacher[len(prompt) - 1:].argmax(axis=1).tolist() == out.token_ids
@@ -376,14 +376,14 @@ def test_close_without_context_manager(gguf_path):
 def test_hf_folder_and_gguf_agree(gguf_path, hf_path, n_threads):
     a = kvforge.LLM(gguf_path, n_threads=n_threads)
     b = kvforge.LLM(str(hf_path), n_threads=n_threads)
-    np.testing.assert_allclose(a.logits(IDS_100), b.logits(IDS_100), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a.logits(IDS_LONG), b.logits(IDS_LONG), rtol=0, atol=1e-5)
     _same(_greedy(a, PROMPT), _greedy(b, PROMPT))
     assert a.config == b.config
 
 
 def test_threads_do_not_change_output(llm, gguf_path):
     with kvforge.LLM(gguf_path, n_threads=1) as single:
-        np.testing.assert_allclose(single.logits(IDS_100), llm.logits(IDS_100), atol=1e-5)
+        np.testing.assert_allclose(single.logits(IDS_LONG), llm.logits(IDS_LONG), atol=1e-5)
         assert _greedy(single, PROMPT).token_ids == _greedy(llm, PROMPT).token_ids
 
 
@@ -398,7 +398,7 @@ def short_llm(gguf_path):
 @pytest.mark.a6(12)
 @pytest.mark.parametrize("n", [16, 17, 40])
 def test_prompt_at_or_over_max_context_raises(short_llm, n):
-    ids = IDS_100[:n]
+    ids = IDS_LONG[:n]
     with pytest.raises(kvforge.ConfigError, match="exceeds") as e:
         short_llm.generate(ids)
     assert f"{n}" in str(e.value) and "16" in str(e.value)
@@ -408,11 +408,11 @@ def test_prompt_at_or_over_max_context_raises(short_llm, n):
 
 
 def test_generation_reaching_max_context_finishes_with_length(short_llm, llm):
-    out = short_llm.generate(IDS_100[:10], max_new_tokens=100, ignore_eos=True)
+    out = short_llm.generate(IDS_LONG[:10], max_new_tokens=100, ignore_eos=True)
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 16 - 10
-    assert out.token_ids == _greedy(llm, IDS_100[:10], 6).token_ids
-    assert len(short_llm.generate(IDS_100[:15], max_new_tokens=9).token_ids) == 1
+    assert out.token_ids == _greedy(llm, IDS_LONG[:10], 6).token_ids
+    assert len(short_llm.generate(IDS_LONG[:15], max_new_tokens=9).token_ids) == 1
 
 
 def test_max_context_defaults_to_model_context(llm, cfg):
@@ -420,12 +420,12 @@ def test_max_context_defaults_to_model_context(llm, cfg):
 
 
 def test_logits_accept_exactly_max_context(short_llm):
-    assert short_llm.logits(IDS_100[:16]).shape == (16, short_llm.config.vocab_size)
+    assert short_llm.logits(IDS_LONG[:16]).shape == (16, short_llm.config.vocab_size)
 
 
 def test_logits_over_max_context_raise(short_llm):
     with pytest.raises(kvforge.ConfigError, match="exceeds"):
-        short_llm.logits(IDS_100[:17])
+        short_llm.logits(IDS_LONG[:17])
 
 
 # ---------------------------------------------------------------- unicode streaming

@@ -18,7 +18,10 @@ from .loader import LoadedModel, default_model_path, load_model
 from .loader.finite import check_finite as _check_finite
 from .presses import PRESSES
 
-PREFILL_CHUNK = 64
+# Tokens per prefill step. Larger chunks amortise dequantizing each weight panel over more
+# tokens: on SmolLM2 (2 threads) 64 -> 256 took prefill 512 from 421 to 537 tok/s and 2048
+# from 309 to 371; the scratch grows by about 6 MB.
+PREFILL_CHUNK = 256
 # "int8" quantizes the inputs of one-token projections (decode) to int8 blocks: faster,
 # approximate, opt-in. Prefill and float-format weights stay exact.
 ACTIVATIONS = ("float32", "int8")
