@@ -70,6 +70,13 @@ def test_every_row_is_covered():
     assert set(found) <= set(ROWS), f"unknown rows: {set(found) - set(ROWS)}"
 
 
+def assert_refused(call, cls, words) -> None:
+    """`call()` raises `cls` with every one of `words` in its message."""
+    with pytest.raises(cls) as e:
+        call()
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
 # ---------------------------------------------------------------- row 16: budgets and ratios
 
 @pytest.mark.a6(16)
@@ -86,9 +93,7 @@ def test_every_row_is_covered():
     (lambda: v.compression_ratio("ratio", True), InputTypeError, ("ratio", "bool")),
 ])
 def test_budget_and_ratio_limits(call, cls, words):
-    with pytest.raises(cls) as e:
-        call()
-    assert all(w in str(e.value) for w in words), str(e.value)
+    assert_refused(call, cls, words)
 
 
 @pytest.mark.a6(16)
@@ -126,9 +131,7 @@ def test_press_larger_than_the_context_is_refused(tmp_path, cfg, weights):
     (lambda: v.same_vocab(300, 301), ConfigError, ("300", "301", "vocab")),
 ])
 def test_future_feature_limits(call, cls, words):
-    with pytest.raises(cls) as e:
-        call()
-    assert all(w in str(e.value) for w in words), str(e.value)
+    assert_refused(call, cls, words)
 
 
 @pytest.mark.a6(18)

@@ -80,9 +80,21 @@ pub struct BlockShape {
 /// Portable twin of [`scores`]: `out[gi * bs + s] = scale * q[gi] · key(s)` for `s < n`.
 /// `q`: `(g, hd)`; `kb`: `(hd, bs)`; `out`: `(g, bs)`.
 pub fn scores_portable<T: Elem>(q: &[f32], kb: &[T], sh: BlockShape, scale: f32, out: &mut [f32]) {
+    scores_slots(q, kb, sh, scale, out, 0..sh.n);
+}
+
+/// [`scores_portable`] for the slots `slots` only (the SIMD kernels' leftover slots too).
+fn scores_slots<T: Elem>(
+    q: &[f32],
+    kb: &[T],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+    slots: std::ops::Range<usize>,
+) {
     for gi in 0..sh.g {
         let qg = &q[gi * sh.hd..(gi + 1) * sh.hd];
-        for s in 0..sh.n {
+        for s in slots.clone() {
             let dot: f32 = qg
                 .iter()
                 .enumerate()
@@ -220,17 +232,7 @@ mod x86 {
             }
         }
         // Slots past the last whole chunk (only when bs is not a multiple of 8).
-        for gi in 0..sh.g {
-            let qg = &q[gi * sh.hd..(gi + 1) * sh.hd];
-            for slot in full..sh.n {
-                let dot: f32 = qg
-                    .iter()
-                    .enumerate()
-                    .map(|(d, &x)| x * kb[d * sh.bs + slot].get())
-                    .sum();
-                out[gi * sh.bs + slot] = dot * scale;
-            }
-        }
+        super::scores_slots(q, kb, sh, scale, out, full..sh.n);
     }
 
     /// Scores of query heads `g0..g0 + G` for slots `0..full` (a multiple of 8).

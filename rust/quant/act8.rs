@@ -15,8 +15,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
-use half::f16;
+use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// An activation vector quantized to int8 blocks. Reused across steps (it lives in the
 /// session's scratch), so decode allocates nothing once it has seen the widest vector.
@@ -100,14 +99,6 @@ impl QuantizedX {
     }
 }
 
-#[inline(always)]
-fn half_at(b: &[u8], at: usize) -> f32 {
-    match b.get(at..at + 2) {
-        Some(&[lo, hi]) => f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32(),
-        _ => 0.0,
-    }
-}
-
 /// Integer dot of the 32 nibbles of `nib` (16 bytes, ggml order) with `qx` (32 values).
 #[inline(always)]
 fn nibble_dot(nib: &[u8], qx: &[i8]) -> i32 {
@@ -169,6 +160,7 @@ pub fn dot_q4_1(row: &[u8], x: &QuantizedX) -> f32 {
 mod tests {
     use super::*;
     use crate::quant::{Weight, WeightFormat};
+    use half::f16;
 
     type Kernel = unsafe fn(&[u8], &QuantizedX) -> f32;
 
@@ -246,7 +238,9 @@ mod tests {
                 qx.quantize(&x);
                 let mut wrow = vec![0.0f32; cols];
                 for r in 0..rows {
-                    let scalar = w.dot_row_act8_scalar(r, &qx);
+                    let ks = kernels(fmt);
+                    // SAFETY: the first entry is the scalar kernel, which needs no CPU feature.
+                    let scalar = unsafe { (ks[0].1)(w.row_bytes_of(r), &qx) };
                     w.dequant_row(r, &mut wrow);
                     let exact: f64 = wrow.iter().zip(&x).map(|(a, b)| f64::from(a * b)).sum();
                     // Rounding x moves each product by at most |w| * dx / 2.
@@ -257,7 +251,7 @@ mod tests {
                         .sum();
                     let err = (f64::from(scalar) - exact).abs();
                     assert!(err <= bound + 1e-4, "{fmt:?} {cols}: {err} > {bound}");
-                    for (name, k) in kernels(fmt) {
+                    for (name, k) in ks {
                         // SAFETY: `kernels` lists only kernels this CPU runs; the row has
                         // `qx.blocks` blocks.
                         let got = unsafe { k(w.row_bytes_of(r), &qx) };

@@ -11,20 +11,8 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::avx2::half;
+use super::avx2::{half, hsum};
 use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
-
-/// Sum of eight f32 lanes.
-#[inline(always)]
-pub(super) unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: AVX is implied by the callers' target features.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-}
 
 /// The 32 nibbles at `p` (16 bytes, ggml order) as bytes 0..32 in element order.
 #[inline(always)]
@@ -112,49 +100,8 @@ unsafe fn q8_dot(p: *const u8, v: __m256i) -> __m256i {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_1(row: &[u8], x: &QuantizedX) -> f32 {
-    const B: usize = Q4_1_BYTES;
-    let nb = x.blocks.min(row.len() / B);
-    let (mut acc, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
-    // SAFETY: every block read is below `nb`, so inside `row` and `x`.
-    unsafe {
-        while b + 8 <= nb {
-            let p = row.as_ptr().add(b * B);
-            let mut dots = [_mm256_setzero_si256(); 8];
-            for (j, d) in dots.iter_mut().enumerate() {
-                *d = dot_i32(nibbles(p.add(j * B + 4)), qx_block(x, b + j));
-            }
-            let (dw, m) = halves8(p, B as i32);
-            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sum8(&dots)), acc);
-            off = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.s.as_ptr().add(b)), off);
-            b += 8;
-        }
-        hsum(acc) + hsum(off) + dot_q4_1_from(row, x, b)
-    }
-}
-
-/// Blocks `first..` of a Q4_1 row · quantized `x`, one block at a time.
-///
-/// # Safety
-/// As [`dot_q4_1`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q4_1_from(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
-    const B: usize = Q4_1_BYTES;
-    let mut total = 0.0;
-    for bi in first..x.blocks.min(row.len() / B) {
-        // SAFETY: block `bi` is inside `row` and `x`.
-        unsafe {
-            let p = row.as_ptr().add(bi * B);
-            let dot = hsum(_mm256_cvtepi32_ps(dot_i32(
-                nibbles(p.add(4)),
-                qx_block(x, bi),
-            )));
-            total += half(row, bi * B) * *x.d.get_unchecked(bi) * dot
-                + half(row, bi * B + 2) * *x.s.get_unchecked(bi);
-        }
-    }
-    total
+    // SAFETY: forwarded contract.
+    unsafe { dot_q4::<true>(row, x) }
 }
 
 /// Q4_0 row · quantized `x` (see `act8::dot_q4_0`), blocked like [`dot_q4_1`].
@@ -163,46 +110,65 @@ pub(super) unsafe fn dot_q4_1_from(row: &[u8], x: &QuantizedX, first: usize) -> 
 /// As [`dot_q4_1`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_0(row: &[u8], x: &QuantizedX) -> f32 {
-    const B: usize = Q4_0_BYTES;
-    let nb = x.blocks.min(row.len() / B);
+    // SAFETY: forwarded contract.
+    unsafe { dot_q4::<false>(row, x) }
+}
+
+/// A Q4 block layout: (bytes per block, offset of the nibbles, weight of the offset term).
+/// Q4_1 adds `m * sx` per block (`m` is the block's second f16); Q4_0 subtracts `8 * dw * sx`.
+const fn q4_layout(q4_1: bool) -> (usize, usize, f32) {
+    if q4_1 {
+        (Q4_1_BYTES, 4, 1.0)
+    } else {
+        (Q4_0_BYTES, 2, -8.0)
+    }
+}
+
+/// [`dot_q4_1`] (`Q41`) or [`dot_q4_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4<const Q41: bool>(row: &[u8], x: &QuantizedX) -> f32 {
+    let (bytes, nib, sign) = q4_layout(Q41);
+    let nb = x.blocks.min(row.len() / bytes);
     let (mut acc, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut b = 0;
     // SAFETY: every block read is below `nb`, so inside `row` and `x`.
     unsafe {
         while b + 8 <= nb {
-            let p = row.as_ptr().add(b * B);
+            let p = row.as_ptr().add(b * bytes);
             let mut dots = [_mm256_setzero_si256(); 8];
             for (j, d) in dots.iter_mut().enumerate() {
-                *d = dot_i32(nibbles(p.add(j * B + 2)), qx_block(x, b + j));
+                *d = dot_i32(nibbles(p.add(j * bytes + nib)), qx_block(x, b + j));
             }
-            let (dw, _) = halves8(p, B as i32);
+            let (dw, m) = halves8(p, bytes as i32);
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(b));
             acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(sum8(&dots)), acc);
-            off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(x.s.as_ptr().add(b)), off);
+            let w = if Q41 { m } else { dw };
+            off = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.s.as_ptr().add(b)), off);
             b += 8;
         }
-        hsum(acc) - 8.0 * hsum(off) + dot_q4_0_from(row, x, b)
+        hsum(acc) + sign * hsum(off) + dot_q4_from::<Q41>(row, x, b)
     }
 }
 
-/// Blocks `first..` of a Q4_0 row · quantized `x`, one block at a time.
+/// Blocks `first..` of a Q4_1 (`Q41`) or Q4_0 row · quantized `x`, one block at a time.
 ///
 /// # Safety
 /// As [`dot_q4_1`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q4_0_from(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
-    const B: usize = Q4_0_BYTES;
+pub(super) unsafe fn dot_q4_from<const Q41: bool>(row: &[u8], x: &QuantizedX, first: usize) -> f32 {
+    let (bytes, nib, sign) = q4_layout(Q41);
     let mut total = 0.0;
-    for bi in first..x.blocks.min(row.len() / B) {
+    for bi in first..x.blocks.min(row.len() / bytes) {
         // SAFETY: block `bi` is inside `row` and `x`.
         unsafe {
-            let p = row.as_ptr().add(bi * B);
+            let p = row.as_ptr().add(bi * bytes);
             let dot = hsum(_mm256_cvtepi32_ps(dot_i32(
-                nibbles(p.add(2)),
+                nibbles(p.add(nib)),
                 qx_block(x, bi),
             )));
-            let dw = half(row, bi * B);
-            total += dw * (*x.d.get_unchecked(bi) * dot - 8.0 * *x.s.get_unchecked(bi));
+            let dw = half(row, bi * bytes);
+            let w = if Q41 { half(row, bi * bytes + 2) } else { dw };
+            total += dw * *x.d.get_unchecked(bi) * dot + sign * w * *x.s.get_unchecked(bi);
         }
     }
     total

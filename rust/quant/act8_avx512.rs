@@ -16,7 +16,8 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::act8_avx2::{halves8, hsum};
+use super::act8_avx2::halves8;
+use super::avx2::hsum;
 use super::blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// True when this CPU runs the kernels of this file.
@@ -111,7 +112,7 @@ pub unsafe fn dot_q4_1(row: &[u8], x: &QuantizedX) -> f32 {
     // through the AVX2 kernel's single-block path.
     unsafe {
         let main = q4_groups!(row, x, nb, B, 4, off, b, |dw, m| m);
-        main + hsum(off) + super::act8_avx2::dot_q4_1_from(row, x, b)
+        main + hsum(off) + super::act8_avx2::dot_q4_from::<true>(row, x, b)
     }
 }
 
@@ -127,7 +128,7 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &QuantizedX) -> f32 {
     // SAFETY: as in `dot_q4_1`.
     unsafe {
         let main = q4_groups!(row, x, nb, B, 2, off, b, |dw, _m| dw);
-        main - 8.0 * hsum(off) + super::act8_avx2::dot_q4_0_from(row, x, b)
+        main - 8.0 * hsum(off) + super::act8_avx2::dot_q4_from::<false>(row, x, b)
     }
 }
 

@@ -25,9 +25,9 @@ pub(super) unsafe fn half(b: &[u8], at: usize) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))) }
 }
 
-/// Horizontal sum of eight lanes.
+/// Horizontal sum of eight lanes; shared with the int8-activation kernels.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: AVX is implied by the callers' target features.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -16,8 +16,9 @@ pub const Q4_0_BYTES: usize = 18;
 /// Bytes per Q4_1 block.
 pub const Q4_1_BYTES: usize = 20;
 
+/// The f16 at `b[at..at + 2]` as f32 (block scales); shared with `act8.rs`.
 #[inline(always)]
-fn half_at(b: &[u8], at: usize) -> f32 {
+pub(super) fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 

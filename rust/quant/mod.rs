@@ -378,19 +378,10 @@ impl Weight {
         }
     }
 
-    /// The stored bytes of row `r`.
-    pub fn row_bytes_of(&self, r: usize) -> &[u8] {
+    /// The stored bytes of row `r` (for the kernel tests).
+    #[cfg(test)]
+    pub(crate) fn row_bytes_of(&self, r: usize) -> &[u8] {
         self.row(r)
-    }
-
-    /// Scalar twin of [`Weight::dot_rows_act8`] for one row.
-    pub fn dot_row_act8_scalar(&self, r: usize, x: &act8::QuantizedX) -> f32 {
-        match self.fmt {
-            WeightFormat::Q8_0 => act8::dot_q8_0(self.row(r), x),
-            WeightFormat::Q4_0 => act8::dot_q4_0(self.row(r), x),
-            WeightFormat::Q4_1 => act8::dot_q4_1(self.row(r), x),
-            _ => f32::NAN,
-        }
     }
 
     /// The fastest row kernel for this format on this CPU (AVX-512, then AVX2), if any.
