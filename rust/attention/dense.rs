@@ -15,9 +15,8 @@ use super::{Attention, MAX_GROUP};
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
 use crate::kv::store::KvData;
-use crate::ops::simd::avx2_available;
 
-use super::kernels::{self, BlockShape, Elem};
+use super::kernels::{self, BlockShape, Elem, Isa};
 
 /// Exact softmax attention.
 #[derive(Debug, Default, Clone, Copy)]
@@ -116,122 +115,194 @@ fn dispatch<T: Elem>(
     st: &mut Online,
 ) {
     let g = job.q.len() / job.pool.head_dim();
+    let chunk = chunk_blocks(job.pool.block_size());
     SCORES.with(|cell| {
         let mut buf = cell.borrow_mut();
-        buf.resize(g * job.pool.block_size(), 0.0);
+        buf.resize(g * chunk * job.pool.block_size(), 0.0);
         let scores: &mut [f32] = &mut buf;
-        #[cfg(target_arch = "x86_64")]
-        if avx2_available() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-            return unsafe { blocks_avx2(job, blocks, k, v, acc, st, scores) };
+        let kv = Kv { k, v };
+        match Isa::detect() {
+            // SAFETY: the CPU has what each build enables (detected just above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { blocks_avx512(job, blocks, kv, acc, st, scores) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { blocks_avx2(job, blocks, kv, acc, st, scores) },
+            // SAFETY: the portable kernels need no CPU feature.
+            _ => unsafe { attend_blocks(Isa::Portable, job, blocks, kv, acc, st, scores) },
         }
-        // SAFETY: `avx2 = false` selects the portable kernels, which need no CPU feature.
-        unsafe { attend_blocks::<T>(false, job, blocks, k, v, acc, st, scores) }
     })
 }
 
+/// Slots scored per softmax step: enough whole blocks to amortise the per-step max, exp and
+/// rescale over many slots, few enough that the scores stay in L1.
+const CHUNK_SLOTS: usize = 128;
+
+/// Blocks per softmax step for blocks of `bs` slots.
+fn chunk_blocks(bs: usize) -> usize {
+    (CHUNK_SLOTS / bs).max(1)
+}
+
 thread_local! {
-    /// Scores of one block for one query group, `(g, block_size)`: reused by every call on
-    /// this thread instead of zeroing a worst-case stack array each time.
+    /// Scores of one chunk of blocks for one query group, `(g, chunk * block_size)`: reused
+    /// by every call on this thread instead of zeroing a worst-case stack array each time.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The key and value arrays of the whole pool.
+#[derive(Clone, Copy)]
+struct Kv<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
 }
 
 /// The AVX2 build of [`attend_blocks`]. The thread-local buffer is fetched by the caller:
 /// a closure inside this function would not inherit its target features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn blocks_avx2<T: Elem>(
     job: &Job<'_>,
     blocks: Range<usize>,
-    k: &[T],
-    v: &[T],
+    kv: Kv<'_, T>,
     acc: &mut [f32],
     st: &mut Online,
     scores: &mut [f32],
 ) {
     // SAFETY: this function only runs where the features it enables are present.
-    unsafe { attend_blocks::<T>(true, job, blocks, k, v, acc, st, scores) }
+    unsafe { attend_blocks(Isa::Avx2, job, blocks, kv, acc, st, scores) }
 }
 
-/// The online-softmax loop over a range of blocks: scores of a block for the whole group,
-/// masking by position, rescaling, then the probability-weighted sum of the block's values.
-/// `scores`: `(g, block_size)` scratch.
-///
-/// # Safety
-/// `avx2` may only be true on a CPU with AVX2, FMA and F16C.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_blocks<T: Elem>(
-    avx2: bool,
+/// The AVX-512 build of [`attend_blocks`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn blocks_avx512<T: Elem>(
     job: &Job<'_>,
     blocks: Range<usize>,
-    k: &[T],
-    v: &[T],
+    kv: Kv<'_, T>,
+    acc: &mut [f32],
+    st: &mut Online,
+    scores: &mut [f32],
+) {
+    // SAFETY: this function only runs where the features it enables are present.
+    unsafe { attend_blocks(Isa::Avx512, job, blocks, kv, acc, st, scores) }
+}
+
+/// The online-softmax loop over a range of blocks, a chunk of blocks per step: scores of the
+/// chunk for the whole group, masking by position, one max / exp / rescale per head, then the
+/// probability-weighted sums of the chunk's values. `scores`: `(g, chunk * block_size)`.
+///
+/// # Safety
+/// `isa` must be supported by this CPU.
+#[inline(always)]
+unsafe fn attend_blocks<T: Elem>(
+    isa: Isa,
+    job: &Job<'_>,
+    blocks: Range<usize>,
+    kv: Kv<'_, T>,
     acc: &mut [f32],
     state: &mut Online,
     scores: &mut [f32],
 ) {
     let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
     let g = job.q.len() / hd;
-    let store = job.pool.store();
-    let end = blocks.end;
-    for bi in blocks {
-        let block = job.head.blocks[bi];
-        let n = (job.head.len - bi * bs).min(bs);
-        let off = store.block_offset(block as usize);
-        let (kb, vb) = (&k[off..off + bs * hd], &v[off..off + bs * hd]);
-        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the next
-        // one coming: ask for it while this one is computed.
-        if let Some(&next) = job.head.blocks.get(bi + 1).filter(|_| bi + 1 < end) {
-            let at = store.block_offset(next as usize);
-            kernels::prefetch(&k[at..at + bs * hd]);
-            kernels::prefetch(&v[at..at + bs * hd]);
-        }
-        let sh = BlockShape { g, hd, bs, n };
+    let chunk = chunk_blocks(bs);
+    let os = chunk * bs;
+    let mut start = blocks.start;
+    while start < blocks.end {
+        let ids = start..(start + chunk).min(blocks.end);
+        start = ids.end;
         // SAFETY: forwarded contract.
-        unsafe { kernels::scores(avx2, job.q, kb, sh, job.scale, scores) };
-        let positions = &job.pool.positions(block)[..n];
-        let mut any = false;
-        for (s, &p) in positions.iter().enumerate() {
-            if p > job.q_pos {
-                (0..g).for_each(|gi| scores[gi * bs + s] = f32::NEG_INFINITY);
-            } else {
-                any = true;
-            }
-        }
-        if !any {
+        let Some((used, masked)) = (unsafe { chunk_scores(isa, job, ids.clone(), kv, scores) })
+        else {
             continue;
-        }
+        };
         for gi in 0..g {
             let (sc, out) = (
-                &mut scores[gi * bs..gi * bs + n],
+                &mut scores[gi * os..gi * os + used],
                 &mut acc[gi * hd..(gi + 1) * hd],
             );
             // SAFETY: forwarded contract.
-            unsafe { rescale(avx2, state, gi, sc, out) };
+            unsafe { rescale(isa, state, gi, sc, out) };
         }
-        // SAFETY: forwarded contract.
-        unsafe { kernels::weighted_sum(avx2, &mut acc[..g * hd], scores, bs, n, vb, hd) };
+        let store = job.pool.store();
+        for (j, bi) in ids.enumerate() {
+            let off = store.block_offset(job.head.blocks[bi] as usize);
+            let n = (job.head.len - bi * bs).min(bs);
+            let (p, vb) = (&scores[j * bs..], &kv.v[off..off + bs * hd]);
+            // SAFETY: forwarded contract.
+            unsafe { kernels::weighted_sum(isa, &mut acc[..g * hd], p, os, n, vb, hd, masked) };
+        }
     }
 }
 
-/// Folds one block of scores for query head `gi` into the running max and sum, turning the
+/// Scores of the blocks `ids` into consecutive column ranges of `scores` (row stride
+/// `chunk * block_size`), with slots after the query's position set to `-inf`. Returns the
+/// used columns and whether any slot was masked, or `None` when every slot was.
+///
+/// # Safety
+/// `isa` must be supported by this CPU.
+#[inline(always)]
+unsafe fn chunk_scores<T: Elem>(
+    isa: Isa,
+    job: &Job<'_>,
+    ids: Range<usize>,
+    kv: Kv<'_, T>,
+    scores: &mut [f32],
+) -> Option<(usize, bool)> {
+    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
+    let g = job.q.len() / hd;
+    let os = chunk_blocks(bs) * bs;
+    let store = job.pool.store();
+    let (mut used, mut masked, mut any) = (0, false, false);
+    for (j, bi) in ids.enumerate() {
+        let block = job.head.blocks[bi];
+        let n = (job.head.len - bi * bs).min(bs);
+        let off = store.block_offset(block as usize);
+        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the next
+        // one coming: ask for it while this one is computed.
+        if let Some(&next) = job.head.blocks.get(bi + 1) {
+            let at = store.block_offset(next as usize);
+            kernels::prefetch(&kv.k[at..at + bs * hd]);
+            kernels::prefetch(&kv.v[at..at + bs * hd]);
+        }
+        let sh = BlockShape { g, hd, bs, os, n };
+        let out = &mut scores[j * bs..];
+        // SAFETY: forwarded contract.
+        unsafe { kernels::scores(isa, job.q, &kv.k[off..off + bs * hd], sh, job.scale, out) };
+        let positions = &job.pool.positions(block)[..n];
+        if positions.iter().all(|&p| p <= job.q_pos) {
+            any = true;
+        } else {
+            for (s, &p) in positions.iter().enumerate() {
+                if p > job.q_pos {
+                    (0..g).for_each(|gi| out[gi * os + s] = f32::NEG_INFINITY);
+                    masked = true;
+                } else {
+                    any = true;
+                }
+            }
+        }
+        used = j * bs + n;
+    }
+    any.then_some((used, masked))
+}
+
+/// Folds one chunk of scores for query head `gi` into the running max and sum, turning the
 /// scores into unnormalised probabilities and rescaling the accumulated output.
 ///
 /// # Safety
-/// As [`kernels::exp_shift`].
+/// `isa` must be supported by this CPU.
 #[inline(always)]
-unsafe fn rescale(avx2: bool, state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
-    let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+unsafe fn rescale(isa: Isa, state: &mut Online, gi: usize, scores: &mut [f32], acc: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    let block_max = unsafe { kernels::row_max(isa, scores) };
     let new_max = state.max[gi].max(block_max);
-    let corr = (state.max[gi] - new_max).exp();
-    if corr != 1.0 {
+    if new_max > state.max[gi] {
+        let corr = (state.max[gi] - new_max).exp();
         state.sum[gi] *= corr;
         acc.iter_mut().for_each(|a| *a *= corr);
     }
     // SAFETY: forwarded contract.
-    state.sum[gi] += unsafe { kernels::exp_shift(avx2, scores, new_max) };
+    state.sum[gi] += unsafe { kernels::exp_shift(isa, scores, new_max) };
     state.max[gi] = new_max;
 }
 

@@ -9,6 +9,10 @@
 
 pub mod dense;
 pub mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod kernels_avx2;
+#[cfg(target_arch = "x86_64")]
+mod kernels_avx512;
 
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;

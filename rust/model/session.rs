@@ -372,7 +372,7 @@ fn split_count(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, threads: usize) -
         .map(|kh| ctx.cache.head(ctx.layer, kh).blocks.len())
         .max()
         .unwrap_or(0);
-    let want = (4 * threads).div_ceil(cfg.num_kv_heads);
+    let want = (8 * threads).div_ceil(cfg.num_kv_heads);
     want.min(longest / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS)
 }
 
