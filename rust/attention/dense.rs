@@ -1,13 +1,14 @@
 //! Exact attention with an online softmax over the blocks of one head cache.
 //!
-//! Memory is O(block_size x g) per call: scores of one block for the whole query group live on
-//! the stack, the running max and normaliser per query head are rescaled block by block
-//! (flash-attention style), so no `L x L` or even `L`-long score row is ever built.
+//! Memory is O(chunk x g) per call: scores of one chunk of blocks (128 slots) for the whole
+//! query group live in a thread-local buffer, the running max and normaliser per query head
+//! are rescaled chunk by chunk (flash-attention style), so no `L x L` or even `L`-long score
+//! row is ever built.
 //!
 //! [`Dense::partial`] attends over a sub-range of blocks and returns the unnormalised state, so
 //! one long context can be split across threads and merged by log-sum-exp ([`merge`]), as in
-//! flash-decoding. The block kernels come from `kernels.rs`: the whole loop is compiled once
-//! for AVX2/FMA/F16C (chosen at run time) and once portably.
+//! flash-decoding. The block kernels come from `kernels.rs`: the whole loop is compiled for
+//! AVX-512, for AVX2/FMA/F16C and portably, and the build is chosen at run time.
 
 use std::ops::Range;
 
@@ -352,110 +353,5 @@ pub fn merge<'a>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
-    use super::*;
-    use crate::kv::paged::SeqCache;
-    use crate::kv::KvDtype;
-
-    /// Plain softmax attention over contiguous rows: the slow twin.
-    fn naive(
-        q: &[f32],
-        ks: &[Vec<f32>],
-        vs: &[Vec<f32>],
-        pos: &[u32],
-        q_pos: u32,
-        scale: f32,
-    ) -> Vec<f32> {
-        let hd = ks[0].len();
-        let mut out = Vec::new();
-        for qh in q.chunks(hd) {
-            let s: Vec<f64> = ks
-                .iter()
-                .zip(pos)
-                .map(|(k, &p)| {
-                    if p > q_pos {
-                        f64::NEG_INFINITY
-                    } else {
-                        qh.iter().zip(k).map(|(a, b)| f64::from(a * b)).sum::<f64>()
-                            * f64::from(scale)
-                    }
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            for d in 0..hd {
-                out.push(
-                    (w.iter()
-                        .zip(vs)
-                        .map(|(wi, v)| wi * f64::from(v[d]))
-                        .sum::<f64>()
-                        / z) as f32,
-                );
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn paged_dense_equals_naive_for_any_block_size_and_order() {
-        let (hd, g, n) = (8usize, 3usize, 37usize);
-        let val = |i: usize, j: usize| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 7.0;
-        let ks: Vec<Vec<f32>> = (0..n)
-            .map(|i| (0..hd).map(|j| val(i, j)).collect())
-            .collect();
-        let vs: Vec<Vec<f32>> = (0..n)
-            .map(|i| (0..hd).map(|j| val(i + 5, j)).collect())
-            .collect();
-        // Slots hold positions out of order, as after eviction compaction.
-        let pos: Vec<u32> = (0..n as u32).map(|i| (i * 7) % n as u32).collect();
-        let q: Vec<f32> = (0..g * hd).map(|j| val(j, 3)).collect();
-        for bs in [1, 4, 16, 64] {
-            for dtype in [KvDtype::F32, KvDtype::F16] {
-                let mut pool = BlockPool::new(64, bs, hd, dtype).unwrap();
-                let mut cache = SeqCache::new(1, 1);
-                cache.reserve(&pool, n).unwrap();
-                for i in 0..n {
-                    cache.append(&mut pool, 0, pos[i], &ks[i], &vs[i]).unwrap();
-                }
-                let mut out = vec![0.0; g * hd];
-                let scale = 1.0 / (hd as f32).sqrt();
-                Dense.attend(&pool, cache.head(0, 0), &q, 20, scale, &mut out);
-                let want = naive(&q, &ks, &vs, &pos, 20, scale);
-                let tol = if dtype == KvDtype::F32 { 1e-5 } else { 5e-3 };
-                for (a, b) in out.iter().zip(&want) {
-                    assert!((a - b).abs() < tol, "bs={bs} {dtype:?}: {a} vs {b}");
-                }
-                // Split the blocks in three ranges, attend each, merge: the same result.
-                let nb = cache.head(0, 0).blocks.len();
-                let cuts = [0, nb / 3, 2 * nb / 3, nb];
-                let mut accs = vec![vec![0.0f32; g * hd]; 3];
-                let mut states = vec![Online::default(); 3];
-                for i in 0..3 {
-                    let (acc, st) = (&mut accs[i], &mut states[i]);
-                    Dense.partial(
-                        &pool,
-                        cache.head(0, 0),
-                        cuts[i]..cuts[i + 1],
-                        &q,
-                        20,
-                        scale,
-                        acc,
-                        st,
-                    );
-                }
-                let mut merged = vec![0.0; g * hd];
-                merge(
-                    accs.iter().map(|a| &a[..]).zip(states.iter()),
-                    hd,
-                    &mut merged,
-                );
-                for (a, b) in merged.iter().zip(&out) {
-                    assert!((a - b).abs() < 1e-5, "split bs={bs} {dtype:?}: {a} vs {b}");
-                }
-                cache.release(&mut pool).unwrap();
-            }
-        }
-    }
-}
+#[path = "dense_tests.rs"]
+mod tests;

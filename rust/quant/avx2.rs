@@ -18,11 +18,22 @@ pub fn available() -> bool {
 }
 
 /// The f16 at `b[at..at + 2]` as f32 (F16C), for block scales; shared with `avx512.rs`.
+/// The value is broadcast into the vector rather than inserted: an insert (`vpinsrw`) keeps
+/// the other lanes of whatever register the compiler picks, and when that is an accumulator
+/// every block waits for the previous block's multiply-add.
 #[inline(always)]
 pub(super) unsafe fn half(b: &[u8], at: usize) -> f32 {
-    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    let bits = i16::from_le_bytes([b[at], b[at + 1]]);
     // SAFETY: F16C is enabled by the callers' target features.
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))) }
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits))) }
+}
+
+/// The f16 at `b[at..at + 2]` in all eight lanes (see [`half`] for why a broadcast).
+#[inline(always)]
+pub(super) unsafe fn half8(b: &[u8], at: usize) -> __m256 {
+    let bits = i16::from_le_bytes([b[at], b[at + 1]]);
+    // SAFETY: F16C is enabled by the callers' target features.
+    unsafe { _mm256_cvtph_ps(_mm_set1_epi16(bits)) }
 }
 
 /// Horizontal sum of eight lanes; shared with the int8-activation kernels.
@@ -84,10 +95,14 @@ pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     {
         // SAFETY: `b` is one whole block and `xs` 32 floats; features enabled on this fn.
         unsafe {
-            let (d, m) = (half(b, 0), half(b, 2));
+            // d and m are adjacent f16 values: one conversion of all four bytes gives both.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                b[0], b[1], b[2], b[3],
+            ])));
             let (lo, hi) = split_nibbles(b.as_ptr().add(4));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), nibbles_dot(lo, hi, xs.as_ptr()), acc);
-            macc += m * xsum[bi];
+            let d = _mm256_broadcastss_ps(dm);
+            acc = _mm256_fmadd_ps(d, nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            macc += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * xsum[bi];
         }
     }
     // SAFETY: AVX enabled on this fn.
@@ -109,10 +124,10 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     {
         // SAFETY: as in `dot_q4_1`.
         unsafe {
-            let d = half(b, 0);
+            let d = half8(b, 0);
             let (lo, hi) = split_nibbles(b.as_ptr().add(2));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), nibbles_dot(lo, hi, xs.as_ptr()), acc);
-            corr += 8.0 * d * xsum[bi];
+            acc = _mm256_fmadd_ps(d, nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            corr += 8.0 * _mm256_cvtss_f32(d) * xsum[bi];
         }
     }
     // SAFETY: AVX enabled on this fn.
@@ -132,7 +147,7 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
     {
         // SAFETY: as in `dot_q4_1`; the 32 int8 follow the 2-byte scale.
         unsafe {
-            let d = half(b, 0);
+            let d = half8(b, 0);
             let q = b.as_ptr().add(2);
             let xp = xs.as_ptr();
             let mut s = _mm256_setzero_ps();
@@ -141,7 +156,7 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
                 let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
                 s = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xp.add(8 * k)), s);
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            acc = _mm256_fmadd_ps(d, s, acc);
         }
     }
     // SAFETY: AVX enabled on this fn.
