@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use _core::attention::dense::Dense;
+use _core::attention::kernels::{self, BlockShape, Isa};
 use _core::attention::Attention;
 use _core::kv::paged::SeqCache;
 use _core::kv::pool::BlockPool;
@@ -66,5 +67,51 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemv, bench_gemm, bench_attention);
+/// The attention block kernels on one 16-slot f16 block (64-wide heads, group of 3), for each
+/// instruction set this CPU has: how much each SIMD build buys over the portable twin.
+fn bench_attention_kernels(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention_block_f16_g3_d64");
+    let (g, hd, bs) = (3, 64, 16);
+    let kb: Vec<u16> = (0..hd * bs)
+        .map(|i| half::f16::from_f32((i as f32 * 0.37).sin()).to_bits())
+        .collect();
+    let q: Vec<f32> = (0..g * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+    let p: Vec<f32> = (0..g * bs).map(|i| 1.0 / (1 + i) as f32).collect();
+    let (mut sc, mut acc) = (vec![0.0f32; g * bs], vec![0.0f32; g * hd]);
+    let sh = BlockShape {
+        g,
+        hd,
+        bs,
+        os: bs,
+        n: bs,
+    };
+    group.throughput(Throughput::Elements(bs as u64));
+    let isas = match Isa::detect() {
+        Isa::Avx512 => vec![Isa::Portable, Isa::Avx2, Isa::Avx512],
+        Isa::Avx2 => vec![Isa::Portable, Isa::Avx2],
+        Isa::Portable => vec![Isa::Portable],
+    };
+    for isa in isas {
+        let name = format!("{isa:?}");
+        // SAFETY: every `isa` listed is supported by this CPU.
+        group.bench_function(BenchmarkId::new("scores", &name), |b| {
+            b.iter(|| unsafe { kernels::entry::scores(isa, &q, &kb, sh, 0.125, &mut sc) })
+        });
+        // SAFETY: as above.
+        group.bench_function(BenchmarkId::new("weighted_sum", &name), |b| {
+            b.iter(|| unsafe {
+                kernels::entry::weighted_sum(isa, &mut acc, &p, bs, bs, &kb, hd, false)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_gemv,
+    bench_gemm,
+    bench_attention,
+    bench_attention_kernels
+);
 criterion_main!(benches);

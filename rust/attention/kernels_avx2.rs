@@ -149,8 +149,7 @@ pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
     sum
 }
 
-/// Each value row is loaded (and converted from f16) once for up to three query heads:
-/// per 32 dimensions, 3 x 4 accumulators and 4 value vectors fill the 16 registers.
+/// Each value row is loaded (and converted from f16) once for up to three query heads.
 #[inline(always)]
 pub unsafe fn weighted_sum<T: Elem>(
     acc: &mut [f32],
@@ -177,7 +176,7 @@ pub unsafe fn weighted_sum<T: Elem>(
 }
 
 /// [`weighted_sum`] for `G` query heads at `acc` (`(G, hd)`) with probabilities at `p`
-/// (`(G, ps)`); a constant `G` lets the accumulators live in registers.
+/// (`(G, ps)`): 32 dimensions per pass, then any 8-wide rest.
 #[inline(always)]
 unsafe fn heads<T: Elem, const G: usize>(
     acc: *mut f32,
@@ -188,42 +187,67 @@ unsafe fn heads<T: Elem, const G: usize>(
     hd: usize,
     skip: bool,
 ) {
-    // SAFETY: hd % 8 == 0 (checked by the caller); loads read vb[s * hd + d0 + 8r ..+8]
-    // with s < n <= bs and d0 + 8r + 8 <= hd, p[j * ps + s] and acc[j * hd + ..] with
-    // j < G; AVX2/FMA/F16C per the caller.
+    let r = Rows { ps, n, hd, skip };
+    let mut d0 = 0;
+    // SAFETY: forwarded contract; each pass stays below hd (a multiple of 8).
     unsafe {
-        for d0 in (0..hd).step_by(32) {
-            let lanes = ((hd - d0) / 8).min(4);
-            let mut a = [[_mm256_setzero_ps(); 4]; G];
-            for (j, aj) in a.iter_mut().enumerate() {
-                for (r, ar) in aj.iter_mut().enumerate().take(lanes) {
-                    *ar = _mm256_loadu_ps(acc.add(j * hd + d0 + 8 * r));
+        while d0 + 32 <= hd {
+            dims::<T, G, 4>(acc, p, vb, r, d0);
+            d0 += 32;
+        }
+        while d0 < hd {
+            dims::<T, G, 1>(acc, p, vb, r, d0);
+            d0 += 8;
+        }
+    }
+}
+
+/// What [`dims`] walks: `n` value rows of width `hd`, probabilities with row stride `ps`.
+#[derive(Clone, Copy)]
+struct Rows {
+    ps: usize,
+    n: usize,
+    hd: usize,
+    skip: bool,
+}
+
+/// Dimensions `d0..d0 + 8 L` of [`heads`]. Each value vector is loaded and used at once, so
+/// `G x L` accumulators, `G` broadcast weights and one value fit the 16 registers (3 x 4 +
+/// 3 + 1 for the default group) without spilling.
+#[inline(always)]
+unsafe fn dims<T: Elem, const G: usize, const L: usize>(
+    acc: *mut f32,
+    p: *const f32,
+    vb: &[T],
+    r: Rows,
+    d0: usize,
+) {
+    // SAFETY: d0 + 8 L <= hd; loads read vb[s * hd + d0 ..+8 L] with s < n <= bs,
+    // p[j * ps + s] and acc[j * hd + d0 ..] with j < G; AVX2/FMA/F16C per the caller.
+    unsafe {
+        let mut a = [[_mm256_setzero_ps(); L]; G];
+        for (j, aj) in a.iter_mut().enumerate() {
+            for (l, al) in aj.iter_mut().enumerate() {
+                *al = _mm256_loadu_ps(acc.add(j * r.hd + d0 + 8 * l));
+            }
+        }
+        for s in 0..r.n {
+            let w: [f32; G] = std::array::from_fn(|j| *p.add(j * r.ps + s));
+            if r.skip && w.iter().all(|&x| x == 0.0) {
+                continue; // a masked slot
+            }
+            let wv: [__m256; G] = std::array::from_fn(|j| _mm256_set1_ps(w[j]));
+            let row = vb.as_ptr().add(s * r.hd + d0);
+            for l in 0..L {
+                let v = T::load8(row.add(8 * l));
+                for (aj, wj) in a.iter_mut().zip(&wv) {
+                    aj[l] = _mm256_fmadd_ps(*wj, v, aj[l]);
                 }
             }
-            for s in 0..n {
-                let mut w = [0.0f32; G];
-                for (j, wj) in w.iter_mut().enumerate() {
-                    *wj = *p.add(j * ps + s);
-                }
-                if skip && w.iter().all(|&x| x == 0.0) {
-                    continue; // a masked slot
-                }
-                let row = vb.as_ptr().add(s * hd + d0);
-                let mut v = [_mm256_setzero_ps(); 4];
-                for (r, vr) in v.iter_mut().enumerate().take(lanes) {
-                    *vr = T::load8(row.add(8 * r));
-                }
-                for (aj, &wj) in a.iter_mut().zip(&w) {
-                    let wv = _mm256_set1_ps(wj);
-                    for (r, ar) in aj.iter_mut().enumerate().take(lanes) {
-                        *ar = _mm256_fmadd_ps(wv, v[r], *ar);
-                    }
-                }
-            }
-            for (j, aj) in a.iter().enumerate() {
-                for (r, ar) in aj.iter().enumerate().take(lanes) {
-                    _mm256_storeu_ps(acc.add(j * hd + d0 + 8 * r), *ar);
-                }
+        }
+        for (j, aj) in a.iter().enumerate() {
+            for (l, al) in aj.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(j * r.hd + d0 + 8 * l), *al);
             }
         }
     }
