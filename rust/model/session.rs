@@ -19,7 +19,7 @@ use crate::kv::pool::BlockPool;
 use crate::model::llama::Layer;
 use crate::model::scratch::{Scratch, MAX_SPLITS};
 use crate::model::ModelConfig;
-use crate::ops::matmul::{gemm, project};
+use crate::ops::matmul::{gemm, project, project_many};
 use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
 
 /// Which logits a forward call returns.
@@ -301,8 +301,7 @@ fn attention_block(
         cfg.rms_norm_eps,
         &mut s.xb[..n * h],
     );
-    // The three projections read the same input: run them as one fork so their row tasks
-    // share the pool instead of paying three joins.
+    // The three projections read the same input: one parallel region for all their rows.
     let (x, q, k, v) = (
         &s.xb[..n * h],
         &mut s.q[..n * qd],
@@ -311,14 +310,11 @@ fn attention_block(
     );
     Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
     let qx = &s.qx;
-    rayon::join(
-        || project(&layer.wq, x, qx, n, q),
-        || {
-            rayon::join(
-                || project(&layer.wk, x, qx, n, k),
-                || project(&layer.wv, x, qx, n, v),
-            )
-        },
+    project_many(
+        &mut [(&layer.wq, q), (&layer.wk, k), (&layer.wv, v)],
+        x,
+        qx,
+        n,
     );
     for t in 0..n {
         let (c, sn) = (
@@ -426,10 +422,7 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {
     let (x, gate, up) = (&s.xb[..n * h], &mut s.hb[..n * f], &mut s.hb2[..n * f]);
     Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
     let qx = &s.qx;
-    rayon::join(
-        || project(&layer.w_gate, x, qx, n, gate),
-        || project(&layer.w_up, x, qx, n, up),
-    );
+    project_many(&mut [(&layer.w_gate, gate), (&layer.w_up, up)], x, qx, n);
     swiglu(&mut s.hb[..n * f], &s.hb2[..n * f]);
     Scratch::prepare_act8(s.int8_decode, n, &s.hb[..n * f], &mut s.qx);
     project(&layer.w_down, &s.hb[..n * f], &s.qx, n, &mut s.xb[..n * h]);
