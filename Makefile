@@ -2,7 +2,7 @@
 PY ?= python
 PYTEST_ARGS ?=
 
-.PHONY: help install-deps build-dev build-prod lint fmt test-rust test-py test test-slow test-large bench bench-compare fuzz ci
+.PHONY: help install-deps build-dev build-prod lint fmt test-rust test-py bench-smoke test test-slow test-large bench bench-compare fuzz ci
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,7 +33,9 @@ test-rust:  ## Rust unit tests, no Python needed
 test-py:  ## the Python suite (hypothesis profile from KVFORGE_HYPOTHESIS_PROFILE, default ci)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test: test-rust test-py  ## all fast tests
+bench-smoke:  ## every benchmark once, untimed: the suites keep running
+	$(PY) -m pytest benches -m bench -p no:cacheprovider --benchmark-disable -q
+test: test-rust test-py bench-smoke  ## all fast tests
 
 test-slow:  ## long runs too
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
