@@ -227,7 +227,7 @@ pub unsafe fn exp_shift(isa: Isa, s: &mut [f32], m: f32) -> f32 {
 /// caller ignores.
 ///
 /// # Safety
-/// As [`row_max`].
+/// As [`row_max`]. Panics when the slices are shorter than `sh` says.
 #[inline(always)]
 pub unsafe fn scores<T: Elem>(
     isa: Isa,
@@ -237,7 +237,20 @@ pub unsafe fn scores<T: Elem>(
     scale: f32,
     out: &mut [f32],
 ) {
-    // SAFETY (both arms): forwarded contract; the AVX-512 kernel needs whole 16-slot rows.
+    // The SIMD kernels index through raw pointers: the shapes are checked here, once per
+    // block, so that a wrong call panics (as the portable twin would) instead of reading or
+    // writing outside the slices.
+    let rows = sh.g.saturating_sub(1);
+    assert!(
+        sh.n <= sh.bs
+            && sh.bs <= sh.os
+            && kb.len() >= sh.hd * sh.bs
+            && q.len() >= sh.g * sh.hd
+            && out.len() >= rows * sh.os + sh.bs,
+        "attention scores: shapes do not match"
+    );
+    // SAFETY (both arms): forwarded contract and the shapes just checked; the AVX-512 kernel
+    // needs whole 16-slot rows.
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 if sh.bs.is_multiple_of(16) => {
@@ -257,7 +270,7 @@ pub unsafe fn scores<T: Elem>(
 /// slots may hold non-finite values and must not be read (they are masked ones).
 ///
 /// # Safety
-/// As [`row_max`].
+/// As [`row_max`]. Panics when the slices are shorter than the shapes say.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub unsafe fn weighted_sum<T: Elem>(
@@ -270,7 +283,13 @@ pub unsafe fn weighted_sum<T: Elem>(
     hd: usize,
     skip: bool,
 ) {
-    // SAFETY (both arms): forwarded contract; widths checked here.
+    // As in `scores`: shapes checked once per block before the raw-pointer kernels.
+    let g = acc.len() / hd.max(1);
+    assert!(
+        acc.len() == g * hd && vb.len() >= n * hd && p.len() >= g.saturating_sub(1) * ps + n,
+        "attention weighted_sum: shapes do not match"
+    );
+    // SAFETY (both arms): forwarded contract, shapes checked above; widths checked here.
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 if hd.is_multiple_of(16) => {
@@ -285,211 +304,8 @@ pub unsafe fn weighted_sum<T: Elem>(
     weighted_sum_portable(acc, p, ps, n, vb, hd)
 }
 
-/// Standalone entry points to one block kernel per instruction set (benchmarks, tests): the
-/// dispatchers above are `inline(always)` and only reach full speed inside a function built
-/// for the instruction set, as `dense.rs` does for its whole loop.
-pub mod entry {
-    use super::{BlockShape, Elem, Isa};
-
-    /// [`super::scores`] compiled for `isa`.
-    ///
-    /// # Safety
-    /// `isa` must be supported by this CPU.
-    pub unsafe fn scores<T: Elem>(
-        isa: Isa,
-        q: &[f32],
-        kb: &[T],
-        sh: BlockShape,
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        // SAFETY (all arms): forwarded contract.
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { x86::scores512(q, kb, sh, scale, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::scores256(q, kb, sh, scale, out) },
-            _ => super::scores_portable(q, kb, sh, scale, out),
-        }
-    }
-
-    /// [`super::weighted_sum`] compiled for `isa`.
-    ///
-    /// # Safety
-    /// `isa` must be supported by this CPU.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn weighted_sum<T: Elem>(
-        isa: Isa,
-        acc: &mut [f32],
-        p: &[f32],
-        ps: usize,
-        n: usize,
-        vb: &[T],
-        hd: usize,
-        skip: bool,
-    ) {
-        // SAFETY (all arms): forwarded contract.
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { x86::sum512(acc, p, ps, n, vb, hd, skip) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::sum256(acc, p, ps, n, vb, hd, skip) },
-            _ => super::weighted_sum_portable(acc, p, ps, n, vb, hd),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use super::super::{scores, weighted_sum, BlockShape, Elem, Isa};
-
-        macro_rules! built_for {
-            ($isa:expr, $features:literal, $sc:ident, $ws:ident) => {
-                #[target_feature(enable = $features)]
-                pub unsafe fn $sc<T: Elem>(
-                    q: &[f32],
-                    kb: &[T],
-                    sh: BlockShape,
-                    scale: f32,
-                    out: &mut [f32],
-                ) {
-                    // SAFETY: the caller checked the features this function enables.
-                    unsafe { scores($isa, q, kb, sh, scale, out) }
-                }
-
-                #[target_feature(enable = $features)]
-                #[allow(clippy::too_many_arguments)]
-                pub unsafe fn $ws<T: Elem>(
-                    acc: &mut [f32],
-                    p: &[f32],
-                    ps: usize,
-                    n: usize,
-                    vb: &[T],
-                    hd: usize,
-                    skip: bool,
-                ) {
-                    // SAFETY: as above.
-                    unsafe { weighted_sum($isa, acc, p, ps, n, vb, hd, skip) }
-                }
-            };
-        }
-        built_for!(Isa::Avx2, "avx2,fma,f16c", scores256, sum256);
-        built_for!(Isa::Avx512, "avx512f,avx2,fma,f16c", scores512, sum512);
-    }
-}
+pub use super::kernels_entry as entry;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
-        a.iter()
-            .zip(b)
-            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
-    }
-
-    /// Every SIMD build against the portable twins, over block sizes, fill levels, head widths
-    /// and group sizes that hit each kernel's main loop and its leftovers.
-    #[test]
-    fn fast_block_kernels_match_portable_twins() {
-        let isas = match Isa::detect() {
-            Isa::Avx512 => vec![Isa::Avx2, Isa::Avx512],
-            Isa::Avx2 => vec![Isa::Avx2],
-            Isa::Portable => vec![],
-        };
-        for isa in isas {
-            for (bs, n, hd, g, os) in [
-                (16, 16, 64, 3, 48),
-                (16, 5, 64, 1, 16),
-                (32, 17, 80, 4, 64),
-                (16, 16, 128, 5, 32),
-                (8, 8, 128, 5, 8),
-                (5, 3, 16, 2, 5),
-                (1, 1, 8, 4, 1),
-                (16, 9, 33, 7, 16),
-            ] {
-                let kb: Vec<u16> = (0..hd * bs)
-                    .map(|i| f16::from_f32(((i * 37) % 19) as f32 / 9.0 - 1.0).to_bits())
-                    .collect();
-                let q: Vec<f32> = (0..g * hd)
-                    .map(|i| ((i * 13) % 7) as f32 / 3.0 - 1.0)
-                    .collect();
-                let sh = BlockShape { g, hd, bs, os, n };
-                let (mut fast, mut slow) = (vec![0.0; g * os], vec![0.0; g * os]);
-                // SAFETY: `isa` is supported (filtered above).
-                unsafe { scores(isa, &q, &kb, sh, 0.5, &mut fast) };
-                scores_portable(&q, &kb, sh, 0.5, &mut slow);
-                for gi in 0..g {
-                    let (a, b) = (&fast[gi * os..gi * os + n], &slow[gi * os..gi * os + n]);
-                    assert!(
-                        close(a, b, 1e-5),
-                        "{isa:?} scores bs={bs} n={n} hd={hd} g={g}"
-                    );
-                }
-                let (mut fe, mut se) = (slow.clone(), slow.clone());
-                // SAFETY: as above.
-                let (fsum, fmax) = unsafe { (exp_shift(isa, &mut fe, 1.5), row_max(isa, &slow)) };
-                let ssum = exp_shift_portable(&mut se, 1.5);
-                assert!(close(&fe, &se, 1e-6), "{isa:?} exp");
-                assert!(
-                    (fsum - ssum).abs() <= 1e-5 * ssum,
-                    "{isa:?} sum {fsum} {ssum}"
-                );
-                assert_eq!(fmax, slow.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-                let vb: Vec<f32> = (0..bs * hd)
-                    .map(|i| ((i * 11) % 17) as f32 / 8.0 - 1.0)
-                    .collect();
-                // Probabilities per query head, with a zero slot.
-                let p: Vec<f32> = (0..g * os)
-                    .map(|i| {
-                        if i % os == 1 {
-                            0.0
-                        } else {
-                            (i % 13) as f32 / 10.0
-                        }
-                    })
-                    .collect();
-                for skip in [false, true] {
-                    let (mut fa, mut sa) = (vec![0.25; g * hd], vec![0.25; g * hd]);
-                    // SAFETY: as above.
-                    unsafe { weighted_sum(isa, &mut fa, &p, os, n, &vb, hd, skip) };
-                    weighted_sum_portable(&mut sa, &p, os, n, &vb, hd);
-                    assert!(close(&fa, &sa, 1e-5), "{isa:?} weighted_sum hd={hd} g={g}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn simd_exp_keeps_nan_and_flushes_underflow_to_zero() {
-        let isa = Isa::detect();
-        let mut s = vec![
-            f32::NAN,
-            -1000.0,
-            0.0,
-            f32::NEG_INFINITY,
-            1.0,
-            2.0,
-            3.0,
-            4.0,
-        ];
-        s.extend_from_slice(&s.clone());
-        // SAFETY: detected.
-        let sum = unsafe { exp_shift(isa, &mut s, 0.0) };
-        assert!(sum.is_nan() && s[0].is_nan() && s[8].is_nan());
-        assert_eq!((s[1], s[3], s[2]), (0.0, 0.0, 1.0));
-    }
-
-    #[test]
-    fn masked_slots_holding_nan_are_not_read_when_skipping() {
-        let isa = Isa::detect();
-        let (hd, n) = (64, 16);
-        let mut vb = vec![1.0f32; n * hd];
-        vb[3 * hd..4 * hd].fill(f32::NAN);
-        let mut p = vec![0.5f32; 3 * n];
-        (0..3).for_each(|j| p[j * n + 3] = 0.0);
-        let mut acc = vec![0.0; 3 * hd];
-        // SAFETY: detected.
-        unsafe { weighted_sum(isa, &mut acc, &p, n, n, &vb, hd, true) };
-        assert!(acc.iter().all(|&a| a == 7.5));
-    }
-}
+#[path = "kernels_tests.rs"]
+mod tests;

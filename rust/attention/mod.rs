@@ -13,11 +13,12 @@ pub mod kernels;
 mod kernels_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kernels_avx512;
+pub mod kernels_entry;
 
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
 
-/// Largest supported query group `g`; scores for one block of the whole group stay on the stack.
+/// Largest supported query group `g` (the split-attention partial states are sized by it).
 pub const MAX_GROUP: usize = 32;
 
 /// Largest supported head dimension.

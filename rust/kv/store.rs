@@ -6,7 +6,8 @@
 //! multiply-add per dimension, with no horizontal sums. Keys and values live in two flat
 //! vectors, `block * block_size * head_dim` elements apart per block. The vectors are
 //! zero-initialised, which the allocator serves from untouched pages: a large pool costs
-//! resident memory only for blocks that have been written.
+//! resident memory only for the pages that hold written blocks (2 MiB pages on Linux, where
+//! the pool asks for huge pages).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::error::{Error, Result};

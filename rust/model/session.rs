@@ -368,6 +368,9 @@ fn split_count(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, threads: usize) -
         .map(|kh| ctx.cache.head(ctx.layer, kh).blocks.len())
         .max()
         .unwrap_or(0);
+    // Eight pieces per thread in all: the pieces are equal in work, so with few of them one
+    // thread ends a piece behind (3 heads x 3 pieces on 2 threads: 5 + 4); with 6 per head it
+    // is 9 + 9, and a piece of 4+ blocks still amortises its merge.
     let want = (8 * threads).div_ceil(cfg.num_kv_heads);
     want.min(longest / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS)
 }

@@ -22,18 +22,23 @@ fn rows_per_task(rows: usize) -> usize {
 /// Largest `cols / 32` whose block sums fit the stack buffer of [`gemv`].
 const MAX_BLOCKS: usize = 1024;
 
-/// `out = W x`. `w`: `(rows, cols)`; `x`: `(cols,)`; `out`: `(rows,)`.
-pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
-    // Block sums of `x` are shared by every row (Q4 kernels fold the offset term into them);
-    // a stack buffer keeps decode free of heap allocations.
-    let mut sums = [0.0f32; MAX_BLOCKS];
+/// Block sums of `x` (`(cols/32,)`) in `sums` when a kernel of `ws` reads them (the AVX2 and
+/// portable Q4 kernels fold their offset term into them), else empty. A stack buffer keeps
+/// decode free of heap allocations.
+fn xsum_for<'a>(need: bool, x: &[f32], sums: &'a mut [f32; MAX_BLOCKS]) -> &'a [f32] {
     let nb = x.len() / BLOCK_ELEMS;
-    let xsum: &[f32] = if w.needs_xsum() && nb <= MAX_BLOCKS {
+    if need && nb <= MAX_BLOCKS {
         block_sums(x, &mut sums[..nb]);
         &sums[..nb]
     } else {
         &[]
-    };
+    }
+}
+
+/// `out = W x`. `w`: `(rows, cols)`; `x`: `(cols,)`; `out`: `(rows,)`.
+pub fn gemv(w: &Weight, x: &[f32], out: &mut [f32]) {
+    let mut sums = [0.0f32; MAX_BLOCKS];
+    let xsum = xsum_for(w.needs_xsum(), x, &mut sums);
     let per = rows_per_task(out.len());
     out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
         w.dot_rows(c * per, x, xsum, o);
@@ -66,27 +71,20 @@ pub fn project_many(ws: &mut [(&Weight, &mut [f32])], x: &[f32], qx: &QuantizedX
         return;
     }
     let mut sums = [0.0f32; MAX_BLOCKS];
-    let nb = x.len() / BLOCK_ELEMS;
-    let xsum: &[f32] = if ws.iter().any(|(w, _)| w.needs_xsum()) && nb <= MAX_BLOCKS {
-        block_sums(x, &mut sums[..nb]);
-        &sums[..nb]
-    } else {
-        &[]
-    };
+    let xsum = xsum_for(ws.iter().any(|(w, _)| w.needs_xsum()), x, &mut sums);
     let total: usize = ws.iter().map(|(_, o)| o.len()).sum();
     let per = rows_per_task(total);
-    let mut tasks: Vec<(&Weight, usize, &mut [f32])> = Vec::with_capacity(total / per + ws.len());
-    for (w, out) in ws.iter_mut() {
-        for (c, o) in out.chunks_mut(per).enumerate() {
-            tasks.push((w, c * per, o));
-        }
-    }
-    tasks.into_par_iter().for_each(|(w, first, o)| {
-        if qx.fits(w.cols()) && w.has_act8() {
-            w.dot_rows_act8(first, qx, o);
-        } else {
-            w.dot_rows(first, x, xsum, o);
-        }
+    // Nested parallel iterators form one fork-join tree: every weight's row tasks are
+    // stolen from the same region, with no task list to allocate.
+    ws.par_iter_mut().for_each(|(w, out)| {
+        let act8 = qx.fits(w.cols()) && w.has_act8();
+        out.par_chunks_mut(per).enumerate().for_each(|(c, o)| {
+            if act8 {
+                w.dot_rows_act8(c * per, qx, o);
+            } else {
+                w.dot_rows(c * per, x, xsum, o);
+            }
+        });
     });
 }
 
@@ -194,6 +192,43 @@ mod tests {
             for (a, b) in out[t * rows..(t + 1) * rows].iter().zip(&one) {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b}");
             }
+        }
+    }
+
+    /// `project_many` gives each weight exactly what `project` gives it alone, for one token
+    /// (one shared region) and several (one join per weight), exact and int8 activations.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn project_many_equals_project_per_weight() {
+        use crate::quant::{synthetic_weight, WeightFormat};
+        let cols = 128;
+        let ws: Vec<Weight> = [("q4_1", 96), ("q8_0", 33), ("f32", 200), ("q4_0", 64)]
+            .iter()
+            .map(|&(f, rows)| synthetic_weight(WeightFormat::parse(f).unwrap(), rows, cols))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (n, int8) in [(1, false), (1, true), (3, false)] {
+            let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut qx = QuantizedX::default();
+            if int8 {
+                qx.quantize(&x);
+            }
+            let want: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut o = vec![0.0; n * w.rows()];
+                    project(w, &x, &qx, n, &mut o);
+                    o
+                })
+                .collect();
+            let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows()]).collect();
+            let mut pairs: Vec<(&Weight, &mut [f32])> = ws
+                .iter()
+                .zip(got.iter_mut())
+                .map(|(w, o)| (w, &mut o[..]))
+                .collect();
+            project_many(&mut pairs, &x, &qx, n);
+            assert_eq!(got, want, "n={n} int8={int8}");
         }
     }
 }

@@ -17,7 +17,7 @@ pub fn available() -> bool {
     crate::ops::simd::avx2_available()
 }
 
-/// The f16 at `b[at..at + 2]` as f32 (F16C), for block scales; shared with `avx512.rs`.
+/// The f16 at `b[at..at + 2]` as f32 (F16C), for block scales; shared with `act8_avx2.rs`.
 /// The value is broadcast into the vector rather than inserted: an insert (`vpinsrw`) keeps
 /// the other lanes of whatever register the compiler picks, and when that is an accumulator
 /// every block waits for the previous block's multiply-add.

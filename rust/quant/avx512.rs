@@ -20,7 +20,7 @@ pub fn available() -> bool {
 }
 
 /// The f16 at `b[at..at + 2]` in all sixteen lanes. A whole-vector conversion of a broadcast:
-/// the scalar route ([`half`]) lets the compiler insert the value into a register that may be
+/// the scalar route (`avx2::half`) lets the compiler insert the value into a register that may be
 /// an accumulator (`vpinsrw`), chaining every block on the previous block's multiply-add.
 #[inline(always)]
 unsafe fn half16(b: &[u8], at: usize) -> __m512 {
@@ -135,10 +135,15 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
             acc[1] = q8_block(&b[Q8_0_BYTES..], &xs[BLOCK_ELEMS..], acc[1]);
         }
     }
-    if !rest.is_empty() {
-        let xs = &x[x.len() - BLOCK_ELEMS..];
-        // SAFETY: the one block left and its 32 floats.
-        acc[0] = unsafe { q8_block(rest, xs, acc[0]) };
+    let x_rest = x
+        .get(pairs.len() / Q8_0_BYTES * BLOCK_ELEMS..)
+        .unwrap_or(&[]);
+    for (b, xs) in rest
+        .chunks_exact(Q8_0_BYTES)
+        .zip(x_rest.chunks_exact(BLOCK_ELEMS))
+    {
+        // SAFETY: the whole block left and its 32 floats.
+        acc[0] = unsafe { q8_block(b, xs, acc[0]) };
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }

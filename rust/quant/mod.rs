@@ -300,14 +300,16 @@ impl Weight {
         }
     }
 
-    /// True when [`Weight::dot_rows`] wants the block sums of `x` (see [`block_sums`]).
+    /// True when [`Weight::dot_rows`] may want the block sums of `x` (see [`block_sums`]): the
+    /// AVX2 and portable Q4 kernels fold their offset term into them; the AVX-512 ones decode
+    /// through a table and ignore them.
     pub fn needs_xsum(&self) -> bool {
         matches!(self.fmt, WeightFormat::Q4_0 | WeightFormat::Q4_1)
     }
 
     /// `out[i] = row(first + i) · x` for `out.len()` consecutive rows: the decode kernel.
-    /// `xsum`: [`block_sums`] of `x` when [`Weight::needs_xsum`], else empty. Uses the AVX2
-    /// kernels when the CPU has them, else [`Weight::dot_row`].
+    /// `xsum`: [`block_sums`] of `x` when [`Weight::needs_xsum`], else empty. Uses the
+    /// AVX-512 or AVX2 kernels when the CPU has them, else [`Weight::dot_row`].
     pub fn dot_rows(&self, first: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
         assert_eq!(x.len(), self.cols, "dot_rows: x must have cols elements");
         assert!(

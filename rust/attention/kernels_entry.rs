@@ -1,0 +1,90 @@
+//! Standalone entry points to one block kernel per instruction set (benchmarks, tests): the
+//! dispatchers in `kernels.rs` are `inline(always)` and only reach full speed inside a
+//! function built for the instruction set, as `dense.rs` does for its whole loop.
+
+use super::kernels::{BlockShape, Elem, Isa};
+
+/// [`super::kernels::scores`] compiled for `isa`.
+///
+/// # Safety
+/// `isa` must be supported by this CPU.
+pub unsafe fn scores<T: Elem>(
+    isa: Isa,
+    q: &[f32],
+    kb: &[T],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY (all arms): forwarded contract.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::scores512(q, kb, sh, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::scores256(q, kb, sh, scale, out) },
+        _ => super::kernels::scores_portable(q, kb, sh, scale, out),
+    }
+}
+
+/// [`super::kernels::weighted_sum`] compiled for `isa`.
+///
+/// # Safety
+/// `isa` must be supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn weighted_sum<T: Elem>(
+    isa: Isa,
+    acc: &mut [f32],
+    p: &[f32],
+    ps: usize,
+    n: usize,
+    vb: &[T],
+    hd: usize,
+    skip: bool,
+) {
+    // SAFETY (all arms): forwarded contract.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::sum512(acc, p, ps, n, vb, hd, skip) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::sum256(acc, p, ps, n, vb, hd, skip) },
+        _ => super::kernels::weighted_sum_portable(acc, p, ps, n, vb, hd),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::kernels::{scores, weighted_sum, BlockShape, Elem, Isa};
+
+    macro_rules! built_for {
+        ($isa:expr, $features:literal, $sc:ident, $ws:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $sc<T: Elem>(
+                q: &[f32],
+                kb: &[T],
+                sh: BlockShape,
+                scale: f32,
+                out: &mut [f32],
+            ) {
+                // SAFETY: the caller checked the features this function enables.
+                unsafe { scores($isa, q, kb, sh, scale, out) }
+            }
+
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $ws<T: Elem>(
+                acc: &mut [f32],
+                p: &[f32],
+                ps: usize,
+                n: usize,
+                vb: &[T],
+                hd: usize,
+                skip: bool,
+            ) {
+                // SAFETY: as above.
+                unsafe { weighted_sum($isa, acc, p, ps, n, vb, hd, skip) }
+            }
+        };
+    }
+    built_for!(Isa::Avx2, "avx2,fma,f16c", scores256, sum256);
+    built_for!(Isa::Avx512, "avx512f,avx2,fma,f16c", scores512, sum512);
+}
