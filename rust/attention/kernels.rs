@@ -118,11 +118,13 @@ pub(super) fn scores_slots<T: Elem>(
     for gi in 0..sh.g {
         let qg = &q[gi * sh.hd..(gi + 1) * sh.hd];
         for s in slots.clone() {
-            let dot: f32 = qg
-                .iter()
-                .enumerate()
-                .map(|(d, &x)| x * kb[d * sh.bs + s].get())
-                .sum();
+            // Fused multiply-adds over the dimensions in order, exactly as the SIMD kernels
+            // do per slot: the block size picks the kernel, and it must not change the
+            // rounding (with an f16 cache a last-bit difference can flip a stored value's
+            // rounding in the next layer).
+            let dot = qg.iter().enumerate().fold(0.0f32, |acc, (d, &x)| {
+                x.mul_add(kb[d * sh.bs + s].get(), acc)
+            });
             out[gi * sh.os + s] = dot * scale;
         }
     }
@@ -143,7 +145,7 @@ pub fn weighted_sum_portable<T: Elem>(
         for (s, &w) in p[gi * ps..gi * ps + n].iter().enumerate() {
             if w != 0.0 {
                 for (a, &x) in out.iter_mut().zip(&vb[s * hd..(s + 1) * hd]) {
-                    *a += w * x.get();
+                    *a = w.mul_add(x.get(), *a); // fused, as the SIMD kernels
                 }
             }
         }

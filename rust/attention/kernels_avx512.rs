@@ -36,8 +36,10 @@ pub unsafe fn scores<T: Elem>(q: &[f32], kb: &[T], sh: BlockShape, scale: f32, o
     }
 }
 
-/// Scores of query heads `g0..g0 + G` for slots `0..full` (a multiple of 16, `<= bs`). Even
-/// and odd key dimensions feed separate accumulators: two independent FMA chains per head.
+/// Scores of query heads `g0..g0 + G` for slots `0..full` (a multiple of 16, `<= bs`), 32
+/// slots per pass when the block has them (two independent FMA chains per head). Every slot's
+/// dot product runs over the key dimensions in order, as in the AVX2 and portable kernels, so
+/// the block size (which picks the kernel) does not change the rounding.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn score_heads<T: Elem, const G: usize>(
@@ -49,34 +51,52 @@ unsafe fn score_heads<T: Elem, const G: usize>(
     g0: usize,
     full: usize,
 ) {
-    // SAFETY: loads read kb[d * bs + c .. + 16] with c + 16 <= full <= bs and d < hd, and
-    // q[(g0 + j) * hd + d] with g0 + j < g; stores write out[(g0 + j) * os + c .. + 16], inside
-    // the caller's row; AVX-512F/F16C per the caller.
+    // SAFETY: loads read kb[d * bs + c .. + 16 W] with c + 16 W <= full <= bs and d < hd, and
+    // q[(g0 + j) * hd + d] with g0 + j < g; stores write out[(g0 + j) * os + c .. + 16 W],
+    // inside the caller's row; AVX-512F/F16C per the caller.
+    unsafe {
+        let mut c = 0;
+        while c + 32 <= full {
+            score_columns::<T, G, 2>(q, kb, sh, scale, out, g0, c);
+            c += 32;
+        }
+        if c < full {
+            score_columns::<T, G, 1>(q, kb, sh, scale, out, g0, c);
+        }
+    }
+}
+
+/// [`score_heads`] for the `16 W` slots from `c`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_columns<T: Elem, const G: usize, const W: usize>(
+    q: &[f32],
+    kb: &[T],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+    g0: usize,
+    c: usize,
+) {
+    // SAFETY: as in `score_heads`.
     unsafe {
         let qp = q.as_ptr().add(g0 * sh.hd);
-        let qv = |j: usize, d: usize| _mm512_set1_ps(*qp.add(j * sh.hd + d));
-        for c in (0..full).step_by(16) {
-            let key = |d: usize| T::load16(kb.as_ptr().add(d * sh.bs + c));
-            let mut s = [[_mm512_setzero_ps(); 2]; G];
-            let mut d = 0;
-            while d + 2 <= sh.hd {
-                let (k0, k1) = (key(d), key(d + 1));
-                for (j, sj) in s.iter_mut().enumerate() {
-                    sj[0] = _mm512_fmadd_ps(qv(j, d), k0, sj[0]);
-                    sj[1] = _mm512_fmadd_ps(qv(j, d + 1), k1, sj[1]);
-                }
-                d += 2;
-            }
-            if d < sh.hd {
-                let k0 = key(d);
-                for (j, sj) in s.iter_mut().enumerate() {
-                    sj[0] = _mm512_fmadd_ps(qv(j, d), k0, sj[0]);
+        let mut s = [[_mm512_setzero_ps(); W]; G];
+        for d in 0..sh.hd {
+            let row = kb.as_ptr().add(d * sh.bs + c);
+            let k: [__m512; W] = std::array::from_fn(|w| T::load16(row.add(16 * w)));
+            for (j, sj) in s.iter_mut().enumerate() {
+                let qv = _mm512_set1_ps(*qp.add(j * sh.hd + d));
+                for (sw, kw) in sj.iter_mut().zip(&k) {
+                    *sw = _mm512_fmadd_ps(qv, *kw, *sw);
                 }
             }
-            let vscale = _mm512_set1_ps(scale);
-            for (j, sj) in s.iter().enumerate() {
-                let dst = out.as_mut_ptr().add((g0 + j) * sh.os + c);
-                _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_add_ps(sj[0], sj[1]), vscale));
+        }
+        let vscale = _mm512_set1_ps(scale);
+        for (j, sj) in s.iter().enumerate() {
+            let dst = out.as_mut_ptr().add((g0 + j) * sh.os + c);
+            for (w, sw) in sj.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(16 * w), _mm512_mul_ps(*sw, vscale));
             }
         }
     }
