@@ -130,6 +130,34 @@ pub(super) fn scores_slots<T: Elem>(
     }
 }
 
+/// What the SIMD [`weighted_sum`] kernels walk: `n` value rows of width `hd`, probabilities
+/// with row stride `ps`; with `skip`, slots of probability zero for every head are not read.
+#[derive(Clone, Copy)]
+pub(super) struct Rows {
+    pub ps: usize,
+    pub n: usize,
+    pub hd: usize,
+    pub skip: bool,
+}
+
+/// The SIMD exp: `x` is clamped to `[EXP_LO, EXP_HI]` (below `EXP_LO` the result is exactly 0),
+/// reduced as `x = n ln2 + r` with ln2 split in `LN2_HI + LN2_LO`, and `exp(r)` is
+/// `1 + r + r^2 p(r)` with the coefficients `EXP_POLY` of `p` (highest power first) of the
+/// Cephes `expf`, the constants every SIMD math library uses. Shared by the 8- and 16-lane
+/// builds.
+pub(super) const EXP_LO: f32 = -87.0;
+pub(super) const EXP_HI: f32 = 88.37626;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// Portable twin of [`weighted_sum`]: `acc[gi] += sum_s p[gi * ps + s] * vb[s]` for every
 /// query head `gi`. `acc`: `(g, hd)`; `p`: `(g, ps)` with `n <= ps` used slots; `vb`: `(bs, hd)`.
 /// Slots of probability zero are skipped (the SIMD builds skip them only when asked).
@@ -291,18 +319,19 @@ pub unsafe fn weighted_sum<T: Elem>(
         acc.len() == g * hd && vb.len() >= n * hd && p.len() >= g.saturating_sub(1) * ps + n,
         "attention weighted_sum: shapes do not match"
     );
+    let rows = Rows { ps, n, hd, skip };
     // SAFETY (both arms): forwarded contract, shapes checked above; widths checked here.
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 if hd.is_multiple_of(16) => {
-            return unsafe { super::kernels_avx512::weighted_sum(acc, p, ps, n, vb, hd, skip) }
+            return unsafe { super::kernels_avx512::weighted_sum(acc, p, vb, rows) }
         }
         Isa::Avx512 | Isa::Avx2 if hd.is_multiple_of(8) => {
-            return unsafe { super::kernels_avx2::weighted_sum(acc, p, ps, n, vb, hd, skip) }
+            return unsafe { super::kernels_avx2::weighted_sum(acc, p, vb, rows) }
         }
         _ => {}
     }
-    let _ = (isa, skip);
+    let _ = (isa, rows);
     weighted_sum_portable(acc, p, ps, n, vb, hd)
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Callers check [`crate::ops::simd::avx2_available`] first; each kernel has a portable twin
 //! in `kernels.rs` that the tests compare against.
-use super::kernels::{BlockShape, Elem};
+use super::kernels::{BlockShape, Elem, Rows, EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
 use std::arch::x86_64::*;
 
 /// Sixteen slots per step when the block allows it (two independent FMA chains per head
@@ -85,36 +85,30 @@ unsafe fn score_heads<T: Elem, const G: usize>(
     }
 }
 
-/// exp on eight lanes: `2^n * p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`, and the
-/// degree-6 minimax polynomial of the Cephes `expf` (the same constants every SIMD math
-/// library uses). Inputs below the float range give exactly 0.
+/// exp on eight lanes: `2^n * exp(r)` with `x = n ln2 + r`, `|r| <= ln2/2`, and the
+/// polynomial and bounds shared in `kernels.rs` (`EXP_POLY`). Inputs below `EXP_LO` give
+/// exactly 0.
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
     // SAFETY: AVX2/FMA per the caller.
     unsafe {
-        let under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
+        let under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
         // The constant goes first: min/max return their second operand when one is NaN,
         // so a NaN score stays NaN instead of being clamped into a finite weight.
         let x = _mm256_max_ps(
-            _mm256_set1_ps(-87.0),
-            _mm256_min_ps(_mm256_set1_ps(88.37626), x),
+            _mm256_set1_ps(EXP_LO),
+            _mm256_min_ps(_mm256_set1_ps(EXP_HI), x),
         );
         let n = _mm256_floor_ps(_mm256_fmadd_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
             _mm256_set1_ps(0.5),
         ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let y = _mm256_fmadd_ps(
             _mm256_mul_ps(p, r),
@@ -150,26 +144,19 @@ pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
 }
 
 /// Each value row is loaded (and converted from f16) once for up to three query heads.
+/// `acc`: `(g, hd)`; `p`: `(g, ps)`; `vb`: `(n, hd)` at least; `hd % 8 == 0`.
 #[inline(always)]
-pub unsafe fn weighted_sum<T: Elem>(
-    acc: &mut [f32],
-    p: &[f32],
-    ps: usize,
-    n: usize,
-    vb: &[T],
-    hd: usize,
-    skip: bool,
-) {
-    let g = acc.len() / hd;
+pub unsafe fn weighted_sum<T: Elem>(acc: &mut [f32], p: &[f32], vb: &[T], r: Rows) {
+    let g = acc.len() / r.hd;
     for g0 in (0..g).step_by(3) {
-        let a = acc.as_mut_ptr().wrapping_add(g0 * hd);
-        let pg = p.as_ptr().wrapping_add(g0 * ps);
+        let a = acc.as_mut_ptr().wrapping_add(g0 * r.hd);
+        let pg = p.as_ptr().wrapping_add(g0 * r.ps);
         // SAFETY: forwarded contract; heads g0.. exist in `acc` and `p`.
         unsafe {
             match g - g0 {
-                1 => heads::<T, 1>(a, pg, ps, n, vb, hd, skip),
-                2 => heads::<T, 2>(a, pg, ps, n, vb, hd, skip),
-                _ => heads::<T, 3>(a, pg, ps, n, vb, hd, skip),
+                1 => heads::<T, 1>(a, pg, vb, r),
+                2 => heads::<T, 2>(a, pg, vb, r),
+                _ => heads::<T, 3>(a, pg, vb, r),
             }
         }
     }
@@ -178,37 +165,19 @@ pub unsafe fn weighted_sum<T: Elem>(
 /// [`weighted_sum`] for `G` query heads at `acc` (`(G, hd)`) with probabilities at `p`
 /// (`(G, ps)`): 32 dimensions per pass, then any 8-wide rest.
 #[inline(always)]
-unsafe fn heads<T: Elem, const G: usize>(
-    acc: *mut f32,
-    p: *const f32,
-    ps: usize,
-    n: usize,
-    vb: &[T],
-    hd: usize,
-    skip: bool,
-) {
-    let r = Rows { ps, n, hd, skip };
+unsafe fn heads<T: Elem, const G: usize>(acc: *mut f32, p: *const f32, vb: &[T], r: Rows) {
     let mut d0 = 0;
     // SAFETY: forwarded contract; each pass stays below hd (a multiple of 8).
     unsafe {
-        while d0 + 32 <= hd {
+        while d0 + 32 <= r.hd {
             dims::<T, G, 4>(acc, p, vb, r, d0);
             d0 += 32;
         }
-        while d0 < hd {
+        while d0 < r.hd {
             dims::<T, G, 1>(acc, p, vb, r, d0);
             d0 += 8;
         }
     }
-}
-
-/// What [`dims`] walks: `n` value rows of width `hd`, probabilities with row stride `ps`.
-#[derive(Clone, Copy)]
-struct Rows {
-    ps: usize,
-    n: usize,
-    hd: usize,
-    skip: bool,
 }
 
 /// Dimensions `d0..d0 + 8 L` of [`heads`]. Each value vector is loaded and used at once, so

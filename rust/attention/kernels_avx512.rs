@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kernels::{BlockShape, Elem};
+use super::kernels::{BlockShape, Elem, Rows, EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
 
 /// True when this CPU runs the kernels of this file (with the AVX2 ones for the rest).
 pub fn available() -> bool {
@@ -108,11 +108,11 @@ unsafe fn score_columns<T: Elem, const G: usize, const W: usize>(
 unsafe fn exp16(x: __m512) -> __m512 {
     // SAFETY: AVX-512F per the caller.
     unsafe {
-        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.0));
+        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_LO));
         // The constant goes first: min/max return their second operand on NaN.
         let x = _mm512_max_ps(
-            _mm512_set1_ps(-87.0),
-            _mm512_min_ps(_mm512_set1_ps(88.37626), x),
+            _mm512_set1_ps(EXP_LO),
+            _mm512_min_ps(_mm512_set1_ps(EXP_HI), x),
         );
         let n =
             _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
@@ -120,17 +120,11 @@ unsafe fn exp16(x: __m512) -> __m512 {
                 _mm512_set1_ps(std::f32::consts::LOG2_E),
                 _mm512_set1_ps(0.5),
             ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         let y = _mm512_fmadd_ps(
             _mm512_mul_ps(p, r),
@@ -181,39 +175,21 @@ pub unsafe fn row_max(s: &[f32]) -> f32 {
 /// # Safety
 /// AVX-512F, AVX2, FMA and F16C; `hd % 16 == 0`.
 #[inline(always)]
-pub unsafe fn weighted_sum<T: Elem>(
-    acc: &mut [f32],
-    p: &[f32],
-    ps: usize,
-    n: usize,
-    vb: &[T],
-    hd: usize,
-    skip: bool,
-) {
-    let g = acc.len() / hd;
-    let rows = Rows { ps, n, hd, skip };
+pub unsafe fn weighted_sum<T: Elem>(acc: &mut [f32], p: &[f32], vb: &[T], r: Rows) {
+    let g = acc.len() / r.hd;
     for g0 in (0..g).step_by(4) {
-        let a = acc.as_mut_ptr().wrapping_add(g0 * hd);
-        let pg = p.as_ptr().wrapping_add(g0 * ps);
+        let a = acc.as_mut_ptr().wrapping_add(g0 * r.hd);
+        let pg = p.as_ptr().wrapping_add(g0 * r.ps);
         // SAFETY: forwarded contract; heads g0.. exist in `acc` and `p`.
         unsafe {
             match g - g0 {
-                1 => heads::<T, 1>(a, pg, vb, rows),
-                2 => heads::<T, 2>(a, pg, vb, rows),
-                3 => heads::<T, 3>(a, pg, vb, rows),
-                _ => heads::<T, 4>(a, pg, vb, rows),
+                1 => heads::<T, 1>(a, pg, vb, r),
+                2 => heads::<T, 2>(a, pg, vb, r),
+                3 => heads::<T, 3>(a, pg, vb, r),
+                _ => heads::<T, 4>(a, pg, vb, r),
             }
         }
     }
-}
-
-/// What [`heads`] walks: `n` value rows of width `hd`, probabilities with row stride `ps`.
-#[derive(Clone, Copy)]
-struct Rows {
-    ps: usize,
-    n: usize,
-    hd: usize,
-    skip: bool,
 }
 
 /// [`weighted_sum`] for `G` heads: 64 dimensions per pass (`G x 4` accumulators and four value
