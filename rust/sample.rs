@@ -134,6 +134,12 @@ impl Sampler {
 
     /// Picks the next token from `logits` `(vocab,)` given the `history` of ids so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        if self.cfg.temperature == 0.0 && self.cfg.repetition_penalty == 1.0 {
+            // Plain greedy: the first maximal logit, without the f64 copy of the vocabulary
+            // (widening is exact and keeps the order, so the pick is the same).
+            check_finite(logits)?;
+            return Ok(argmax_f32(logits));
+        }
         let mut probs = std::mem::take(&mut self.work);
         let picked = self
             .filtered_probs_into(logits, history, &mut probs)
@@ -216,8 +222,32 @@ impl Sampler {
     }
 }
 
+/// Lanes of the branch-free scans below: wide enough for LLVM to keep them in vectors.
+const LANES: usize = 16;
+
 /// Rejects NaN and +inf anywhere, and a vector whose every entry is -inf.
 pub fn check_finite(logits: &[f32]) -> Result<()> {
+    // One branch-free pass (a decode step scans the whole vocabulary); the position of the
+    // culprit is looked up only for the error message.
+    let mut bad = [false; LANES];
+    let mut live = [false; LANES];
+    let (chunks, tail) = logits.as_chunks::<LANES>();
+    for c in chunks {
+        for ((b, l), &v) in bad.iter_mut().zip(live.iter_mut()).zip(c) {
+            *b |= v.is_nan() | (v == f32::INFINITY);
+            *l |= v != f32::NEG_INFINITY;
+        }
+    }
+    let bad = bad.iter().any(|&b| b) || tail.iter().any(|l| l.is_nan() || *l == f32::INFINITY);
+    let live = live.iter().any(|&b| b) || tail.iter().any(|&l| l != f32::NEG_INFINITY);
+    if bad || !live {
+        return check_finite_slow(logits);
+    }
+    Ok(())
+}
+
+/// [`check_finite`] one element at a time, naming the first bad logit.
+fn check_finite_slow(logits: &[f32]) -> Result<()> {
     if let Some(i) = logits
         .iter()
         .position(|l| l.is_nan() || *l == f32::INFINITY)
@@ -233,6 +263,23 @@ pub fn check_finite(logits: &[f32]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// First index of the maximum of finite-or-`-inf` `values` (as [`argmax`] of their f64
+/// widening): the maximum in one branch-free pass, then the first index holding it.
+pub fn argmax_f32(values: &[f32]) -> u32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let (chunks, tail) = values.as_chunks::<LANES>();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let best = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    values.iter().position(|&v| v == best).unwrap_or(0) as u32
 }
 
 /// First index of the maximum.
@@ -333,6 +380,32 @@ mod tests {
         let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits, &[]).unwrap()).collect();
         let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits, &[]).unwrap()).collect();
         assert_eq!(xs, ys);
+    }
+
+    #[test]
+    fn vector_scans_match_the_scalar_rules() {
+        // Long enough for the 16-lane pass plus a tail; ties resolve to the first index.
+        let n = 1000 * LANES + 5;
+        let mut v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1009) as f32 * 0.01).collect();
+        v[3] = f32::NEG_INFINITY;
+        for at in [17, 4242, n - 1] {
+            let mut w = v.clone();
+            w[at] = 20.0;
+            w[n - 2] = 20.0;
+            let wide: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
+            assert_eq!(argmax_f32(&w), argmax(&wide));
+            assert!(check_finite(&w).is_ok());
+            for bad in [f32::NAN, f32::INFINITY] {
+                w[at] = bad;
+                let err = check_finite(&w).unwrap_err().to_string();
+                assert!(err.contains(&format!("logit {at} ")), "{err}");
+            }
+        }
+        assert!(check_finite(&vec![f32::NEG_INFINITY; n]).is_err());
+        let mut one = vec![f32::NEG_INFINITY; n];
+        one[n - 1] = -1e30;
+        assert!(check_finite(&one).is_ok());
+        assert_eq!(argmax_f32(&one), (n - 1) as u32);
     }
 
     #[test]

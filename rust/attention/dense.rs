@@ -134,6 +134,20 @@ fn dispatch<T: Elem>(
     })
 }
 
+/// How many blocks ahead of the one being scored the next keys and values are requested. One
+/// block of compute (~60-90 ns) is shorter than a memory access; at ctx 2048 on 2 threads two
+/// blocks ahead took decode attention from 4.5 to 2.4 ms per token (four was no better).
+const PREFETCH_AHEAD: usize = 2;
+
+/// Requests block `bi` of the job's head (keys and values) into the outer caches.
+#[inline(always)]
+fn prefetch_block<T: Elem>(job: &Job<'_>, kv: Kv<'_, T>, bi: usize) {
+    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
+    let at = job.pool.store().block_offset(job.head.blocks[bi] as usize);
+    kernels::prefetch(&kv.k[at..at + bs * hd]);
+    kernels::prefetch(&kv.v[at..at + bs * hd]);
+}
+
 /// Slots scored per softmax step: enough whole blocks to amortise the per-step max, exp and
 /// rescale over many slots, few enough that the scores stay in L1.
 const CHUNK_SLOTS: usize = 128;
@@ -207,6 +221,10 @@ unsafe fn attend_blocks<T: Elem>(
     let g = job.q.len() / hd;
     let chunk = chunk_blocks(bs);
     let os = chunk * bs;
+    // The first blocks of the range: the loop below only asks for blocks further ahead.
+    for bi in blocks.start..(blocks.start + PREFETCH_AHEAD).min(blocks.end) {
+        prefetch_block(job, kv, bi);
+    }
     let mut start = blocks.start;
     while start < blocks.end {
         let ids = start..(start + chunk).min(blocks.end);
@@ -260,10 +278,8 @@ unsafe fn chunk_scores<T: Elem>(
         let off = store.block_offset(block as usize);
         // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the next
         // one coming: ask for it while this one is computed.
-        if let Some(&next) = job.head.blocks.get(bi + 1) {
-            let at = store.block_offset(next as usize);
-            kernels::prefetch(&kv.k[at..at + bs * hd]);
-            kernels::prefetch(&kv.v[at..at + bs * hd]);
+        if bi + PREFETCH_AHEAD < job.head.blocks.len() {
+            prefetch_block(job, kv, bi + PREFETCH_AHEAD);
         }
         let sh = BlockShape { g, hd, bs, os, n };
         let out = &mut scores[j * bs..];

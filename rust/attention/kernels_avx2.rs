@@ -89,7 +89,7 @@ unsafe fn score_heads<T: Elem, const G: usize>(
 /// polynomial and bounds shared in `kernels.rs` (`EXP_POLY`). Inputs below `EXP_LO` give
 /// exactly 0.
 #[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     // SAFETY: AVX2/FMA per the caller.
     unsafe {
         let under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);

@@ -15,6 +15,10 @@ mod kernels_avx2;
 mod kernels_avx512;
 pub mod kernels_entry;
 
+/// The eight-lane SIMD exp, shared with the elementwise ops (SwiGLU).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use kernels_avx2::exp8;
+
 use crate::kv::paged::HeadCache;
 use crate::kv::pool::BlockPool;
 

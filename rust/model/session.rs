@@ -323,9 +323,14 @@ fn attention_block(
         );
         rope::apply(&mut s.q[t * qd..(t + 1) * qd], c, sn);
         rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
-        for kh in 0..cfg.num_kv_heads {
+    }
+    // Head by head, so that a chunk's new blocks for one head come off the free list in a
+    // row: adjacent in memory, which the hardware prefetcher streams when attention reads
+    // them back (token by token, the heads' blocks would interleave).
+    for kh in 0..cfg.num_kv_heads {
+        let index = li * cfg.num_kv_heads + kh;
+        for t in 0..n {
             let row = t * kvd + kh * hd..t * kvd + (kh + 1) * hd;
-            let index = li * cfg.num_kv_heads + kh;
             cache.append(pool, index, pos0 + t as u32, &s.k[row.clone()], &s.v[row])?;
         }
     }
