@@ -300,10 +300,15 @@ impl Weight {
         }
     }
 
-    /// True when [`Weight::dot_rows`] may want the block sums of `x` (see [`block_sums`]): the
-    /// AVX2 and portable Q4 kernels fold their offset term into them; the AVX-512 ones decode
-    /// through a table and ignore them.
+    /// True when [`Weight::dot_rows`] reads the block sums of `x` (see [`block_sums`]): the
+    /// AVX2 Q4 kernels fold their offset term into them. False for the other formats, and on
+    /// CPUs with AVX-512, whose table kernels ignore them: summing 18-48 blocks before every
+    /// projection would only lengthen the serial part of a decode step.
     pub fn needs_xsum(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            return false;
+        }
         matches!(self.fmt, WeightFormat::Q4_0 | WeightFormat::Q4_1)
     }
 
