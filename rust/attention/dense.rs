@@ -134,10 +134,17 @@ fn dispatch<T: Elem>(
     })
 }
 
-/// How many blocks ahead of the one being scored the next keys and values are requested. One
-/// block of compute (~60-90 ns) is shorter than a memory access; at ctx 2048 on 2 threads two
-/// blocks ahead took decode attention from 4.5 to 2.4 ms per token (four was no better).
-const PREFETCH_AHEAD: usize = 2;
+/// Bytes of keys and values requested ahead of the block being scored. One block of compute
+/// (~60-90 ns for a 16 x 64 f16 block) is shorter than a memory access; at ctx 2048 on 2
+/// threads two such blocks ahead (8 KiB) took decode attention from 4.5 to 2.4 ms per token,
+/// and four were no better. Counted in bytes so that large blocks do not flood the caches.
+const PREFETCH_BYTES: usize = 8 << 10;
+
+/// Blocks of `(bs, hd)` elements of `T` (keys and values) that fill [`PREFETCH_BYTES`], at
+/// least one.
+fn prefetch_ahead<T>(bs: usize, hd: usize) -> usize {
+    (PREFETCH_BYTES / (2 * bs * hd * std::mem::size_of::<T>()).max(1)).max(1)
+}
 
 /// Requests block `bi` of the job's head (keys and values) into the outer caches.
 #[inline(always)]
@@ -222,7 +229,8 @@ unsafe fn attend_blocks<T: Elem>(
     let chunk = chunk_blocks(bs);
     let os = chunk * bs;
     // The first blocks of the range: the loop below only asks for blocks further ahead.
-    for bi in blocks.start..(blocks.start + PREFETCH_AHEAD).min(blocks.end) {
+    let ahead = prefetch_ahead::<T>(bs, hd);
+    for bi in blocks.start..(blocks.start + ahead).min(blocks.end) {
         prefetch_block(job, kv, bi);
     }
     let mut start = blocks.start;
@@ -230,8 +238,8 @@ unsafe fn attend_blocks<T: Elem>(
         let ids = start..(start + chunk).min(blocks.end);
         start = ids.end;
         // SAFETY: forwarded contract.
-        let Some((used, masked)) = (unsafe { chunk_scores(isa, job, ids.clone(), kv, scores) })
-        else {
+        let scored = unsafe { chunk_scores(isa, job, ids.clone(), blocks.end, kv, scores) };
+        let Some((used, masked)) = scored else {
             continue;
         };
         for gi in 0..g {
@@ -255,7 +263,9 @@ unsafe fn attend_blocks<T: Elem>(
 
 /// Scores of the blocks `ids` into consecutive column ranges of `scores` (row stride
 /// `chunk * block_size`), with slots after the query's position set to `-inf`. Returns the
-/// used columns and whether any slot was masked, or `None` when every slot was.
+/// used columns and whether any slot was masked, or `None` when every slot was. Blocks up to
+/// `end` (the end of this call's range: the next split piece is another thread's) are
+/// prefetched ahead.
 ///
 /// # Safety
 /// `isa` must be supported by this CPU.
@@ -264,6 +274,7 @@ unsafe fn chunk_scores<T: Elem>(
     isa: Isa,
     job: &Job<'_>,
     ids: Range<usize>,
+    end: usize,
     kv: Kv<'_, T>,
     scores: &mut [f32],
 ) -> Option<(usize, bool)> {
@@ -272,14 +283,15 @@ unsafe fn chunk_scores<T: Elem>(
     let os = chunk_blocks(bs) * bs;
     let store = job.pool.store();
     let (mut used, mut masked, mut any) = (0, false, false);
+    let ahead = prefetch_ahead::<T>(bs, hd);
     for (j, bi) in ids.enumerate() {
         let block = job.head.blocks[bi];
         let n = (job.head.len - bi * bs).min(bs);
         let off = store.block_offset(block as usize);
-        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the next
-        // one coming: ask for it while this one is computed.
-        if bi + PREFETCH_AHEAD < job.head.blocks.len() {
-            prefetch_block(job, kv, bi + PREFETCH_AHEAD);
+        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the later
+        // ones coming: ask for the one `ahead` blocks on while this one is computed.
+        if bi + ahead < end {
+            prefetch_block(job, kv, bi + ahead);
         }
         let sh = BlockShape { g, hd, bs, os, n };
         let out = &mut scores[j * bs..];

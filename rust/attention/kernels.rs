@@ -69,9 +69,10 @@ impl Elem for u16 {
 
 /// Hints the CPU to bring `data` into the outer caches (a no-op off x86-64).
 ///
-/// Not into L1 (`T0`): a block is 32-64 lines, and L1 prefetches of that many hold the
-/// core's few L1 miss buffers, which stalls the demand loads of the block being computed.
-/// On a KV cache read from memory that made attention slower than no prefetch at all.
+/// Not into L1 (`T0`): a block's keys or values are `block_size * head_dim * elem / 64` lines
+/// (32 for the default 16 x 64 f16 block), and L1 prefetches of that many hold the core's
+/// few L1 miss buffers, which stalls the demand loads of the block being computed. On a KV
+/// cache read from memory that made attention slower than no prefetch at all.
 #[inline(always)]
 pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]

@@ -87,7 +87,10 @@ unsafe fn score_heads<T: Elem, const G: usize>(
 
 /// exp on eight lanes: `2^n * exp(r)` with `x = n ln2 + r`, `|r| <= ln2/2`, and the
 /// polynomial and bounds shared in `kernels.rs` (`EXP_POLY`). Inputs below `EXP_LO` give
-/// exactly 0.
+/// exactly 0, inputs above `EXP_HI` saturate at `exp(EXP_HI)`, and NaN stays NaN.
+///
+/// # Safety
+/// The caller must have AVX2 and FMA enabled (and present on this CPU).
 #[inline(always)]
 pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     // SAFETY: AVX2/FMA per the caller.

@@ -325,8 +325,9 @@ fn attention_block(
         rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
     }
     // Head by head, so that a chunk's new blocks for one head come off the free list in a
-    // row: adjacent in memory, which the hardware prefetcher streams when attention reads
-    // them back (token by token, the heads' blocks would interleave).
+    // row: adjacent in memory in a fresh pool (descending after a release), which the
+    // hardware prefetcher streams when attention reads them back. Token by token, the heads'
+    // blocks would interleave.
     for kh in 0..cfg.num_kv_heads {
         let index = li * cfg.num_kv_heads + kh;
         for t in 0..n {

@@ -22,9 +22,8 @@ fn rows_per_task(rows: usize) -> usize {
 /// Largest `cols / 32` whose block sums fit the stack buffer of [`gemv`].
 const MAX_BLOCKS: usize = 1024;
 
-/// Block sums of `x` (`(cols/32,)`) in `sums` when a kernel of `ws` reads them (the AVX2 and
-/// portable Q4 kernels fold their offset term into them), else empty. A stack buffer keeps
-/// decode free of heap allocations.
+/// Block sums of `x` (`(cols/32,)`) in `sums` when a kernel of `ws` reads them (see
+/// `Weight::needs_xsum`), else empty. A stack buffer keeps decode free of heap allocations.
 fn xsum_for<'a>(need: bool, x: &[f32], sums: &'a mut [f32; MAX_BLOCKS]) -> &'a [f32] {
     let nb = x.len() / BLOCK_ELEMS;
     if need && nb <= MAX_BLOCKS {

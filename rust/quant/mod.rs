@@ -300,16 +300,12 @@ impl Weight {
         }
     }
 
-    /// True when [`Weight::dot_rows`] reads the block sums of `x` (see [`block_sums`]): the
-    /// AVX2 Q4 kernels fold their offset term into them. False for the other formats, and on
-    /// CPUs with AVX-512, whose table kernels ignore them: summing 18-48 blocks before every
-    /// projection would only lengthen the serial part of a decode step.
+    /// True when [`Weight::dot_rows`] reads the block sums of `x` (see [`block_sums`]): only
+    /// the AVX2 Q4 kernels do (they fold their offset term into them). The AVX-512 table
+    /// kernels ignore them, and summing 18-48 blocks before every projection would only
+    /// lengthen the serial part of a decode step.
     pub fn needs_xsum(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            return false;
-        }
-        matches!(self.fmt, WeightFormat::Q4_0 | WeightFormat::Q4_1)
+        self.fast_kernel().is_some_and(|(_, reads_xsum)| reads_xsum)
     }
 
     /// `out[i] = row(first + i) · x` for `out.len()` consecutive rows: the decode kernel.
@@ -321,9 +317,11 @@ impl Weight {
             first + out.len() <= self.rows,
             "dot_rows: rows out of range"
         );
-        let sums_ok = !self.needs_xsum() || xsum.len() * BLOCK_ELEMS == self.cols;
-        match self.fast_kernel().filter(|_| sums_ok) {
-            Some(k) => {
+        let fast = self.fast_kernel();
+        let sums_ok =
+            |&(_, reads): &(RowKernel, bool)| !reads || xsum.len() * BLOCK_ELEMS == self.cols;
+        match fast.filter(sums_ok) {
+            Some((k, _)) => {
                 for (i, o) in out.iter_mut().enumerate() {
                     // SAFETY: `fast_kernel` only returns kernels this CPU runs; `row` and `x`
                     // hold `cols` elements and `xsum` `cols/32` where the kernel reads it.
@@ -391,26 +389,27 @@ impl Weight {
         self.row(r)
     }
 
-    /// The fastest row kernel for this format on this CPU (AVX-512, then AVX2), if any.
-    fn fast_kernel(&self) -> Option<RowKernel> {
+    /// The fastest row kernel for this format on this CPU (AVX-512, then AVX2), if any, and
+    /// whether it reads the block sums of `x`.
+    fn fast_kernel(&self) -> Option<(RowKernel, bool)> {
         #[cfg(target_arch = "x86_64")]
         {
             use WeightFormat as F;
             if avx512::available() {
                 match self.fmt {
-                    F::Q4_1 => return Some(avx512::dot_q4_1),
-                    F::Q4_0 => return Some(avx512::dot_q4_0),
-                    F::Q8_0 => return Some(avx512::dot_q8_0),
+                    F::Q4_1 => return Some((avx512::dot_q4_1, false)),
+                    F::Q4_0 => return Some((avx512::dot_q4_0, false)),
+                    F::Q8_0 => return Some((avx512::dot_q8_0, false)),
                     _ => {}
                 }
             }
             if self.cols.is_multiple_of(8) && avx2::available() {
                 return match self.fmt {
-                    F::Q4_1 => Some(avx2::dot_q4_1),
-                    F::Q4_0 => Some(avx2::dot_q4_0),
-                    F::Q8_0 => Some(avx2::dot_q8_0),
-                    F::F16 => Some(avx2::dot_f16),
-                    F::F32 => Some(avx2::dot_f32),
+                    F::Q4_1 => Some((avx2::dot_q4_1, true)),
+                    F::Q4_0 => Some((avx2::dot_q4_0, true)),
+                    F::Q8_0 => Some((avx2::dot_q8_0, false)),
+                    F::F16 => Some((avx2::dot_f16, false)),
+                    F::F32 => Some((avx2::dot_f32, false)),
                     F::Bf16 => None,
                 };
             }
