@@ -6,10 +6,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use _core::attention::dense::Dense;
 use _core::attention::kernels::{self, BlockShape, Isa};
-use _core::attention::Attention;
+use _core::attention::online::{normalise, Online};
+use _core::attention::{Attention, Mask, Query};
 use _core::kv::paged::SeqCache;
-use _core::kv::pool::BlockPool;
-use _core::kv::KvDtype;
+use _core::kv::{KvDtype, LocalKv};
 use _core::ops::matmul::{gemm, gemv};
 use _core::quant::{synthetic_weight, Weight, WeightFormat};
 
@@ -48,19 +48,33 @@ fn bench_attention(c: &mut Criterion) {
     let (hd, g) = (64, 3);
     for &ctx in &[128usize, 2048, 7000] {
         for dtype in [KvDtype::F32, KvDtype::F16] {
-            let mut pool = BlockPool::new(ctx / 16 + 1, 16, hd, dtype).unwrap();
+            let mut kv = LocalKv::new(dtype, ctx / 16 + 1, 16, hd).unwrap();
             let mut cache = SeqCache::new(1, 1);
             let row: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.1).cos()).collect();
-            cache.reserve(&pool, ctx).unwrap();
+            cache.reserve(&mut kv.pool, &kv.store, ctx).unwrap();
             for p in 0..ctx as u32 {
-                cache.append(&mut pool, 0, p, &row, &row).unwrap();
+                cache.append(&kv.store, 0, p, p, &row, &row).unwrap();
             }
             let q = vec![0.1f32; g * hd];
             let mut out = vec![0.0; g * hd];
+            let view = cache.view(&kv.store, 0).unwrap();
+            let blocks: Vec<usize> = (0..view.num_blocks()).collect();
+            let query = Query {
+                q: &q,
+                pos: ctx as u32,
+                mask: Mask::Causal,
+                scale: 0.125,
+            };
             group.throughput(Throughput::Elements(ctx as u64));
             let id = BenchmarkId::new(dtype.name(), ctx);
             group.bench_with_input(id, &ctx, |b, _| {
-                b.iter(|| Dense.attend(&pool, cache.head(0, 0), &q, ctx as u32, 0.125, &mut out))
+                b.iter(|| {
+                    let mut state = Online::default();
+                    Dense
+                        .partial(&view, &blocks, &query, &mut out, &mut state, None)
+                        .unwrap();
+                    normalise(&state, &mut out, hd);
+                })
             });
         }
     }

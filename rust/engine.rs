@@ -1,10 +1,16 @@
 //! The engine: one model, one KV block pool and one thread pool, shared by every session.
+//!
+//! The pool's books sit behind a mutex that sessions hold only to allocate, share and free
+//! blocks; the K/V data ([`KvStore`]) is read and written without it (see `kv/raw.rs`), so
+//! sessions of one engine run their layer loops concurrently on different threads.
 
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{ensure_config, Error, Result};
 use crate::kv::pool::{BlockPool, PoolStats};
-use crate::kv::{KvDtype, MAX_BLOCK_SIZE};
+use crate::kv::store::KvStore;
+use crate::kv::{block_bytes, KvDtype, MAX_BLOCK_SIZE};
+use crate::model::scratch::Scratch;
 use crate::model::LlamaModel;
 use crate::ops::rope;
 
@@ -28,13 +34,22 @@ pub struct Engine {
     pub inv_freq: Vec<f64>,
     /// The KV settings.
     pub kv: KvConfig,
+    /// Most token rows one forward call carries (the prefill chunk).
+    pub chunk: usize,
     pool: Mutex<BlockPool>,
+    store: KvStore,
     threads: rayon::ThreadPool,
+    /// Forward buffers not in use, handed to one call at a time.
+    scratches: Mutex<Vec<Scratch>>,
 }
 
 impl Engine {
-    /// Builds an engine; `n_threads` = 0 means one per core.
-    pub fn new(model: LlamaModel, kv: KvConfig, n_threads: usize) -> Result<Self> {
+    /// Builds an engine; `n_threads` = 0 means one per core; `chunk`: most token rows per
+    /// forward call.
+    pub fn new(model: LlamaModel, kv: KvConfig, n_threads: usize, chunk: usize) -> Result<Self> {
+        ensure_config((1..=1 << 16).contains(&chunk), || {
+            format!("prefill_chunk={chunk} must be in [1, 65536]")
+        })?;
         ensure_config((1..=MAX_BLOCK_SIZE).contains(&kv.block_size), || {
             format!(
                 "KVCacheConfig block_size={} must be in [1, {MAX_BLOCK_SIZE}]",
@@ -55,13 +70,18 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("cannot start threads: {e}")))?;
         let cfg = &model.cfg;
         let inv_freq = rope::inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling);
-        let pool = BlockPool::new(kv.num_blocks, kv.block_size, cfg.head_dim, kv.dtype)?;
+        let bytes = block_bytes(kv.block_size, cfg.head_dim, kv.dtype);
+        let pool = BlockPool::new(kv.num_blocks, kv.block_size, bytes)?;
+        let store = KvStore::new(kv.dtype, kv.num_blocks, kv.block_size, cfg.head_dim)?;
         Ok(Self {
             model,
             inv_freq,
             kv,
+            chunk,
             pool: Mutex::new(pool),
+            store,
             threads,
+            scratches: Mutex::new(Vec::new()),
         })
     }
 
@@ -78,6 +98,27 @@ impl Engine {
                 Ok(guard)
             }
         }
+    }
+
+    /// The K/V data of every block (no lock: see `kv/raw.rs`).
+    pub fn store(&self) -> &KvStore {
+        &self.store
+    }
+
+    /// Runs `f` with forward buffers for `self.chunk` rows, taken from the engine's spares
+    /// (or made, the first time each concurrent caller needs one) and given back after.
+    pub fn with_scratch<R>(&self, f: impl FnOnce(&mut Scratch) -> R) -> Result<R> {
+        let spare = self
+            .scratches
+            .lock()
+            .map_err(|_| Error::Internal("scratch lock poisoned".into()))?
+            .pop();
+        let mut scratch = spare.unwrap_or_else(|| Scratch::new(&self.model.cfg, self.chunk));
+        let out = f(&mut scratch);
+        if let Ok(mut spares) = self.scratches.lock() {
+            spares.push(scratch);
+        }
+        Ok(out)
     }
 
     /// Runs `f` on this engine's threads.

@@ -18,6 +18,7 @@ pub mod evict;
 pub mod kv;
 pub mod model;
 pub mod ops;
+pub mod params;
 pub mod quant;
 pub mod sample;
 

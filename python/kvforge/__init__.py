@@ -1,6 +1,6 @@
 """kvforge: CPU LLM inference with a paged, evictable KV cache and a Rust core."""
 
-from . import presses
+from . import attention, presses
 from .config import KVCacheConfig, SamplingParams
 from .engine import LLM
 from .errors import (
@@ -13,6 +13,7 @@ from .errors import (
     NumericalError,
 )
 from .generation import GenerationChunk, GenerationOutput, GenerationStats
+from .session import LayerAttention, Session
 
 __version__ = "0.1.0"
 
@@ -27,8 +28,11 @@ __all__ = [
     "InputTypeError",
     "InternalError",
     "KVCacheConfig",
+    "LayerAttention",
     "ModelFormatError",
     "NumericalError",
     "SamplingParams",
+    "Session",
+    "attention",
     "presses",
 ]

@@ -10,6 +10,8 @@ import numpy as np
 
 from . import _core
 from . import _validate as v
+from . import attention as _attention
+from .batch import BatchRun
 from .chat_template import render_chat
 from .config import KVCacheConfig, SamplingParams
 from .errors import ConfigError, Error, InputTypeError, NumericalError
@@ -17,6 +19,7 @@ from .generation import GenerationChunk, GenerationOutput, run_generation
 from .loader import LoadedModel, default_model_path, load_model
 from .loader.finite import check_finite as _check_finite
 from .presses import PRESSES
+from .session import Session
 
 # Tokens per prefill step. Larger chunks amortise dequantizing each weight panel over more
 # tokens: on SmolLM2 (2 threads) 64 -> 256 took prefill 512 from 421 to 537 tok/s and 2048
@@ -25,6 +28,10 @@ PREFILL_CHUNK = 256
 # "int8" quantizes the inputs of one-token projections (decode) to int8 blocks: faster,
 # approximate, opt-in. Prefill and float-format weights stay exact.
 ACTIVATIONS = ("float32", "int8")
+# Most sequences one batched decode step carries: up to this many rows, every row of a
+# projection is computed exactly as a one-token step computes it (ops::matmul::EXACT_ROWS),
+# so batched output equals generating each prompt alone.
+MAX_BATCH = 32
 
 
 class LLM:
@@ -65,7 +72,7 @@ class LLM:
             cfg.to_dict() | {"rope_scaling": cfg.rope_scaling},
             [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
             block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
-            n_threads=threads)
+            n_threads=threads, prefill_chunk=PREFILL_CHUNK)
         # The core now holds every weight (read-only mappings in place, others copied).
         self._loaded.tensors = {}
         self._closed = False
@@ -78,7 +85,7 @@ class LLM:
             return kv.num_blocks
         if kv.max_kv_bytes is not None:
             elem = 4 if kv.dtype == "float32" else 2
-            block_bytes = kv.block_size * (2 * cfg.head_dim * elem + 4)
+            block_bytes = kv.block_size * (2 * cfg.head_dim * elem + 8)
             return max(kv.max_kv_bytes // block_bytes, 1)
         # One full-context sequence, plus one spare block per head for a copy-on-write.
         return heads * (-(-self.max_context // kv.block_size) + 1)
@@ -135,15 +142,24 @@ class LLM:
         return ids
 
     # -- running ------------------------------------------------------------------------------
-    def _session(self, press: Any = None) -> Any:
+    def session(self, press: Any = None, attention: Any = None) -> Session:
+        """A new, empty :class:`Session` on this model, with an optional ``press`` (a
+        ``kvforge.presses`` object) and ``attention`` variant (a ``kvforge.attention`` object;
+        default exact ``Dense``). Use it as a context manager, or call ``release()``."""
+        return Session(self, self._open(press, attention), press, attention)
+
+    def _open(self, press: Any = None, attention: Any = None) -> Any:
+        """A new core session with the press, attention variant and activation mode set."""
         if press is not None:
             if not isinstance(press, PRESSES):
                 raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
             press._check(self.max_context)
-        session = self._core_engine().session(prefill_chunk=PREFILL_CHUNK,
-                                              max_context=self.max_context)
+        _attention.check(attention)
+        session = self._core_engine().session(max_context=self.max_context)
         if press is not None:
             press._apply(session)
+        if attention is not None:
+            attention._apply(session)
         if self.activations != "float32":
             session.set_activations(self.activations)
         return session
@@ -156,11 +172,8 @@ class LLM:
         if len(ids) > self.max_context:
             raise ConfigError(f"token_ids length {len(ids)} exceeds the context length "
                               f"{self.max_context}")
-        session = self._session()
-        try:
-            out = session.logits(ids)
-        finally:
-            session.release()
+        with self.session() as s:
+            out = s.step(ids)
         if not np.isfinite(out).all():
             row = int(np.argwhere(~np.isfinite(out))[0][0])
             raise NumericalError(f"non-finite logits at position {row} (NaN/Inf in the model)")
@@ -171,69 +184,128 @@ class LLM:
             raise ConfigError(f"prompt length {n} exceeds the context length {self.max_context} "
                               "(leave room for at least one new token, or use a press)")
 
-    def _stream(self, prompt: Any, params: SamplingParams, press: Any) -> Iterator[GenerationChunk]:
+    def _room(self, n: int, params: SamplingParams, press: Any) -> int:
+        return params.max_new_tokens if press is not None else min(
+            params.max_new_tokens, self.max_context - n)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.stop_token_ids:
+            v.token_list("stop_token_ids", list(params.stop_token_ids), self.config.vocab_size)
+
+    @staticmethod
+    def _set_sampling(core: Any, params: SamplingParams) -> None:
+        core.set_sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                          min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                          seed=params.seed)
+
+    def _stream(self, prompt: Any, params: SamplingParams, press: Any, attention: Any,
+                progress: Any) -> Iterator[GenerationChunk]:
         """Validates everything and opens the session now, so that bad input raises at the
         call (not at the first ``next()``); returns the generator that decodes."""
         ids = self._prompt_ids(prompt)
         self._check_length(len(ids), press)
-        if params.stop_token_ids:
-            v.token_list("stop_token_ids", list(params.stop_token_ids), self.config.vocab_size)
-        session = self._session(press)
+        self._check_params(params)
+        core = self._open(press, attention)
         try:
-            session.set_sampling(temperature=params.temperature, top_k=params.top_k,
-                                 top_p=params.top_p, min_p=params.min_p,
-                                 repetition_penalty=params.repetition_penalty, seed=params.seed)
+            self._set_sampling(core, params)
         except BaseException:
-            session.release()
+            core.release()
             raise
-        room = params.max_new_tokens if press is not None else min(
-            params.max_new_tokens, self.max_context - len(ids))
-        return self._decode_loop(session, ids, params, room)
+        return self._decode_loop(core, ids, params, self._room(len(ids), params, press), progress,
+                                 release=True)
 
-    def _decode_loop(self, session: Any, ids: list[int], params: SamplingParams,
-                     room: int) -> Iterator[GenerationChunk]:
+    def _decode_loop(self, core: Any, ids: list[int], params: SamplingParams, room: int,
+                     progress: Any, release: bool, cached: int = 0) -> Iterator[GenerationChunk]:
         try:
             block_bytes = self._core_engine().kv_stats()["block_bytes"]
-            yield from run_generation(session, ids, params, self.tokenizer, self.eos_token_ids,
-                                      room, block_bytes)
+            for chunk in run_generation(core, ids, params, self.tokenizer, self.eos_token_ids,
+                                        room, block_bytes, progress):
+                if chunk.stats is not None and cached:
+                    chunk.stats.cached_prompt_tokens = cached
+                yield chunk
         finally:
-            session.release()
+            if release:
+                core.release()
 
     def generate(self, prompt: Any, params: SamplingParams | None = None, *, press: Any = None,
-                 stream: bool = False, **param_overrides: Any) -> Any:
+                 attention: Any = None, stream: bool = False, max_batch: int = 16,
+                 progress: Any = None, **param_overrides: Any) -> Any:
         """Generate from a prompt (text, token ids) or a list of prompts.
 
-        Returns a :class:`GenerationOutput` (a list of them for a list of prompts), or with
-        ``stream=True`` a generator of :class:`GenerationChunk`. Keyword overrides such as
-        ``max_new_tokens=64, temperature=0.7`` update ``params``.
+        Returns a :class:`GenerationOutput` (a list of them for a list of prompts, decoded
+        together up to ``max_batch`` at a time), or with ``stream=True`` a generator of
+        :class:`GenerationChunk`. Keyword overrides such as ``max_new_tokens=64,
+        temperature=0.7`` update ``params``. ``progress(done, total)`` is called during the
+        prefill of a single prompt.
         """
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise InputTypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if param_overrides:
-            params = params.updated(**param_overrides)
+        params = self._params(params, param_overrides)
+        if progress is not None and not callable(progress):
+            raise InputTypeError(f"progress must be callable, got {type(progress).__name__}")
         if _is_batch(prompt):
             if stream:
                 raise ConfigError("stream=True takes a single prompt, not a list")
-            return [self._collect(p, params, press) for p in prompt]
+            return self._generate_batch(prompt, params, press, attention, max_batch)
         if stream:
-            return self._stream(prompt, params, press)
-        return self._collect(prompt, params, press)
+            return self._stream(prompt, params, press, attention, progress)
+        return _collect(self._stream(prompt, params, press, attention, progress))
 
-    def _collect(self, prompt: Any, params: SamplingParams, press: Any) -> GenerationOutput:
-        texts, ids = [], []
-        for chunk in self._stream(prompt, params, press):
-            texts.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                return GenerationOutput("".join(texts), ids, chunk.finish_reason, chunk.stats)
-        raise Error("generation ended without a finish reason")  # pragma: no cover
+    @staticmethod
+    def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InputTypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        return params.updated(**overrides) if overrides else params
+
+    def _generate_batch(self, prompts: list[Any], params: SamplingParams, press: Any,
+                        attention: Any, max_batch: int) -> list[GenerationOutput]:
+        max_batch = v.integer("max_batch", max_batch, lo=1, hi=MAX_BATCH)
+        ids = [self._prompt_ids(p) for p in prompts]
+        for one in ids:
+            self._check_length(len(one), press)
+        self._check_params(params)
+        if press is not None and not isinstance(press, PRESSES):
+            raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
+        _attention.check(attention)
+        return BatchRun(self, ids, params, press, attention, max_batch).run()
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, *,
-             press: Any = None, stream: bool = False, **param_overrides: Any) -> Any:
-        """Render ``messages`` with the model's chat template, then :meth:`generate`."""
-        return self.generate(self.apply_chat_template(messages), params, press=press,
-                             stream=stream, **param_overrides)
+             press: Any = None, attention: Any = None, stream: bool = False,
+             session: Session | None = None, progress: Any = None,
+             **param_overrides: Any) -> Any:
+        """Render ``messages`` with the model's chat template, then :meth:`generate`.
+
+        With ``session``, the conversation continues in that session's cache: only the tokens
+        after the longest prefix it already holds are prefilled (the new turn), and the reply
+        stays cached for the next turn. The session's own press and attention apply.
+        """
+        prompt = self.apply_chat_template(messages)
+        if session is None:
+            return self.generate(prompt, params, press=press, attention=attention, stream=stream,
+                                 progress=progress, **param_overrides)
+        if not isinstance(session, Session) or session._llm is not self:
+            raise InputTypeError("session must be a kvforge.Session of this LLM")
+        if press is not None or attention is not None:
+            raise ConfigError("chat(session=...) uses the session's own press and attention")
+        params = self._params(params, param_overrides)
+        it = self._continue(session, self._prompt_ids(prompt), params, progress)
+        return it if stream else _collect(it)
+
+    def _continue(self, session: Session, ids: list[int], params: SamplingParams,
+                  progress: Any) -> Iterator[GenerationChunk]:
+        """Generation that reuses the longest cached prefix of ``ids`` in ``session``."""
+        self._check_length(len(ids), session.press)
+        self._check_params(params)
+        have = session.token_ids
+        keep = 0
+        while keep < min(len(have), len(ids)) and have[keep] == ids[keep]:
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # the last prompt token must run to give logits
+        session.truncate(keep)
+        core = session._core
+        self._set_sampling(core, params)
+        room = self._room(len(ids), params, session.press)
+        return self._decode_loop(core, ids[keep:], params, room, progress, release=False,
+                                 cached=keep)
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
@@ -261,6 +333,16 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _collect(chunks: Iterator[GenerationChunk]) -> GenerationOutput:
+    texts, ids = [], []
+    for chunk in chunks:
+        texts.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            return GenerationOutput("".join(texts), ids, chunk.finish_reason, chunk.stats)
+    raise Error("generation ended without a finish reason")  # pragma: no cover
 
 
 def _is_batch(prompt: Any) -> bool:

@@ -16,6 +16,8 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    # Prompt tokens already in a reused session's cache (not prefilled again).
+    cached_prompt_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv_blocks_peak: int = 0
@@ -109,40 +111,72 @@ class _Detokenizer:
         return out
 
 
-def run_generation(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
-                   eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
-                   ) -> Iterator[GenerationChunk]:
-    """Yields chunks until a stop condition; the last one carries the reason and stats."""
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-    detok = _Detokenizer(tokenizer, params.stop)
-    t0 = time.perf_counter()
-    token = session.prefill(prompt)
-    stats.prefill_s = time.perf_counter() - t0
-    reason = None
-    while True:
+class SequenceDecoder:
+    """The stop rules and text of one generation, fed one sampled token at a time: shared by
+    the single-sequence loop and the batched one, so both produce the same chunks."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams, tokenizer: Any,
+                 eos_ids: frozenset[int], max_new: int, kv_block_bytes: int) -> None:
+        self.stats = GenerationStats(prompt_tokens=prompt_len)
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        self.detok = _Detokenizer(tokenizer, params.stop)
+        self.max_new = max_new
+        self.block_bytes = kv_block_bytes
+        self.reason: str | None = None
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+
+    def feed(self, token: int, blocks_held: int) -> GenerationChunk:
+        """The chunk for sampled ``token``; sets :attr:`reason` when generation ends here."""
+        stats, detok = self.stats, self.detok
         stats.generated_tokens += 1
-        stats.kv_blocks_peak = max(stats.kv_blocks_peak, session.blocks_held())
-        if token in stop_ids:
-            reason = "stop" if token in params.stop_token_ids else "eos"
+        stats.kv_blocks_peak = max(stats.kv_blocks_peak, blocks_held)
+        if token in self.stop_ids:
+            self.reason = "stop" if token in self.params.stop_token_ids else "eos"
             detok.flush()
-            yield GenerationChunk(detok.take(final=True), [token])
-            break
+            return self._chunk(detok.take(final=True), token)
         detok.add(token)
         cut = detok.find_stop()
         if cut is not None:
             detok.text = detok.text[:cut]
-            reason = "stop"
-            yield GenerationChunk(detok.take(final=True), [token])
-            break
-        if stats.generated_tokens >= max_new:
-            reason = "length"
+            self.reason = "stop"
+            return self._chunk(detok.take(final=True), token)
+        if stats.generated_tokens >= self.max_new:
+            self.reason = "length"
             detok.flush()
-            yield GenerationChunk(detok.take(final=True), [token])
+            return self._chunk(detok.take(final=True), token)
+        return self._chunk(detok.take(final=False), token)
+
+    def _chunk(self, text: str, token: int) -> GenerationChunk:
+        self.texts.append(text)
+        self.token_ids.append(token)
+        return GenerationChunk(text, [token])
+
+    def final(self) -> GenerationChunk:
+        """The last chunk: no text, the finish reason and the stats."""
+        self.stats.kv_bytes_peak = self.stats.kv_blocks_peak * self.block_bytes
+        return GenerationChunk("", [], finish_reason=self.reason, stats=self.stats)
+
+    def output(self) -> GenerationOutput:
+        return GenerationOutput("".join(self.texts), list(self.token_ids), self.reason or "length",
+                                self.final().stats)
+
+
+def run_generation(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
+                   eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
+                   progress: Any = None) -> Iterator[GenerationChunk]:
+    """Yields chunks until a stop condition; the last one carries the reason and stats.
+    ``session``: a core session (``kvforge._core.Session``) whose sampler is set."""
+    dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
+    t0 = time.perf_counter()
+    token = session.prefill_sample(prompt, progress)
+    dec.stats.prefill_s = time.perf_counter() - t0
+    while True:
+        yield dec.feed(token, session.blocks_held())
+        if dec.reason is not None:
             break
-        yield GenerationChunk(detok.take(final=False), [token])
         t1 = time.perf_counter()
         token = session.decode(token)
-        stats.decode_s += time.perf_counter() - t1
-    stats.kv_bytes_peak = stats.kv_blocks_peak * kv_block_bytes
-    yield GenerationChunk("", [], finish_reason=reason, stats=stats)
+        dec.stats.decode_s += time.perf_counter() - t1
+    yield dec.final()

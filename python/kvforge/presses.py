@@ -33,7 +33,7 @@ class StreamingLLM:
         v.kv_budget("StreamingLLM sink + window", self.sink + self.window, context=context)
 
     def _apply(self, session) -> None:
-        session.set_press("streaming_llm", sink=self.sink, window=self.window)
+        session.set_press("streaming_llm", [("sink", self.sink), ("window", self.window)])
 
     def cache_tokens(self) -> int:
         """Most tokens one head cache holds under this press."""

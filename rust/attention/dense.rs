@@ -5,131 +5,115 @@
 //! are rescaled chunk by chunk (flash-attention style), so no `L x L` or even `L`-long score
 //! row is ever built.
 //!
-//! [`Dense::partial`] attends over a sub-range of blocks and returns the unnormalised state, so
-//! one long context can be split across threads and merged by log-sum-exp ([`merge`]), as in
+//! `partial` attends over a list of blocks and returns the unnormalised state, so one long
+//! context can be split across threads and merged by log-sum-exp (`online.rs`), as in
 //! flash-decoding. The block kernels come from `kernels.rs`: the whole loop is compiled for
 //! AVX-512, for AVX2/FMA/F16C and portably, and the build is chosen at run time.
 
-use std::ops::Range;
-
-use super::{Attention, MAX_GROUP};
-use crate::kv::paged::HeadCache;
-use crate::kv::pool::BlockPool;
-use crate::kv::store::KvData;
-
 use super::kernels::{self, BlockShape, Elem, Isa};
+use super::online::Online;
+use super::{Attention, Query};
+use crate::error::{Error, Result};
+use crate::kv::store::Stored;
+use crate::kv::view::{HeadData, HeadView, TypedHead};
 
 /// Exact softmax attention.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Dense;
 
-/// Running softmax state of one query group: per head the max score and the sum of
-/// `exp(score - max)`; the matching accumulator rows live in the caller's buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct Online {
-    /// Largest score seen, per query head.
-    pub max: [f32; MAX_GROUP],
-    /// Sum of `exp(score - max)`, per query head.
-    pub sum: [f32; MAX_GROUP],
-}
-
-impl Default for Online {
-    fn default() -> Self {
-        Self {
-            max: [f32::NEG_INFINITY; MAX_GROUP],
-            sum: [0.0; MAX_GROUP],
-        }
-    }
-}
-
-/// One attention call: the cache, the query group and its position.
-struct Job<'a> {
-    pool: &'a BlockPool,
-    head: &'a HeadCache,
-    q: &'a [f32],
-    q_pos: u32,
-    scale: f32,
+/// One attention call: the head's blocks in their element type, the query and the blocks to
+/// visit.
+struct Job<'a, T: Stored> {
+    head: TypedHead<'a, T>,
+    view: &'a HeadView<'a>,
+    query: &'a Query<'a>,
+    blocks: &'a [usize],
 }
 
 impl Attention for Dense {
-    fn attend(
-        &self,
-        pool: &BlockPool,
-        head: &HeadCache,
-        q: &[f32],
-        q_pos: u32,
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let mut state = Online::default();
-        self.partial(
-            pool,
-            head,
-            0..head.blocks.len(),
-            q,
-            q_pos,
-            scale,
-            out,
-            &mut state,
-        );
-        normalise(&state, out, pool.head_dim());
+    fn name(&self) -> &'static str {
+        "dense"
     }
-}
 
-impl Dense {
-    /// Attends over blocks `blocks` of `head` only, leaving `acc` (`(g, head_dim)`)
-    /// unnormalised and the softmax state in `state` (both reset first).
-    #[allow(clippy::too_many_arguments)]
-    pub fn partial(
+    fn partial(
         &self,
-        pool: &BlockPool,
-        head: &HeadCache,
-        blocks: Range<usize>,
-        q: &[f32],
-        q_pos: u32,
-        scale: f32,
+        view: &HeadView<'_>,
+        blocks: &[usize],
+        query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-    ) {
+        scores: Option<&mut [f32]>,
+    ) -> Result<()> {
         *state = Online::default();
         acc.fill(0.0);
-        let job = Job {
-            pool,
-            head,
-            q,
-            q_pos,
-            scale,
-        };
-        match pool.store().data() {
-            KvData::F32 { k, v } => dispatch(&job, blocks, k, v, acc, state),
-            KvData::F16 { k, v } => dispatch(&job, blocks, k, v, acc, state),
+        let hd = view.head_dim();
+        let g = query.q.len() / hd.max(1);
+        if g == 0 || g > super::MAX_GROUP || acc.len() != g * hd || query.q.len() != g * hd {
+            return Err(Error::Internal(format!(
+                "attention shapes: q {} acc {} head_dim {hd}",
+                query.q.len(),
+                acc.len()
+            )));
         }
+        if let Some(s) = &scores {
+            if s.len() != g * view.len() {
+                return Err(Error::Internal("attention score sink shape".into()));
+            }
+        }
+        match view.data() {
+            HeadData::F32(head) => {
+                let job = Job {
+                    head,
+                    view,
+                    query,
+                    blocks,
+                };
+                dispatch(&job, acc, state, scores)
+            }
+            HeadData::F16(head) => {
+                let job = Job {
+                    head,
+                    view,
+                    query,
+                    blocks,
+                };
+                dispatch(&job, acc, state, scores)
+            }
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Attention> {
+        Box::new(*self)
     }
 }
 
-fn dispatch<T: Elem>(
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    k: &[T],
-    v: &[T],
+/// Builds `Dense` from registry parameters (it takes none).
+pub fn build(params: &mut super::registry::Params) -> Result<Box<dyn Attention>> {
+    params.finish("attention \"dense\"")?;
+    Ok(Box::new(Dense))
+}
+
+fn dispatch<T: Elem + Stored>(
+    job: &Job<'_, T>,
     acc: &mut [f32],
     st: &mut Online,
-) {
-    let g = job.q.len() / job.pool.head_dim();
-    let chunk = chunk_blocks(job.pool.block_size());
+    sink: Option<&mut [f32]>,
+) -> Result<()> {
+    let bs = job.view.block_size();
+    let g = job.query.q.len() / job.view.head_dim();
+    let chunk = chunk_blocks(bs);
     SCORES.with(|cell| {
         let mut buf = cell.borrow_mut();
-        buf.resize(g * chunk * job.pool.block_size(), 0.0);
+        buf.resize(g * chunk * bs, 0.0);
         let scores: &mut [f32] = &mut buf;
-        let kv = Kv { k, v };
         match Isa::detect() {
             // SAFETY: the CPU has what each build enables (detected just above).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { blocks_avx512(job, blocks, kv, acc, st, scores) },
+            Isa::Avx512 => unsafe { blocks_avx512(job, acc, st, scores, sink) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { blocks_avx2(job, blocks, kv, acc, st, scores) },
+            Isa::Avx2 => unsafe { blocks_avx2(job, acc, st, scores, sink) },
             // SAFETY: the portable kernels need no CPU feature.
-            _ => unsafe { attend_blocks(Isa::Portable, job, blocks, kv, acc, st, scores) },
+            _ => unsafe { attend_blocks(Isa::Portable, job, acc, st, scores, sink) },
         }
     })
 }
@@ -148,11 +132,11 @@ fn prefetch_ahead<T>(bs: usize, hd: usize) -> usize {
 
 /// Requests block `bi` of the job's head (keys and values) into the outer caches.
 #[inline(always)]
-fn prefetch_block<T: Elem>(job: &Job<'_>, kv: Kv<'_, T>, bi: usize) {
-    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
-    let at = job.pool.store().block_offset(job.head.blocks[bi] as usize);
-    kernels::prefetch(&kv.k[at..at + bs * hd]);
-    kernels::prefetch(&kv.v[at..at + bs * hd]);
+fn prefetch_block<T: Elem + Stored>(job: &Job<'_, T>, bi: usize) {
+    if let Ok((k, v)) = job.head.block(bi) {
+        kernels::prefetch(k);
+        kernels::prefetch(v);
+    }
 }
 
 /// Slots scored per softmax step: enough whole blocks to amortise the per-step max, exp and
@@ -170,75 +154,65 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The key and value arrays of the whole pool.
-#[derive(Clone, Copy)]
-struct Kv<'a, T> {
-    k: &'a [T],
-    v: &'a [T],
-}
-
 /// The AVX2 build of [`attend_blocks`]. The thread-local buffer is fetched by the caller:
 /// a closure inside this function would not inherit its target features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn blocks_avx2<T: Elem>(
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    kv: Kv<'_, T>,
+unsafe fn blocks_avx2<T: Elem + Stored>(
+    job: &Job<'_, T>,
     acc: &mut [f32],
     st: &mut Online,
     scores: &mut [f32],
-) {
+    sink: Option<&mut [f32]>,
+) -> Result<()> {
     // SAFETY: this function only runs where the features it enables are present.
-    unsafe { attend_blocks(Isa::Avx2, job, blocks, kv, acc, st, scores) }
+    unsafe { attend_blocks(Isa::Avx2, job, acc, st, scores, sink) }
 }
 
 /// The AVX-512 build of [`attend_blocks`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn blocks_avx512<T: Elem>(
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    kv: Kv<'_, T>,
+unsafe fn blocks_avx512<T: Elem + Stored>(
+    job: &Job<'_, T>,
     acc: &mut [f32],
     st: &mut Online,
     scores: &mut [f32],
-) {
+    sink: Option<&mut [f32]>,
+) -> Result<()> {
     // SAFETY: this function only runs where the features it enables are present.
-    unsafe { attend_blocks(Isa::Avx512, job, blocks, kv, acc, st, scores) }
+    unsafe { attend_blocks(Isa::Avx512, job, acc, st, scores, sink) }
 }
 
-/// The online-softmax loop over a range of blocks, a chunk of blocks per step: scores of the
-/// chunk for the whole group, masking by position, one max / exp / rescale per head, then the
+/// The online-softmax loop over the job's blocks, a chunk of blocks per step: scores of the
+/// chunk for the whole group, masking, one max / exp / rescale per head, then the
 /// probability-weighted sums of the chunk's values. `scores`: `(g, chunk * block_size)`.
 ///
 /// # Safety
 /// `isa` must be supported by this CPU.
 #[inline(always)]
-unsafe fn attend_blocks<T: Elem>(
+unsafe fn attend_blocks<T: Elem + Stored>(
     isa: Isa,
-    job: &Job<'_>,
-    blocks: Range<usize>,
-    kv: Kv<'_, T>,
+    job: &Job<'_, T>,
     acc: &mut [f32],
     state: &mut Online,
     scores: &mut [f32],
-) {
-    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
-    let g = job.q.len() / hd;
+    mut sink: Option<&mut [f32]>,
+) -> Result<()> {
+    let (bs, hd) = (job.view.block_size(), job.view.head_dim());
+    let g = job.query.q.len() / hd;
     let chunk = chunk_blocks(bs);
     let os = chunk * bs;
-    // The first blocks of the range: the loop below only asks for blocks further ahead.
+    // The first blocks of the list: the loop below only asks for blocks further ahead.
     let ahead = prefetch_ahead::<T>(bs, hd);
-    for bi in blocks.start..(blocks.start + ahead).min(blocks.end) {
-        prefetch_block(job, kv, bi);
+    for &bi in job.blocks.iter().take(ahead) {
+        prefetch_block(job, bi);
     }
-    let mut start = blocks.start;
-    while start < blocks.end {
-        let ids = start..(start + chunk).min(blocks.end);
-        start = ids.end;
+    for (c, ids) in job.blocks.chunks(chunk).enumerate() {
         // SAFETY: forwarded contract.
-        let scored = unsafe { chunk_scores(isa, job, ids.clone(), blocks.end, kv, scores) };
+        let scored = unsafe { chunk_scores(isa, job, c * chunk, ids, scores)? };
+        if let Some(sink) = sink.as_deref_mut() {
+            record(job, ids, scores, os, sink);
+        }
         let Some((used, masked)) = scored else {
             continue;
         };
@@ -250,69 +224,78 @@ unsafe fn attend_blocks<T: Elem>(
             // SAFETY: forwarded contract.
             unsafe { rescale(isa, state, gi, sc, out) };
         }
-        let store = job.pool.store();
-        for (j, bi) in ids.enumerate() {
-            let off = store.block_offset(job.head.blocks[bi] as usize);
-            let n = (job.head.len - bi * bs).min(bs);
-            let (p, vb) = (&scores[j * bs..], &kv.v[off..off + bs * hd]);
+        for (j, &bi) in ids.iter().enumerate() {
+            let (_, vb) = job.head.block(bi)?;
+            let n = job.view.block_len(bi);
+            let p = &scores[j * bs..];
             // SAFETY: forwarded contract.
             unsafe { kernels::weighted_sum(isa, &mut acc[..g * hd], p, os, n, vb, hd, masked) };
         }
     }
+    Ok(())
 }
 
-/// Scores of the blocks `ids` into consecutive column ranges of `scores` (row stride
-/// `chunk * block_size`), with slots after the query's position set to `-inf`. Returns the
-/// used columns and whether any slot was masked, or `None` when every slot was. Blocks up to
-/// `end` (the end of this call's range: the next split piece is another thread's) are
-/// prefetched ahead.
+/// Copies the masked scores of the chunk `ids` into the slot-indexed sink `(g, len)`.
+fn record<T: Stored>(job: &Job<'_, T>, ids: &[usize], scores: &[f32], os: usize, sink: &mut [f32]) {
+    let (bs, len) = (job.view.block_size(), job.view.len());
+    for (gi, row) in sink.chunks_exact_mut(len.max(1)).enumerate() {
+        for (j, &bi) in ids.iter().enumerate() {
+            let n = job.view.block_len(bi);
+            let src = &scores[gi * os + j * bs..gi * os + j * bs + n];
+            row[bi * bs..bi * bs + n].copy_from_slice(src);
+        }
+    }
+}
+
+/// Scores of the blocks `ids` (the `first`-th on of the job's list) into consecutive column
+/// ranges of `scores` (row stride `chunk * block_size`), with slots the query does not see
+/// set to `-inf`. Returns the used columns and whether any slot was masked, or `None` when
+/// every slot was. Blocks further down the job's list are prefetched ahead.
 ///
 /// # Safety
 /// `isa` must be supported by this CPU.
 #[inline(always)]
-unsafe fn chunk_scores<T: Elem>(
+unsafe fn chunk_scores<T: Elem + Stored>(
     isa: Isa,
-    job: &Job<'_>,
-    ids: Range<usize>,
-    end: usize,
-    kv: Kv<'_, T>,
+    job: &Job<'_, T>,
+    first: usize,
+    ids: &[usize],
     scores: &mut [f32],
-) -> Option<(usize, bool)> {
-    let (bs, hd) = (job.pool.block_size(), job.pool.head_dim());
-    let g = job.q.len() / hd;
+) -> Result<Option<(usize, bool)>> {
+    let (bs, hd) = (job.view.block_size(), job.view.head_dim());
+    let g = job.query.q.len() / hd;
     let os = chunk_blocks(bs) * bs;
-    let store = job.pool.store();
     let (mut used, mut masked, mut any) = (0, false, false);
     let ahead = prefetch_ahead::<T>(bs, hd);
-    for (j, bi) in ids.enumerate() {
-        let block = job.head.blocks[bi];
-        let n = (job.head.len - bi * bs).min(bs);
-        let off = store.block_offset(block as usize);
+    let (q, mask) = (job.query, &job.query.mask);
+    for (j, &bi) in ids.iter().enumerate() {
+        let n = job.view.block_len(bi);
+        let (kb, _) = job.head.block(bi)?;
         // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the later
         // ones coming: ask for the one `ahead` blocks on while this one is computed.
-        if bi + ahead < end {
-            prefetch_block(job, kv, bi + ahead);
+        if let Some(&next) = job.blocks.get(first + j + ahead) {
+            prefetch_block(job, next);
         }
         let sh = BlockShape { g, hd, bs, os, n };
         let out = &mut scores[j * bs..];
         // SAFETY: forwarded contract.
-        unsafe { kernels::scores(isa, job.q, &kv.k[off..off + bs * hd], sh, job.scale, out) };
-        let positions = &job.pool.positions(block)[..n];
-        if positions.iter().all(|&p| p <= job.q_pos) {
+        unsafe { kernels::scores(isa, q.q, kb, sh, q.scale, out) };
+        let (positions, _) = job.view.meta(bi)?;
+        if mask.all_visible(bi * bs, positions, q.pos) {
             any = true;
         } else {
             for (s, &p) in positions.iter().enumerate() {
-                if p > job.q_pos {
+                if mask.visible(bi * bs + s, p, q.pos) {
+                    any = true;
+                } else {
                     (0..g).for_each(|gi| out[gi * os + s] = f32::NEG_INFINITY);
                     masked = true;
-                } else {
-                    any = true;
                 }
             }
         }
         used = j * bs + n;
     }
-    any.then_some((used, masked))
+    Ok(any.then_some((used, masked)))
 }
 
 /// Folds one chunk of scores for query head `gi` into the running max and sum, turning the
@@ -333,51 +316,6 @@ unsafe fn rescale(isa: Isa, state: &mut Online, gi: usize, scores: &mut [f32], a
     // SAFETY: forwarded contract.
     state.sum[gi] += unsafe { kernels::exp_shift(isa, scores, new_max) };
     state.max[gi] = new_max;
-}
-
-/// Divides each query head's accumulator (`acc`: `(g, head_dim)`) by its softmax sum.
-pub fn normalise(state: &Online, acc: &mut [f32], head_dim: usize) {
-    for (gi, row) in acc.chunks_exact_mut(head_dim).enumerate() {
-        let inv = if state.sum[gi] > 0.0 {
-            1.0 / state.sum[gi]
-        } else {
-            0.0
-        };
-        row.iter_mut().for_each(|o| *o *= inv);
-    }
-}
-
-/// Merges partial results by log-sum-exp: `out` (`(g, head_dim)`) = the exact attention over
-/// the union of the partials' blocks. `parts`: `(acc, state)` pairs from [`Dense::partial`].
-pub fn merge<'a>(
-    parts: impl Iterator<Item = (&'a [f32], &'a Online)> + Clone,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    let g = out.len() / head_dim;
-    out.fill(0.0);
-    for gi in 0..g {
-        let m = parts
-            .clone()
-            .map(|(_, st)| st.max[gi])
-            .fold(f32::NEG_INFINITY, f32::max);
-        if m == f32::NEG_INFINITY {
-            continue;
-        }
-        let o = &mut out[gi * head_dim..(gi + 1) * head_dim];
-        let mut total = 0.0f32;
-        for (acc, st) in parts.clone() {
-            if st.sum[gi] == 0.0 {
-                continue;
-            }
-            let w = (st.max[gi] - m).exp();
-            total += w * st.sum[gi];
-            for (d, &a) in o.iter_mut().zip(&acc[gi * head_dim..(gi + 1) * head_dim]) {
-                *d += w * a;
-            }
-        }
-        o.iter_mut().for_each(|d| *d /= total);
-    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,18 @@
-//! Attention over the paged KV cache.
+//! Attention over the paged KV cache, as a plug-in.
 //!
-//! One trait, one file per variant. A variant computes the `g = num_heads / num_kv_heads`
-//! query heads that share one KV head together, so each key and value row is loaded once per
-//! group. Dense attention (`dense.rs`) is exact and is the oracle for every later variant.
+//! One trait ([`Attention`]), one file per variant, one registry ([`registry`]). A variant
+//! computes the `g = num_heads / num_kv_heads` query heads that share one KV head together,
+//! so each key and value row is loaded once per group. It chooses which blocks of the head
+//! cache a query visits ([`Attention::select`]) and attends over a list of them
+//! ([`Attention::partial`]), leaving an unnormalised accumulator and its softmax state; the
+//! driver ([`run`]) shared by every variant splits long contexts across threads, merges the
+//! pieces by log-sum-exp (`online.rs`) and turns recorded scores into probabilities. Dense
+//! attention (`dense.rs`) is exact and is the oracle for every other variant.
 //!
-//! Masking is by original position (`key_pos <= query_pos`), never by slot index: slots are
-//! reordered by eviction and blocks may hold any subset of the sequence.
+//! Masking ([`Mask`]) is by original position (`key_pos <= query_pos`), or, inside a
+//! speculation tree, by slot: the tree's nodes are the last slots of every head, and a node
+//! sees the sequence before the tree plus its own ancestors. Never by slot order otherwise:
+//! slots are reordered by eviction and blocks may hold any subset of the sequence.
 
 pub mod dense;
 pub mod kernels;
@@ -14,13 +21,17 @@ mod kernels_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kernels_avx512;
 pub mod kernels_entry;
+pub mod online;
+pub mod registry;
+pub mod run;
 
 /// The eight-lane SIMD exp, shared with the elementwise ops (SwiGLU).
 #[cfg(target_arch = "x86_64")]
 pub(crate) use kernels_avx2::exp8;
 
-use crate::kv::paged::HeadCache;
-use crate::kv::pool::BlockPool;
+use crate::error::Result;
+use crate::kv::view::HeadView;
+pub use online::Online;
 
 /// Largest supported query group `g` (the split-attention partial states are sized by it).
 pub const MAX_GROUP: usize = 32;
@@ -28,17 +39,92 @@ pub const MAX_GROUP: usize = 32;
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 512;
 
+/// Which cached slots a query sees.
+#[derive(Debug, Clone, Copy)]
+pub enum Mask<'a> {
+    /// A slot is visible iff its position is at most the query's.
+    Causal,
+    /// A speculation tree node: slots below `base` (the sequence before the tree) are
+    /// visible, and slot `base + j` iff bit `j` of `nodes` is set (the node's ancestors and
+    /// itself; bit `j` is `nodes[j / 64] >> (j % 64) & 1`).
+    Tree {
+        /// First slot of the tree in this head.
+        base: usize,
+        /// Bitset over the tree's nodes.
+        nodes: &'a [u64],
+    },
+}
+
+impl Mask<'_> {
+    /// Whether slot `slot` holding position `pos` is visible to a query at `q_pos`.
+    #[inline]
+    pub fn visible(&self, slot: usize, pos: u32, q_pos: u32) -> bool {
+        match *self {
+            Mask::Causal => pos <= q_pos,
+            Mask::Tree { base, nodes } => {
+                slot < base || {
+                    let j = slot - base;
+                    nodes.get(j / 64).is_some_and(|w| w >> (j % 64) & 1 == 1)
+                }
+            }
+        }
+    }
+
+    /// Whether every slot of `first..first + positions.len()` is visible (the fast path).
+    #[inline]
+    pub fn all_visible(&self, first: usize, positions: &[u32], q_pos: u32) -> bool {
+        match *self {
+            Mask::Causal => positions.iter().all(|&p| p <= q_pos),
+            Mask::Tree { base, .. } => first + positions.len() <= base,
+        }
+    }
+}
+
+/// One query group at one position.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    /// The group's queries `(g, head_dim)`, post-RoPE.
+    pub q: &'a [f32],
+    /// The query's position.
+    pub pos: u32,
+    /// Which slots it sees.
+    pub mask: Mask<'a>,
+    /// Score scale, `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
 /// An attention variant for one KV head and its query group.
-pub trait Attention: Send + Sync {
-    /// Attends the query group `q` (`(g, head_dim)`, post-RoPE) at position `q_pos` over the
-    /// head cache `head`, writing `(g, head_dim)` into `out`. `scale` is `1/sqrt(head_dim)`.
-    fn attend(
+pub trait Attention: Send + Sync + std::fmt::Debug {
+    /// The registry name.
+    fn name(&self) -> &'static str;
+
+    /// The blocks of `view` (indices into its block table) that `query` visits, into `out`
+    /// (cleared first). The default visits every block.
+    fn select(&self, view: &HeadView<'_>, _query: &Query<'_>, out: &mut Vec<usize>) -> Result<()> {
+        out.clear();
+        out.extend(0..view.num_blocks());
+        Ok(())
+    }
+
+    /// Attends `query` over the blocks `blocks` of `view`: `acc` (`(g, head_dim)`) receives
+    /// the unnormalised output and `state` the softmax state (both reset first). With
+    /// `scores` (`(g, view.len())`, slot-indexed), the scaled score of every visited slot is
+    /// also written there, `-inf` for masked ones (the driver turns them into probabilities).
+    fn partial(
         &self,
-        pool: &BlockPool,
-        head: &HeadCache,
-        q: &[f32],
-        q_pos: u32,
-        scale: f32,
-        out: &mut [f32],
-    );
+        view: &HeadView<'_>,
+        blocks: &[usize],
+        query: &Query<'_>,
+        acc: &mut [f32],
+        state: &mut Online,
+        scores: Option<&mut [f32]>,
+    ) -> Result<()>;
+
+    /// A copy for a forked sequence.
+    fn boxed_clone(&self) -> Box<dyn Attention>;
+
+    /// True when the variant reads block summaries (`kv::summary`).
+    fn needs_summaries(&self) -> bool {
+        false
+    }
 }

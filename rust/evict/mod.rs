@@ -8,11 +8,13 @@
 //! cache under a press never exceeds its budget during the step.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod registry;
 pub mod streaming;
 
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::pool::BlockPool;
+use crate::kv::store::KvStore;
 
 /// A KV eviction policy.
 pub trait EvictionPolicy: Send + Sync {
@@ -48,11 +50,12 @@ pub fn evict_all(
     policy: &dyn EvictionPolicy,
     cache: &mut SeqCache,
     pool: &mut BlockPool,
+    store: &KvStore,
     n_incoming: usize,
     scratch: &mut EvictScratch,
 ) -> Result<()> {
     for index in 0..cache.heads().len() {
-        evict_head(policy, cache, pool, index, n_incoming, scratch)?;
+        evict_head(policy, cache, pool, store, index, n_incoming, scratch)?;
     }
     Ok(())
 }
@@ -62,6 +65,7 @@ pub fn evict_head(
     policy: &dyn EvictionPolicy,
     cache: &mut SeqCache,
     pool: &mut BlockPool,
+    store: &KvStore,
     index: usize,
     n_incoming: usize,
     s: &mut EvictScratch,
@@ -73,7 +77,7 @@ pub fn evict_head(
     if keep >= len {
         return Ok(());
     }
-    cache.positions_into(pool, index, &mut s.positions);
+    cache.positions_into(store, index, &mut s.positions)?;
     s.scores.clear();
     s.scores.resize(len, 0.0);
     policy.score(&s.positions, &mut s.scores, &mut s.policy);
@@ -99,5 +103,5 @@ pub fn evict_head(
         .get_mut(..n_drop)
         .ok_or_else(|| Error::Internal(format!("dropping {n_drop} of {len} slots")))?;
     dropped.sort_unstable();
-    cache.remove_slots(pool, index, dropped)
+    cache.remove_slots(pool, store, index, dropped)
 }

@@ -7,6 +7,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use super::EvictionPolicy;
+use crate::error::Result;
+use crate::params::{integer, Params};
 
 /// The StreamingLLM policy.
 #[derive(Debug, Clone, Copy)]
@@ -15,6 +17,15 @@ pub struct StreamingLlm {
     pub sink: usize,
     /// Recent tokens kept (including those about to be appended).
     pub window: usize,
+}
+
+/// Builds the press from registry parameters `sink` (default 4) and `window` (default 1020).
+pub fn build(p: &mut Params) -> Result<Box<dyn EvictionPolicy>> {
+    let what = "StreamingLLM";
+    let sink = integer(p, what, "sink", 4, 0, u32::MAX as usize)?;
+    let window = integer(p, what, "window", 1020, 1, u32::MAX as usize)?;
+    p.finish(what)?;
+    Ok(Box::new(StreamingLlm { sink, window }))
 }
 
 impl EvictionPolicy for StreamingLlm {

@@ -1,16 +1,13 @@
-//! The block pool: fixed-size KV blocks, a free list and reference counts.
+//! The block pool's books: a free list and reference counts of fixed-size KV blocks.
 //!
-//! A block holds `block_size` token slots of one (layer, KV head): keys `(head_dim,
-//! block_size)` (dimension-major, see `store.rs`), values `(block_size, head_dim)` and each
-//! slot's original position. Blocks are handed out by
-//! [`BlockPool::alloc`], shared by [`BlockPool::incref`] (fork) and returned to the free list when
-//! the last reference is dropped. The invariant `free + live == total` (no prefix cache yet, so
-//! `cached == 0`) holds after every call; `check` verifies it in tests.
+//! A block holds `block_size` token slots of one (layer, KV head); its data lives in the
+//! engine's [`crate::kv::store::KvStore`], outside the lock that guards these books. Blocks are
+//! handed out by [`BlockPool::alloc`], shared by [`BlockPool::incref`] (fork) and returned to the
+//! free list when the last reference is dropped. The invariant `free + live == total` (no
+//! prefix cache yet, so `cached == 0`) holds after every call; `check` verifies it in tests.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::error::{Error, Result};
-use crate::kv::store::KvStore;
-use crate::kv::KvDtype;
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
@@ -26,7 +23,7 @@ pub struct PoolStats {
     pub live: usize,
     /// Unreferenced blocks kept for prefix reuse (always 0 until prefix caching exists).
     pub cached: usize,
-    /// Bytes of one block (keys, values and positions).
+    /// Bytes of one block (keys, values, positions and token indices).
     pub block_bytes: usize,
 }
 
@@ -34,36 +31,25 @@ pub struct PoolStats {
 #[derive(Debug)]
 pub struct BlockPool {
     block_size: usize,
-    head_dim: usize,
-    store: KvStore,
-    /// `(num_blocks, block_size)`: original position of each slot.
-    positions: Vec<u32>,
+    block_bytes: usize,
     refcount: Vec<u32>,
     free: Vec<BlockId>,
 }
 
 impl BlockPool {
-    /// A pool of `num_blocks` blocks of `block_size` slots with `head_dim`-wide K and V rows.
-    pub fn new(
-        num_blocks: usize,
-        block_size: usize,
-        head_dim: usize,
-        dtype: KvDtype,
-    ) -> Result<Self> {
+    /// Books for `num_blocks` blocks of `block_size` slots, `block_bytes` each.
+    pub fn new(num_blocks: usize, block_size: usize, block_bytes: usize) -> Result<Self> {
         if num_blocks > BlockId::MAX as usize {
             return Err(Error::Config(format!(
                 "KVCacheConfig num_blocks={num_blocks} exceeds the limit {}",
                 BlockId::MAX
             )));
         }
-        let store = KvStore::new(dtype, num_blocks, block_size, head_dim)?;
         // Popping from the end hands out low ids first, which keeps touched memory compact.
         let free = (0..num_blocks as BlockId).rev().collect();
         Ok(Self {
             block_size,
-            head_dim,
-            store,
-            positions: crate::kv::store::zeroed(num_blocks * block_size)?,
+            block_bytes,
             refcount: vec![0; num_blocks],
             free,
         })
@@ -72,16 +58,6 @@ impl BlockPool {
     /// Slots per block.
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    /// Width of one K or V row.
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-    }
-
-    /// The storage (keys and values of every block).
-    pub fn store(&self) -> &KvStore {
-        &self.store
     }
 
     /// Number of free blocks.
@@ -149,7 +125,7 @@ impl BlockPool {
             free,
             live: total - free,
             cached: 0,
-            block_bytes: self.block_size * (2 * self.head_dim * self.store.dtype().bytes() + 4),
+            block_bytes: self.block_bytes,
         }
     }
 
@@ -174,49 +150,6 @@ impl BlockPool {
         }
         Ok(())
     }
-
-    /// Positions of block `id`, `(block_size,)`.
-    pub fn positions(&self, id: BlockId) -> &[u32] {
-        let start = id as usize * self.block_size;
-        self.positions
-            .get(start..start + self.block_size)
-            .unwrap_or(&[])
-    }
-
-    /// Writes slot `slot` of block `id`: key and value rows `(head_dim,)` and the position.
-    pub fn write(
-        &mut self,
-        id: BlockId,
-        slot: usize,
-        pos: u32,
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<()> {
-        let row = id as usize * self.block_size + slot;
-        if let Some(p) = self.positions.get_mut(row) {
-            *p = pos;
-        }
-        self.store.write(id as usize, slot, k, v)
-    }
-
-    /// Copies slot `src_slot` of `src` into slot `dst_slot` of `dst` (K, V and position).
-    pub fn copy_slot(
-        &mut self,
-        src: BlockId,
-        src_slot: usize,
-        dst: BlockId,
-        dst_slot: usize,
-    ) -> Result<()> {
-        let from = src as usize * self.block_size + src_slot;
-        let to = dst as usize * self.block_size + dst_slot;
-        if let Some(&p) = self.positions.get(from) {
-            if let Some(d) = self.positions.get_mut(to) {
-                *d = p;
-            }
-        }
-        self.store
-            .copy_slot(src as usize, src_slot, dst as usize, dst_slot)
-    }
 }
 
 #[cfg(test)]
@@ -226,7 +159,7 @@ mod tests {
 
     #[test]
     fn exhausting_the_pool_is_an_error_and_frees_restore_it() {
-        let mut pool = BlockPool::new(3, 4, 8, KvDtype::F32).unwrap();
+        let mut pool = BlockPool::new(3, 4, 64).unwrap();
         let ids: Vec<_> = (0..3).map(|_| pool.alloc().unwrap()).collect();
         assert!(matches!(pool.alloc(), Err(Error::CacheFull(_))));
         pool.incref(ids[0]).unwrap();

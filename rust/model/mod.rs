@@ -1,10 +1,14 @@
-//! Models: the Llama-family weights (`llama.rs`), the per-sequence forward pass over the paged
-//! cache (`session.rs`) and its preallocated buffers (`scratch.rs`).
+//! Models: the Llama-family weights (`llama.rs`), the forward pass over a batch of sequences
+//! (`forward.rs`) and its buffers (`scratch.rs`), speculation-tree masks (`tree.rs`),
+//! attention probabilities for users (`probs.rs`) and the per-sequence session (`session.rs`).
 
 pub mod config;
+pub mod forward;
 pub mod llama;
+pub mod probs;
 pub mod scratch;
 pub mod session;
+pub mod tree;
 
 pub use config::ModelConfig;
 pub use llama::LlamaModel;

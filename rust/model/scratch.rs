@@ -1,7 +1,7 @@
-//! Buffers of one session's forward pass, allocated once for the largest chunk so that decode
-//! steps never allocate.
+//! Buffers of one forward pass, allocated once for the largest batch (the engine's chunk) and
+//! lent by the engine to one call at a time, so that decode steps do not allocate.
 
-use crate::attention::dense::Online;
+use crate::attention::run::RunScratch;
 use crate::model::ModelConfig;
 use crate::quant::act8::QuantizedX;
 
@@ -30,33 +30,25 @@ pub struct Scratch {
     pub cos: Vec<f32>,
     /// RoPE sines `(chunk, head_dim/2)`.
     pub sin: Vec<f32>,
-    /// Logits of the last token `(vocab_size,)`.
+    /// The attention driver's buffers (split partials, probabilities).
+    pub run: RunScratch,
+    /// Logits of a batch of one-token rows `(rows, vocab_size)`, grown on demand.
     pub logits: Vec<f32>,
-    /// Split-context attention partials for one decode token
-    /// `(num_kv_heads * MAX_SPLITS, group * head_dim)`.
-    pub part_acc: Vec<f32>,
-    /// Softmax states of those partials `(num_kv_heads * MAX_SPLITS,)`.
-    pub part_state: Vec<Online>,
-    /// One-token steps quantize projection inputs to int8 (opt-in, approximate).
-    pub int8_decode: bool,
-    /// The int8 copy of the current projection input, when `int8_decode`.
+    /// The int8 copy of the current projection input, when int8 activations are on.
     pub qx: QuantizedX,
 }
 
 impl Scratch {
     /// Quantizes `x` into `qx` for the int8 kernels when this is an int8 one-token step;
     /// otherwise leaves `qx` empty so that projections take the exact path.
-    pub fn prepare_act8(int8_decode: bool, n: usize, x: &[f32], qx: &mut QuantizedX) {
-        if int8_decode && n == 1 {
+    pub fn prepare_act8(int8: bool, n: usize, x: &[f32], qx: &mut QuantizedX) {
+        if int8 && n == 1 {
             qx.quantize(x);
         } else {
             qx.blocks = 0;
         }
     }
 }
-
-/// Most pieces one head's context is split into for a decode step.
-pub const MAX_SPLITS: usize = 16;
 
 impl Scratch {
     /// Buffers for `chunk` tokens of the model `cfg`.
@@ -74,10 +66,8 @@ impl Scratch {
             hb2: z(cfg.intermediate_size),
             cos: z(cfg.head_dim / 2),
             sin: z(cfg.head_dim / 2),
-            logits: vec![0.0; cfg.vocab_size],
-            part_acc: vec![0.0; cfg.num_kv_heads * MAX_SPLITS * cfg.group() * cfg.head_dim],
-            part_state: vec![Online::default(); cfg.num_kv_heads * MAX_SPLITS],
-            int8_decode: false,
+            run: RunScratch::default(),
+            logits: Vec::new(),
             qx: QuantizedX::default(),
         }
     }

@@ -1,74 +1,88 @@
-//! One sequence: its paged cache, scratch buffers, optional eviction press and sampler.
+//! One sequence: its paged cache, attention variant, optional eviction press, and the
+//! operations researchers drive: prefill, steps with explicit positions or a speculation
+//! tree, commit, truncate, fork.
 //!
-//! `forward` runs a chunk of tokens through every layer: K and V of the chunk are appended to
-//! the paged cache first, then each query attends to the cache masked by position, so a chunk
-//! sees everything before it plus itself causally. Long prompts are split into chunks of at
-//! most `Scratch::chunk` tokens, which bounds memory whatever the prompt length.
+//! Every step goes through `forward.rs`. The pool lock is taken only around eviction and
+//! reservation before the layer loop, and around rollback after a failure. A failed call
+//! leaves the session with the tokens it had (rolled back by token index), or, when even the
+//! rollback fails, poisoned: every later call refuses until `release()`.
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
-use crate::attention::dense::{merge, Dense};
+use crate::attention::dense::Dense;
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
-use crate::kv::pool::BlockPool;
-use crate::model::llama::Layer;
-use crate::model::scratch::{Scratch, MAX_SPLITS};
-use crate::model::ModelConfig;
-use crate::ops::matmul::{gemm, project, project_many};
-use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
+use crate::model::forward::{forward, Logits, SeqWork};
+use crate::model::probs::LayerProbs;
+use crate::model::tree::TreeMask;
 
-/// Which logits a forward call returns.
+/// What a step returns.
+#[derive(Debug, Default)]
+pub struct StepOut {
+    /// Logits of every new token, `(n, vocab_size)`.
+    pub logits: Vec<f32>,
+    /// Per layer, the attention probabilities of the new tokens, when asked for.
+    pub probs: Option<Vec<LayerProbs>>,
+}
+
+/// This sequence's share of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's, into `Scratch::logits`.
-    Last,
-    /// Every token's, `(n, vocab_size)`, returned as a vector.
-    All,
-    /// None (an inner prefill chunk whose logits nobody reads).
-    Skip,
+pub struct SeqStats {
+    /// Block references held (a block shared with a fork counts for both).
+    pub live_blocks: usize,
+    /// Their bytes.
+    pub live_bytes: usize,
 }
 
 /// A sequence being decoded.
 pub struct Session {
-    engine: Arc<Engine>,
-    cache: SeqCache,
-    scratch: Scratch,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) cache: SeqCache,
+    pub(crate) attention: Box<dyn Attention>,
     press: Option<Box<dyn EvictionPolicy>>,
     evict_scratch: EvictScratch,
-    next_pos: u32,
+    pub(crate) num_tokens: u32,
+    tree: Option<TreeMask>,
     max_context: usize,
+    chunk: usize,
+    pub(crate) int8: bool,
     poisoned: bool,
+    pub(crate) last_logits: Vec<f32>,
 }
 
 impl Session {
-    /// A new, empty sequence. `chunk`: most tokens per forward step (prefill chunk size);
+    /// A new, empty sequence. `chunk`: most tokens per forward step (at most the engine's);
     /// `max_context`: largest position + 1 (ignored under a press that bounds the cache).
     pub fn new(engine: Arc<Engine>, chunk: usize, max_context: usize) -> Result<Self> {
-        let cfg = &engine.model.cfg;
-        if chunk == 0 {
-            return Err(Error::Config("prefill_chunk=0: must be >= 1".into()));
+        if chunk == 0 || chunk > engine.chunk {
+            return Err(Error::Config(format!(
+                "prefill_chunk={chunk} must be in [1, {}]",
+                engine.chunk
+            )));
         }
+        let cfg = &engine.model.cfg;
         Ok(Self {
             cache: SeqCache::new(cfg.num_layers, cfg.num_kv_heads),
-            scratch: Scratch::new(cfg, chunk),
+            attention: Box::new(Dense),
             press: None,
             evict_scratch: EvictScratch::default(),
-            next_pos: 0,
+            num_tokens: 0,
+            tree: None,
             max_context,
+            chunk,
+            int8: false,
             poisoned: false,
+            last_logits: vec![0.0; cfg.vocab_size],
             engine,
         })
     }
 
-    /// Opt-in int8 activations for one-token steps (approximate; see `quant::act8`). Prefill
-    /// chunks and float-format weights stay exact.
+    /// Opt-in int8 activations for one-token steps (approximate; see `quant::act8`).
     pub fn set_int8_decode(&mut self, on: bool) {
-        self.scratch.int8_decode = on;
+        self.int8 = on;
     }
 
     /// Installs an eviction policy applied before every forward step.
@@ -76,14 +90,28 @@ impl Session {
         self.press = press;
     }
 
+    /// Installs the attention variant used by every later step.
+    pub fn set_attention(&mut self, attention: Box<dyn Attention>) -> Result<()> {
+        if attention.needs_summaries() {
+            self.engine.store().summaries().enable()?;
+        }
+        self.attention = attention;
+        Ok(())
+    }
+
     /// The engine this session runs on.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
-    /// Number of tokens processed so far (the next position).
-    pub fn position(&self) -> u32 {
-        self.next_pos
+    /// Committed tokens (the default position of the next one).
+    pub fn num_tokens(&self) -> u32 {
+        self.num_tokens
+    }
+
+    /// Nodes of the pending speculation tree (0 when none).
+    pub fn pending_tree(&self) -> usize {
+        self.tree.as_ref().map_or(0, TreeMask::nodes)
     }
 
     /// The paged cache.
@@ -91,181 +119,220 @@ impl Session {
         &self.cache
     }
 
-    /// Logits of the last token of the last `Logits::Last` call.
+    /// Logits of the last token of the last `prefill`/`decode` call, `(vocab,)`.
     pub fn last_logits(&self) -> &[f32] {
-        &self.scratch.logits
+        &self.last_logits
     }
 
-    /// Runs `tokens` (any number; split into chunks) and returns all logits if asked.
-    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
-        self.check_tokens(tokens)?;
-        let step = self
-            .press
-            .as_ref()
-            .map_or(self.scratch.chunk, |p| p.max_step().min(self.scratch.chunk));
-        let vocab = self.engine.model.cfg.vocab_size;
-        let mut all = if want == Logits::All {
-            vec![0.0f32; tokens.len() * vocab]
-        } else {
-            Vec::new()
-        };
-        let chunks = tokens.len().div_ceil(step);
+    /// Runs `tokens` (any number; split into chunks) at the next positions, keeping the last
+    /// token's logits. `progress(done, total)` runs after every chunk; an error from it stops
+    /// the prefill and rolls it back.
+    pub fn prefill(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        self.check_step(tokens, None, false)?;
+        let start = self.num_tokens;
+        let step = self.step_size();
+        let mut logits = std::mem::take(&mut self.last_logits);
+        let mut result = Ok(());
         for (i, chunk) in tokens.chunks(step).enumerate() {
-            let this = if want == Logits::Last && i + 1 < chunks {
-                Logits::Skip
-            } else {
-                want
-            };
-            if let Err(e) = self.forward_chunk(chunk, this) {
-                // Earlier chunks are already cached: the sequence no longer matches its
-                // caller's history, so it must not be extended.
-                self.poisoned |= i > 0;
-                return Err(e);
-            }
-            if want == Logits::All {
-                let at = i * step * vocab;
-                self.write_all_logits(chunk.len(), &mut all[at..at + chunk.len() * vocab]);
+            let last = (i + 1) * step >= tokens.len();
+            let want = if last { Logits::Last } else { Logits::Skip };
+            let out = if last { &mut logits[..] } else { &mut [][..] };
+            result = self
+                .linear(chunk, None, want, None, out)
+                .and_then(|()| progress(i * step + chunk.len(), tokens.len()));
+            if result.is_err() {
+                break;
             }
         }
-        Ok(all)
-    }
-
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if self.poisoned {
-            return Err(Error::Config(
-                "this session was left partly extended by a failed step: release() it first".into(),
-            ));
-        }
-        if tokens.is_empty() {
-            return Err(Error::Config(
-                "token_ids is empty: at least one token is required".into(),
-            ));
-        }
-        let vocab = self.engine.model.cfg.vocab_size;
-        let bad: Vec<u32> = tokens
-            .iter()
-            .copied()
-            .filter(|&t| t as usize >= vocab)
-            .take(8)
-            .collect();
-        if !bad.is_empty() {
-            return Err(Error::Config(format!(
-                "token ids {bad:?} are outside [0, {vocab})"
-            )));
-        }
-        let end = self.next_pos as usize + tokens.len();
-        if self.press.is_none() && end > self.max_context {
-            return Err(Error::CacheFull(format!(
-                "{} tokens at position {} exceed the context length {}",
-                tokens.len(),
-                self.next_pos,
-                self.max_context
-            )));
-        }
-        if end > u32::MAX as usize {
-            return Err(Error::Config("position overflows u32".into()));
-        }
-        Ok(())
-    }
-
-    fn forward_chunk(&mut self, tokens: &[u32], want: Logits) -> Result<()> {
-        let engine = Arc::clone(&self.engine);
-        let mut pool = engine.pool()?;
-        if let Some(press) = &self.press {
-            evict_all(
-                press.as_ref(),
-                &mut self.cache,
-                &mut pool,
-                tokens.len(),
-                &mut self.evict_scratch,
-            )?;
-        }
-        self.cache.reserve(&pool, tokens.len())?;
-        let pool_ref: &mut BlockPool = &mut pool;
-        let result = engine.install(|| self.run_layers(&engine, pool_ref, tokens, want));
+        self.last_logits = logits;
         if result.is_err() {
-            self.poisoned = true;
+            self.rollback(start);
         }
         result
     }
 
-    fn run_layers(
+    /// Runs one token at the next position, keeping its logits (the decode step).
+    pub fn decode(&mut self, token: u32) -> Result<()> {
+        self.check_step(&[token], None, false)?;
+        let mut logits = std::mem::take(&mut self.last_logits);
+        let result = self.linear(&[token], None, Logits::Last, None, &mut logits);
+        self.last_logits = logits;
+        if result.is_err() {
+            self.rollback(self.num_tokens);
+        }
+        result
+    }
+
+    /// Runs `tokens` and returns the logits of each. `positions` (default: the next ones)
+    /// gives each token its own position. With `parents` the tokens form a speculation tree
+    /// (`-1`: hangs off the sequence; else the index of an earlier token of the step): each
+    /// sees the sequence plus its ancestors, positions default to `num_tokens + depth`, and
+    /// the tree stays pending until [`Session::commit`] or [`Session::truncate`].
+    pub fn step(
         &mut self,
-        e: &Engine,
-        pool: &mut BlockPool,
         tokens: &[u32],
-        want: Logits,
-    ) -> Result<()> {
-        let cfg = &e.model.cfg;
-        let (n, h, half) = (tokens.len(), cfg.hidden_size, cfg.head_dim / 2);
-        let s = &mut self.scratch;
-        for (t, &tok) in tokens.iter().enumerate() {
-            e.model
-                .embed
-                .dequant_row(tok as usize, &mut s.x[t * h..(t + 1) * h]);
-            let pos = self.next_pos + t as u32;
-            rope::angles(
-                pos,
-                &e.inv_freq,
-                &mut s.cos[t * half..(t + 1) * half],
-                &mut s.sin[t * half..(t + 1) * half],
-            );
-        }
-        for (li, layer) in e.model.layers.iter().enumerate() {
-            attention_block(e, layer, li, &mut self.cache, pool, s, self.next_pos, n)?;
-            mlp_block(layer, s, cfg.rms_norm_eps, n);
-        }
-        self.next_pos += n as u32;
-        match want {
-            Logits::Last => {
-                let last = &s.x[(n - 1) * h..n * h];
-                rmsnorm(last, &e.model.norm, cfg.rms_norm_eps, &mut s.xb[..h]);
-                Scratch::prepare_act8(s.int8_decode, n, &s.xb[..h], &mut s.qx);
-                project(e.model.head(), &s.xb[..h], &s.qx, 1, &mut s.logits);
+        positions: Option<&[u32]>,
+        parents: Option<&[i64]>,
+        want_probs: bool,
+    ) -> Result<StepOut> {
+        let tree = parents.map(TreeMask::from_parents).transpose()?;
+        self.check_step(tokens, positions, want_probs || tree.is_some())?;
+        if let (Some(t), Some(p)) = (&tree, parents) {
+            if p.len() != tokens.len() || t.nodes() != tokens.len() {
+                return Err(Error::Config(format!(
+                    "parents has {} entries for {} tokens",
+                    p.len(),
+                    tokens.len()
+                )));
             }
-            Logits::Skip => {}
-            Logits::All => rmsnorm(
-                &s.x[..n * h],
-                &e.model.norm,
-                cfg.rms_norm_eps,
-                &mut s.xb[..n * h],
-            ),
+        }
+        let vocab = self.engine.model.cfg.vocab_size;
+        let mut out = StepOut {
+            logits: vec![0.0; tokens.len() * vocab],
+            probs: want_probs.then(Vec::new),
+        };
+        let start = self.num_tokens;
+        let result = match &tree {
+            Some(t) => self.tree_step(tokens, positions, t, &mut out),
+            None => self.linear_chunks(tokens, positions, &mut out),
+        };
+        match result {
+            Ok(()) => {
+                self.tree = tree;
+                Ok(out)
+            }
+            Err(e) => {
+                self.rollback(start);
+                Err(e)
+            }
+        }
+    }
+
+    fn linear_chunks(
+        &mut self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        out: &mut StepOut,
+    ) -> Result<()> {
+        let (step, vocab) = (self.step_size(), self.engine.model.cfg.vocab_size);
+        for (i, chunk) in tokens.chunks(step).enumerate() {
+            let pos = positions.map(|p| &p[i * step..i * step + chunk.len()]);
+            let logits = &mut out.logits[i * step * vocab..(i * step + chunk.len()) * vocab];
+            self.linear(chunk, pos, Logits::All, out.probs.as_mut(), logits)?;
         }
         Ok(())
     }
 
-    /// LM head over the `n` final-normed rows of the last chunk into `out` (`(n, vocab)`).
-    fn write_all_logits(&self, n: usize, out: &mut [f32]) {
-        let e = &self.engine;
-        let xb = &self.scratch.xb[..n * e.model.cfg.hidden_size];
-        e.install(|| gemm(e.model.head(), xb, n, out));
+    fn tree_step(
+        &mut self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        tree: &TreeMask,
+        out: &mut StepOut,
+    ) -> Result<()> {
+        let base = self.num_tokens;
+        let default: Vec<u32> = (0..tokens.len()).map(|i| base + tree.depth(i)).collect();
+        let pos = positions.unwrap_or(&default);
+        self.run(
+            tokens,
+            pos,
+            Some(tree),
+            Logits::All,
+            out.probs.as_mut(),
+            &mut out.logits,
+        )
     }
 
-    /// A new session sharing this one's cache blocks (copy-on-write), a copy of its press and
-    /// its activation mode.
-    pub fn fork(&self) -> Result<Self> {
-        let mut pool = self.engine.pool()?;
-        let cache = self.cache.fork(&mut pool)?;
-        let mut scratch = Scratch::new(&self.engine.model.cfg, self.scratch.chunk);
-        scratch.int8_decode = self.scratch.int8_decode;
-        Ok(Self {
-            engine: Arc::clone(&self.engine),
-            cache,
-            scratch,
-            press: self.press.as_ref().map(|p| p.boxed_clone()),
-            evict_scratch: EvictScratch::default(),
-            next_pos: self.next_pos,
-            max_context: self.max_context,
-            poisoned: self.poisoned,
-        })
+    /// A linear (causal) chunk at `positions` or the next ones; commits its tokens.
+    fn linear(
+        &mut self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        want: Logits,
+        probs: Option<&mut Vec<LayerProbs>>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let base = self.num_tokens;
+        let default: Vec<u32>;
+        let pos = match positions {
+            Some(p) => p,
+            None => {
+                default = (0..tokens.len() as u32).map(|i| base + i).collect();
+                &default
+            }
+        };
+        self.run(tokens, pos, None, want, probs, out)?;
+        self.num_tokens += tokens.len() as u32;
+        Ok(())
     }
 
-    /// Returns every block to the pool; the session becomes empty.
-    pub fn release(&mut self) -> Result<()> {
-        let mut pool = self.engine.pool()?;
-        self.next_pos = 0;
-        self.poisoned = false;
-        self.cache.release(&mut pool)
+    /// Evicts and reserves under the pool lock, then runs the forward without it.
+    fn run(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        tree: Option<&TreeMask>,
+        want: Logits,
+        probs: Option<&mut Vec<LayerProbs>>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.prepare(tokens.len())?;
+        let engine = Arc::clone(&self.engine);
+        let mut work = [SeqWork {
+            cache: &mut self.cache,
+            variant: self.attention.as_ref(),
+            tokens,
+            positions,
+            first_tok: self.num_tokens,
+            tree,
+            logits: want,
+            probs,
+        }];
+        let int8 = self.int8;
+        engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))?
+    }
+
+    /// Applies the press and reserves `n` slots in every head, under the pool lock.
+    pub(crate) fn prepare(&mut self, n: usize) -> Result<()> {
+        let engine = Arc::clone(&self.engine);
+        let mut pool = engine.pool()?;
+        if let Some(press) = &self.press {
+            let scratch = &mut self.evict_scratch;
+            evict_all(
+                press.as_ref(),
+                &mut self.cache,
+                &mut pool,
+                engine.store(),
+                n,
+                scratch,
+            )?;
+        }
+        if self.attention.needs_summaries() {
+            self.cache.ensure_summaries(&mut pool, engine.store())?;
+        }
+        self.cache.reserve(&mut pool, engine.store(), n)
+    }
+
+    /// Rolls back to the first `n` tokens after a failed call; poisons the session when
+    /// even that fails.
+    pub(crate) fn rollback(&mut self, n: u32) {
+        let engine = Arc::clone(&self.engine);
+        let undone = engine
+            .pool()
+            .and_then(|mut pool| self.cache.truncate_tokens(&mut pool, engine.store(), n));
+        self.num_tokens = n;
+        self.tree = None;
+        self.poisoned |= undone.is_err();
+    }
+
+    fn step_size(&self) -> usize {
+        self.press
+            .as_ref()
+            .map_or(self.chunk, |p| p.max_step().min(self.chunk))
     }
 }
 
@@ -276,164 +343,6 @@ impl Drop for Session {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attention_block(
-    e: &Engine,
-    layer: &Layer,
-    li: usize,
-    cache: &mut SeqCache,
-    pool: &mut BlockPool,
-    s: &mut Scratch,
-    pos0: u32,
-    n: usize,
-) -> Result<()> {
-    let cfg = &e.model.cfg;
-    let (h, qd, kvd, hd, half) = (
-        cfg.hidden_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.head_dim,
-        cfg.head_dim / 2,
-    );
-    rmsnorm(
-        &s.x[..n * h],
-        &layer.attn_norm,
-        cfg.rms_norm_eps,
-        &mut s.xb[..n * h],
-    );
-    // The three projections read the same input: one parallel region for all their rows.
-    let (x, q, k, v) = (
-        &s.xb[..n * h],
-        &mut s.q[..n * qd],
-        &mut s.k[..n * kvd],
-        &mut s.v[..n * kvd],
-    );
-    Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
-    let qx = &s.qx;
-    project_many(
-        &mut [(&layer.wq, q), (&layer.wk, k), (&layer.wv, v)],
-        x,
-        qx,
-        n,
-    );
-    for t in 0..n {
-        let (c, sn) = (
-            &s.cos[t * half..(t + 1) * half],
-            &s.sin[t * half..(t + 1) * half],
-        );
-        rope::apply(&mut s.q[t * qd..(t + 1) * qd], c, sn);
-        rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
-    }
-    // Head by head, so that a chunk's new blocks for one head come off the free list in a
-    // row: adjacent in memory in a fresh pool (descending after a release), which the
-    // hardware prefetcher streams when attention reads them back. Token by token, the heads'
-    // blocks would interleave.
-    for kh in 0..cfg.num_kv_heads {
-        let index = li * cfg.num_kv_heads + kh;
-        for t in 0..n {
-            let row = t * kvd + kh * hd..t * kvd + (kh + 1) * hd;
-            cache.append(pool, index, pos0 + t as u32, &s.k[row.clone()], &s.v[row])?;
-        }
-    }
-    let ctx = AttnCtx {
-        pool,
-        cache,
-        layer: li,
-        pos0,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
-    let splits = split_count(&ctx, cfg, n, e.n_threads());
-    if splits > 1 {
-        attend_split(&ctx, cfg, splits, s);
-    } else {
-        attend_tokens(&ctx, cfg, n, s);
-    }
-    Scratch::prepare_act8(s.int8_decode, n, &s.att[..n * qd], &mut s.qx);
-    project(&layer.wo, &s.att[..n * qd], &s.qx, n, &mut s.xb[..n * h]);
-    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
-    Ok(())
-}
-
-/// What the attention of one layer reads.
-struct AttnCtx<'a> {
-    pool: &'a BlockPool,
-    cache: &'a SeqCache,
-    layer: usize,
-    pos0: u32,
-    scale: f32,
-}
-
-/// Context split factor for a decode step: enough pieces to keep every thread busy when there
-/// are fewer (token, KV head) tasks than threads, each piece at least `MIN_SPLIT_BLOCKS` long.
-fn split_count(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, threads: usize) -> usize {
-    const MIN_SPLIT_BLOCKS: usize = 4;
-    if n != 1 {
-        return 1;
-    }
-    let longest = (0..cfg.num_kv_heads)
-        .map(|kh| ctx.cache.head(ctx.layer, kh).blocks.len())
-        .max()
-        .unwrap_or(0);
-    // Eight pieces per thread in all: the pieces are equal in work, so with few of them one
-    // thread ends a piece behind (3 heads x 3 pieces on 2 threads: 5 + 4); with 6 per head it
-    // is 9 + 9, and a piece of 4+ blocks still amortises its merge.
-    let want = (8 * threads).div_ceil(cfg.num_kv_heads);
-    want.min(longest / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS)
-}
-
-/// One task per (token, KV head): each computes its query group over the whole head cache.
-fn attend_tokens(ctx: &AttnCtx<'_>, cfg: &ModelConfig, n: usize, s: &mut Scratch) {
-    let (g, nkv, hd, qd) = (cfg.group(), cfg.num_kv_heads, cfg.head_dim, cfg.q_dim());
-    let q = &s.q;
-    s.att[..n * qd]
-        .par_chunks_mut(g * hd)
-        .enumerate()
-        .for_each(|(idx, out)| {
-            let (t, kh) = (idx / nkv, idx % nkv);
-            let qs = &q[t * qd + kh * g * hd..t * qd + (kh + 1) * g * hd];
-            let head = ctx.cache.head(ctx.layer, kh);
-            Dense.attend(ctx.pool, head, qs, ctx.pos0 + t as u32, ctx.scale, out);
-        });
-}
-
-/// Flash-decoding: each KV head's blocks are cut into `splits` ranges attended in parallel,
-/// then merged by log-sum-exp. Used for a single decode token over a long context.
-fn attend_split(ctx: &AttnCtx<'_>, cfg: &ModelConfig, splits: usize, s: &mut Scratch) {
-    let (g, nkv, hd) = (cfg.group(), cfg.num_kv_heads, cfg.head_dim);
-    let q = &s.q;
-    let parts = nkv * splits;
-    let accs = s.part_acc[..parts * g * hd].par_chunks_mut(g * hd);
-    accs.zip(s.part_state[..parts].par_iter_mut())
-        .enumerate()
-        .for_each(|(idx, (acc, st))| {
-            let (kh, piece) = (idx / splits, idx % splits);
-            let head = ctx.cache.head(ctx.layer, kh);
-            let nb = head.blocks.len();
-            let range = nb * piece / splits..nb * (piece + 1) / splits;
-            let qs = &q[kh * g * hd..(kh + 1) * g * hd];
-            Dense.partial(ctx.pool, head, range, qs, ctx.pos0, ctx.scale, acc, st);
-        });
-    let (accs, states) = (&s.part_acc, &s.part_state);
-    s.att[..nkv * g * hd]
-        .chunks_mut(g * hd)
-        .enumerate()
-        .for_each(|(kh, out)| {
-            let ids = kh * splits..(kh + 1) * splits;
-            let acc_of = |i: usize| &accs[i * g * hd..(i + 1) * g * hd];
-            merge(ids.clone().map(acc_of).zip(states[ids].iter()), hd, out);
-        });
-}
-
-fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize) {
-    let h = layer.attn_norm.len();
-    let f = layer.w_gate.rows();
-    rmsnorm(&s.x[..n * h], &layer.ffn_norm, eps, &mut s.xb[..n * h]);
-    let (x, gate, up) = (&s.xb[..n * h], &mut s.hb[..n * f], &mut s.hb2[..n * f]);
-    Scratch::prepare_act8(s.int8_decode, n, x, &mut s.qx);
-    let qx = &s.qx;
-    project_many(&mut [(&layer.w_gate, gate), (&layer.w_up, up)], x, qx, n);
-    swiglu(&mut s.hb[..n * f], &s.hb2[..n * f]);
-    Scratch::prepare_act8(s.int8_decode, n, &s.hb[..n * f], &mut s.qx);
-    project(&layer.w_down, &s.hb[..n * f], &s.qx, n, &mut s.xb[..n * h]);
-    add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
-}
+#[path = "session_ops.rs"]
+mod ops;
+pub use ops::decode_batch;

@@ -6,11 +6,11 @@ use pyo3::prelude::*;
 
 use super::errors::{run, to_py};
 use crate::attention::dense::Dense;
-use crate::attention::{Attention, MAX_GROUP, MAX_HEAD_DIM};
+use crate::attention::online::{normalise, Online};
+use crate::attention::{Attention, Mask, Query, MAX_GROUP, MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
-use crate::kv::pool::BlockPool;
-use crate::kv::KvDtype;
+use crate::kv::{KvDtype, LocalKv};
 use crate::ops::matmul::gemm;
 use crate::quant::{synthetic_weight, Weight, WeightFormat};
 
@@ -24,7 +24,7 @@ enum Work {
     },
     /// One query group of `g` heads over a `context`-token paged cache.
     Attention {
-        pool: BlockPool,
+        kv: Box<LocalKv>,
         cache: SeqCache,
         q: Vec<f32>,
         out: Vec<f32>,
@@ -65,21 +65,37 @@ fn attention(dtype: &str, context: usize, head_dim: usize, group: usize) -> Resu
             "head_dim={head_dim} must be in [1, {MAX_HEAD_DIM}] and group={group} in [1, {MAX_GROUP}]"
         )));
     }
-    let mut pool = BlockPool::new(context.div_ceil(16), 16, head_dim, KvDtype::parse(dtype)?)?;
+    let mut kv = LocalKv::new(KvDtype::parse(dtype)?, context.div_ceil(16), 16, head_dim)?;
     let mut cache = SeqCache::new(1, 1);
-    cache.reserve(&pool, context)?;
+    cache.reserve(&mut kv.pool, &kv.store, context)?;
     let row: Vec<f32> = (0..head_dim).map(|i| (i as f32 * 0.1).cos()).collect();
     for p in 0..context as u32 {
-        cache.append(&mut pool, 0, p, &row, &row)?;
+        cache.append(&kv.store, 0, p, p, &row, &row)?;
     }
     let (q, out) = (vec![0.1; group * head_dim], vec![0.0; group * head_dim]);
     Ok(Work::Attention {
-        pool,
+        kv: Box::new(kv),
         cache,
         q,
         out,
         context: context as u32,
     })
+}
+
+/// Dense attention of one query group over the whole cache, as a decode step runs it.
+fn attend_all(kv: &LocalKv, cache: &SeqCache, q: &[f32], pos: u32, out: &mut [f32]) -> Result<()> {
+    let view = cache.view(&kv.store, 0)?;
+    let blocks: Vec<usize> = (0..view.num_blocks()).collect();
+    let query = Query {
+        q,
+        pos,
+        mask: Mask::Causal,
+        scale: 0.125,
+    };
+    let mut state = Online::default();
+    Dense.partial(&view, &blocks, &query, out, &mut state, None)?;
+    normalise(&state, out, view.head_dim());
+    Ok(())
 }
 
 #[pymethods]
@@ -144,16 +160,16 @@ impl PyKernelBench {
                     match &mut *work {
                         Work::Matmul { w, x, tokens, out } => gemm(w, x, *tokens, out),
                         Work::Attention {
-                            pool,
+                            kv,
                             cache,
                             q,
                             out,
                             context,
-                        } => Dense.attend(pool, cache.head(0, 0), q, *context, 0.125, out),
+                        } => attend_all(kv, cache, q, *context, out)?,
                     }
                 }
-            });
-            Ok(())
+                Ok(())
+            })
         })
     }
 }

@@ -5,13 +5,25 @@ mod bench;
 mod errors;
 mod model;
 mod sample;
+mod session;
 
 use pyo3::prelude::*;
+
+/// Names in the attention and press registries: `(attention, presses)`.
+#[pyfunction]
+#[pyo3(name = "registries")]
+fn py_variants() -> (Vec<&'static str>, Vec<&'static str>) {
+    let attention = crate::attention::registry::VARIANTS.iter().map(|(n, _)| *n);
+    let presses = crate::evict::registry::PRESSES.iter().map(|(n, _)| *n);
+    (attention.collect(), presses.collect())
+}
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyEngine>()?;
-    m.add_class::<model::PySession>()?;
+    m.add_class::<session::PySession>()?;
+    m.add_function(wrap_pyfunction!(session::py_decode_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(py_variants, m)?)?;
     m.add_class::<bench::PyKernelBench>()?;
     m.add_function(wrap_pyfunction!(sample::py_filtered_probs, m)?)?;
     m.add_function(wrap_pyfunction!(sample::py_cpu_features, m)?)?;

@@ -1,24 +1,21 @@
-//! `Engine` and `Session` classes. Both are frozen; mutable state sits behind a `Mutex` that
-//! is only locked with the GIL released, so concurrent Python threads never see
-//! "Already borrowed" and never deadlock against the GIL.
+//! The `Engine` class: a loaded model with its KV pool and threads. Frozen; sessions
+//! (`session.rs`) hold an `Arc` of the core engine.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1};
+use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::{run, to_py, token_ids};
+use super::errors::{run, to_py};
+use super::session::PySession;
 use crate::engine::{Engine, KvConfig};
-use crate::error::{Error, Result};
-use crate::evict::streaming::StreamingLlm;
+use crate::error::Error;
 use crate::kv::KvDtype;
-use crate::model::session::Logits;
 use crate::model::{LlamaModel, ModelConfig, Session};
 use crate::ops::rope::RopeScaling;
 use crate::quant::{SharedBytes, StableBytes, Weight, WeightFormat};
-use crate::sample::{Sampler, SamplingConfig};
 
 /// A loaded model with its KV pool and threads.
 #[pyclass(frozen, name = "Engine", module = "kvforge._core")]
@@ -171,7 +168,9 @@ fn weight(t: &TensorArg<'_>) -> PyResult<Weight> {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (config, tensors, *, block_size, num_blocks, kv_dtype, n_threads))]
+    #[pyo3(signature = (config, tensors, *, block_size, num_blocks, kv_dtype, n_threads,
+                        prefill_chunk = 256))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyDict>,
@@ -180,6 +179,7 @@ impl PyEngine {
         num_blocks: usize,
         kv_dtype: &str,
         n_threads: usize,
+        prefill_chunk: usize,
     ) -> PyResult<Self> {
         let cfg = model_config(config)?;
         let mut map = HashMap::with_capacity(tensors.len());
@@ -199,7 +199,12 @@ impl PyEngine {
             dtype,
         };
         let engine = run(py, || {
-            Engine::new(LlamaModel::from_weights(cfg, map)?, kv, n_threads)
+            Engine::new(
+                LlamaModel::from_weights(cfg, map)?,
+                kv,
+                n_threads,
+                prefill_chunk,
+            )
         })?;
         Ok(Self {
             inner: Arc::new(engine),
@@ -250,243 +255,29 @@ impl PyEngine {
         out
     }
 
-    /// A new empty sequence.
-    #[pyo3(signature = (*, prefill_chunk = 64, max_context))]
+    /// A new empty sequence; `prefill_chunk` defaults to the engine's.
+    #[pyo3(signature = (*, prefill_chunk = None, max_context))]
     fn session(
         &self,
         py: Python<'_>,
-        prefill_chunk: usize,
+        prefill_chunk: Option<usize>,
         max_context: usize,
     ) -> PyResult<PySession> {
+        let chunk = prefill_chunk.unwrap_or(self.inner.chunk);
         let s = run(py, || {
-            Session::new(Arc::clone(&self.inner), prefill_chunk, max_context)
+            Session::new(Arc::clone(&self.inner), chunk, max_context)
         })?;
-        Ok(PySession::wrap(s))
-    }
-}
-
-/// The mutable part of a session.
-struct SessionState {
-    session: Session,
-    sampler: Sampler,
-    history: Vec<u32>,
-}
-
-/// One sequence: its paged cache, press and sampler. Blocks go back to the pool when it is
-/// released or garbage-collected.
-#[pyclass(frozen, name = "Session", module = "kvforge._core")]
-pub struct PySession {
-    state: Mutex<SessionState>,
-}
-
-impl PySession {
-    fn wrap(session: Session) -> Self {
-        let sampler = Sampler::new(SamplingConfig::greedy()).unwrap_or_else(|_| unreachable!());
-        Self {
-            state: Mutex::new(SessionState {
-                session,
-                sampler,
-                history: Vec::new(),
-            }),
-        }
+        PySession::wrap(s)
     }
 
-    /// Locks the state (call only with the GIL released).
-    fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
-        self.state
-            .lock()
-            .map_err(|_| Error::Internal("session lock poisoned".into()))
-    }
-}
-
-#[pymethods]
-impl PySession {
-    /// Sets sampling parameters and reseeds the generator.
-    #[pyo3(signature = (*, temperature, top_k, top_p, min_p, repetition_penalty, seed))]
-    #[allow(clippy::too_many_arguments)]
-    fn set_sampling(
-        &self,
-        py: Python<'_>,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: u64,
-    ) -> PyResult<()> {
-        let cfg = SamplingConfig {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-        };
-        run(py, || {
-            let sampler = Sampler::new(cfg)?;
-            self.lock()?.sampler = sampler;
-            Ok(())
-        })
+    /// Turns block summaries on (sealed blocks then carry key bounds; `check()` verifies them).
+    fn enable_summaries(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || self.inner.store().summaries().enable())
     }
 
-    /// Installs StreamingLLM eviction (`sink` + `window` tokens), or removes the press.
-    #[pyo3(signature = (kind, *, sink = 0, window = 0))]
-    fn set_press(
-        &self,
-        py: Python<'_>,
-        kind: Option<&str>,
-        sink: usize,
-        window: usize,
-    ) -> PyResult<()> {
-        let kind = kind.map(str::to_owned);
-        run(py, || {
-            let press: Option<Box<dyn crate::evict::EvictionPolicy>> = match kind.as_deref() {
-                None => None,
-                Some("streaming_llm") if window >= 1 => {
-                    Some(Box::new(StreamingLlm { sink, window }))
-                }
-                Some(other) => {
-                    return Err(Error::Config(format!(
-                        "unknown press {other:?} or window={window} < 1"
-                    )))
-                }
-            };
-            self.lock()?.session.set_press(press);
-            Ok(())
-        })
+    /// Most token rows one forward call carries.
+    #[getter]
+    fn prefill_chunk(&self) -> usize {
+        self.inner.chunk
     }
-
-    /// `"float32"` (exact, the default) or `"int8"`: one-token steps quantize projection
-    /// inputs to int8 blocks (faster, approximate; prefill stays exact).
-    fn set_activations(&self, py: Python<'_>, kind: &str) -> PyResult<()> {
-        let kind = kind.to_owned();
-        run(py, || {
-            let int8 = match kind.as_str() {
-                "float32" => false,
-                "int8" => true,
-                other => {
-                    return Err(Error::Config(format!(
-                        "activations={other:?} must be \"float32\" or \"int8\""
-                    )))
-                }
-            };
-            self.lock()?.session.set_int8_decode(int8);
-            Ok(())
-        })
-    }
-
-    /// Runs `token_ids` and samples the next token.
-    fn prefill(&self, py: Python<'_>, token_ids: Vec<i64>) -> PyResult<u32> {
-        run(py, || {
-            let ids = token_ids_checked(&token_ids)?;
-            let mut st = self.lock()?;
-            st.session.forward(&ids, Logits::Last)?;
-            st.history.extend_from_slice(&ids);
-            sample_next(&mut st)
-        })
-    }
-
-    /// Runs one token and samples the next.
-    fn decode(&self, py: Python<'_>, token_id: i64) -> PyResult<u32> {
-        run(py, || {
-            let id = u32::try_from(token_id).map_err(|_| {
-                Error::Config(format!("token_id {token_id} is not a valid token id"))
-            })?;
-            let mut st = self.lock()?;
-            st.session.forward(&[id], Logits::Last)?;
-            st.history.push(id);
-            sample_next(&mut st)
-        })
-    }
-
-    /// Runs `token_ids` and returns float32 logits for every position, `(n, vocab)`.
-    fn logits<'py>(
-        &self,
-        py: Python<'py>,
-        token_ids: Vec<i64>,
-    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (n, vocab, flat) = run(py, || {
-            let ids = token_ids_checked(&token_ids)?;
-            let mut st = self.lock()?;
-            let flat = st.session.forward(&ids, Logits::All)?;
-            st.history.extend_from_slice(&ids);
-            Ok((ids.len(), st.session.engine().model.cfg.vocab_size, flat))
-        })?;
-        flat.into_pyarray(py).reshape([n, vocab])
-    }
-
-    /// Logits of the last token of the last `prefill`/`decode` call, `(vocab,)`.
-    fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let v = run(py, || Ok(self.lock()?.session.last_logits().to_vec()))?;
-        Ok(v.into_pyarray(py))
-    }
-
-    /// Tokens processed so far (the next position).
-    fn position(&self, py: Python<'_>) -> PyResult<u32> {
-        run(py, || Ok(self.lock()?.session.position()))
-    }
-
-    /// Blocks this sequence references.
-    fn blocks_held(&self, py: Python<'_>) -> PyResult<usize> {
-        run(py, || Ok(self.lock()?.session.cache().blocks_held()))
-    }
-
-    /// Original positions cached for (`layer`, `kv_head`), sorted.
-    fn cached_positions(&self, py: Python<'_>, layer: usize, kv_head: usize) -> PyResult<Vec<u32>> {
-        run(py, || {
-            let st = self.lock()?;
-            let e = st.session.engine();
-            let (nl, nkv) = (e.model.cfg.num_layers, e.model.cfg.num_kv_heads);
-            if layer >= nl || kv_head >= nkv {
-                return Err(Error::Config(format!(
-                    "layer={layer}, kv_head={kv_head} outside ({nl}, {nkv})"
-                )));
-            }
-            let pool = e.pool()?;
-            let mut out = Vec::new();
-            st.session
-                .cache()
-                .positions_into(&pool, layer * nkv + kv_head, &mut out);
-            out.sort_unstable();
-            Ok(out)
-        })
-    }
-
-    /// A new session sharing this one's blocks (copy-on-write), with the same history.
-    fn fork(&self, py: Python<'_>) -> PyResult<PySession> {
-        run(py, || {
-            let st = self.lock()?;
-            let session = st.session.fork()?;
-            let sampler = st.sampler.clone();
-            Ok(PySession {
-                state: Mutex::new(SessionState {
-                    session,
-                    sampler,
-                    history: st.history.clone(),
-                }),
-            })
-        })
-    }
-
-    /// Returns every block to the pool now (the session becomes empty).
-    fn release(&self, py: Python<'_>) -> PyResult<()> {
-        run(py, || {
-            let mut st = self.lock()?;
-            st.history.clear();
-            st.session.release()
-        })
-    }
-}
-
-fn token_ids_checked(ids: &[i64]) -> Result<Vec<u32>> {
-    token_ids(ids, "token_ids")
-}
-
-fn sample_next(st: &mut SessionState) -> Result<u32> {
-    let SessionState {
-        session,
-        sampler,
-        history,
-    } = st;
-    sampler.sample(session.last_logits(), history)
 }

@@ -1,0 +1,119 @@
+"""Batched generation: several prompts decoded together, one forward per step.
+
+Up to ``max_batch`` sequences run at once; each step feeds every running sequence's last
+token through one batched forward (``kvforge._core.decode_batch``: one pass over each weight
+for all rows, attention per sequence over its own paged cache), and each sequence samples from
+its own seeded generator. Sequences leave as soon as they finish and waiting prompts join
+between steps. A prompt joins only when the worst-case KV blocks of every running sequence
+and its own fit the pool, so a batch never runs out of blocks where the same prompts
+generated one by one would not. The tokens equal generating each prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core
+from .config import SamplingParams
+from .generation import GenerationOutput, SequenceDecoder
+
+
+@dataclass
+class _Live:
+    index: int
+    core: Any
+    dec: SequenceDecoder
+    token: int
+    blocks: int
+
+
+class BatchRun:
+    """One call of ``LLM.generate`` over a list of prompts."""
+
+    def __init__(self, llm: Any, prompts: list[list[int]], params: SamplingParams, press: Any,
+                 attention: Any, max_batch: int) -> None:
+        self.llm, self.prompts, self.params = llm, prompts, params
+        self.press, self.attention, self.max_batch = press, attention, max_batch
+        stats = llm.kv_stats()
+        self.total_blocks = stats["total_blocks"]
+        self.block_bytes = stats["block_bytes"]
+        self.outputs: list[GenerationOutput | None] = [None] * len(prompts)
+
+    def room(self, n: int) -> int:
+        p = self.params
+        return p.max_new_tokens if self.press is not None else min(
+            p.max_new_tokens, self.llm.max_context - n)
+
+    def worst_blocks(self, n: int) -> int:
+        """Blocks one sequence of an ``n``-token prompt may hold at its longest."""
+        cfg, bs = self.llm.config, self.llm.kv_config.block_size
+        tokens = n + self.room(n)
+        if self.press is not None:
+            tokens = min(tokens, self.press.cache_tokens())
+        return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
+
+    def run(self) -> list[GenerationOutput]:
+        queue, running = deque(range(len(self.prompts))), []
+        try:
+            while queue or running:
+                while queue and len(running) < self.max_batch and self._fits(queue[0], running):
+                    live = self._start(queue.popleft())
+                    if live is not None:
+                        running.append(live)
+                if running:
+                    running = self._step(running)
+        finally:
+            for live in running:
+                live.core.release()
+        return [o for o in self.outputs if o is not None]
+
+    def _fits(self, index: int, running: list[_Live]) -> bool:
+        if not running:
+            return True
+        held = sum(r.blocks for r in running)
+        return held + self.worst_blocks(len(self.prompts[index])) <= self.total_blocks
+
+    def _start(self, index: int) -> _Live | None:
+        """Prefills prompt ``index``; returns it running, or ``None`` when its first token
+        already ended it."""
+        ids, p = self.prompts[index], self.params
+        core = self.llm._open(self.press, self.attention)
+        llm = self.llm
+        try:
+            llm._set_sampling(core, p)
+            dec = SequenceDecoder(len(ids), p, llm.tokenizer, llm.eos_token_ids, self.room(len(ids)),
+                                  self.block_bytes)
+            t0 = time.perf_counter()
+            token = core.prefill_sample(ids, None)
+            dec.stats.prefill_s = time.perf_counter() - t0
+            dec.feed(token, core.blocks_held())
+        except BaseException:
+            core.release()
+            raise
+        live = _Live(index, core, dec, token, self.worst_blocks(len(ids)))
+        if dec.reason is None:
+            return live
+        self._finish(live)
+        return None
+
+    def _step(self, running: list[_Live]) -> list[_Live]:
+        t1 = time.perf_counter()
+        tokens = _core.decode_batch([r.core for r in running], [r.token for r in running])
+        dt = time.perf_counter() - t1
+        still = []
+        for live, token in zip(running, tokens):
+            live.dec.stats.decode_s += dt
+            live.token = token
+            live.dec.feed(token, live.core.blocks_held())
+            if live.dec.reason is None:
+                still.append(live)
+            else:
+                self._finish(live)
+        return still
+
+    def _finish(self, live: _Live) -> None:
+        self.outputs[live.index] = live.dec.output()
+        live.core.release()

@@ -1,0 +1,167 @@
+"""``kvforge.Session``: one sequence of an :class:`~kvforge.LLM`, driven step by step.
+
+A session owns a paged KV cache (its blocks come from the model's pool and go back on
+:meth:`Session.release`), an attention variant and an optional press. It is what
+``LLM.generate`` and the command line run on, and what researchers drive directly::
+
+    with llm.session() as s:
+        last = s.prefill(ids)                        # float32 (vocab,) logits of the last token
+        lg = s.step([t1, t2], parents=[-1, 0])       # a speculation tree of two tokens
+        s.commit([0])                                # keep the first, free the second
+        s.truncate(len(ids))                         # roll back, blocks freed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _validate as v
+from .errors import ConfigError, InputTypeError
+
+
+class LayerAttention(NamedTuple):
+    """One layer's attention probabilities for a step's ``n`` new tokens.
+
+    ``probs``: float32 ``(num_heads, n, cols)``: each query head's distribution over the
+    cached tokens of its KV head (query head ``h`` reads KV head ``h // group``), the same
+    softmax the forward pass used; 0 where a token is masked. ``positions``: int64
+    ``(num_kv_heads, cols)``: the position of each column's token. A KV head's columns are its
+    cached tokens in the order they entered the sequence (a pending tree's nodes last, in step
+    order); heads that hold fewer tokens (after eviction) are padded with position ``-1`` and
+    probability 0.
+    """
+
+    probs: np.ndarray
+    positions: np.ndarray
+
+
+class Session:
+    """One sequence: made by :meth:`kvforge.LLM.session`; a context manager whose exit
+    releases every KV block it holds."""
+
+    def __init__(self, llm: Any, core: Any, press: Any = None, attention: Any = None) -> None:
+        self._llm = llm
+        self._core = core
+        self.press = press
+        self.attention = attention
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Frees every block; the session is empty (and usable) afterwards."""
+        self._core.release()
+
+    def fork(self) -> Session:
+        """A copy-on-write child: it shares every block with this session until either writes."""
+        return Session(self._llm, self._core.fork(), self.press, self.attention)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def prefill(self, token_ids: Sequence[int] | np.ndarray, *,
+                progress: Callable[[int, int], Any] | None = None) -> np.ndarray:
+        """Runs ``token_ids`` at the next positions (in chunks); returns the float32
+        ``(vocab,)`` logits of the last one. ``progress(done, total)`` is called after every
+        chunk; an exception it raises stops the prefill, which is then rolled back."""
+        ids = self._ids(token_ids)
+        if progress is not None and not callable(progress):
+            raise InputTypeError(f"progress must be callable, got {type(progress).__name__}")
+        return self._core.prefill(ids, progress)
+
+    def step(self, token_ids: Sequence[int] | np.ndarray,
+             positions: Sequence[int] | np.ndarray | None = None,
+             parents: Sequence[int] | np.ndarray | None = None, *,
+             output_attentions: bool = False) -> Any:
+        """Runs ``n`` new tokens; returns their float32 ``(n, vocab)`` logits, or with
+        ``output_attentions=True`` the pair ``(logits, [LayerAttention per layer])``.
+
+        ``positions`` gives each token its own position (default: the next ones). ``parents``
+        makes the tokens a speculation tree: ``parents[i]`` is ``-1`` (the token follows the
+        existing sequence) or the index ``< i`` of its parent among the new tokens; each token
+        then sees the sequence plus its ancestors only, positions default to ``num_tokens``
+        plus its depth, and the tree stays pending until :meth:`commit` or :meth:`truncate`
+        (other steps are refused meanwhile).
+        """
+        ids = self._ids(token_ids)
+        pos = None if positions is None else self._int_list("positions", positions, len(ids), 0)
+        par = None if parents is None else self._int_list("parents", parents, len(ids), -1)
+        if not isinstance(output_attentions, bool):
+            raise InputTypeError(f"output_attentions must be a bool, got {output_attentions!r}")
+        logits, attn = self._core.step(ids, pos, par, output_attentions)
+        if not output_attentions:
+            return logits
+        return logits, [LayerAttention(p, q) for p, q in attn]
+
+    def commit(self, path: Sequence[int] | np.ndarray) -> None:
+        """Keeps the pending tree's tokens on ``path`` (node indices from a root down one
+        branch; empty keeps none) as the next tokens of the sequence, at contiguous positions,
+        and frees the others."""
+        nodes = v.token_list("path", path)
+        self._core.commit(nodes)
+
+    def truncate(self, n: int) -> None:
+        """Rolls back to the first ``n`` tokens (dropping a pending tree); freed blocks go
+        back to the pool."""
+        n = v.integer("truncate n", n, lo=0, hi=self.num_tokens)
+        self._core.truncate(n)
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        """Committed tokens (the position of the next one by default)."""
+        return self._core.num_tokens()
+
+    @property
+    def pending_tree(self) -> int:
+        """Tokens of the uncommitted tree (0 when none)."""
+        return self._core.pending_tree()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The committed token ids, in order."""
+        return self._core.history()
+
+    def kv_stats(self) -> dict[str, int]:
+        """This sequence's ``live_blocks`` and ``live_bytes`` (a block shared with a fork
+        counts for both), and ``num_tokens``."""
+        return dict(self._core.kv_stats()) | {"num_tokens": self.num_tokens}
+
+    def kept_positions(self, layer: int, kv_head: int) -> np.ndarray:
+        """int64 original positions still cached for (``layer``, ``kv_head``), sorted."""
+        cfg = self._llm.config
+        layer = v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1)
+        kv_head = v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1)
+        return self._core.kept_positions(layer, kv_head)
+
+    def check(self) -> None:
+        """Verifies this sequence's cache (every block live, full blocks sealed, summaries
+        current); raises :class:`kvforge.InternalError` if it is inconsistent."""
+        self._core.check()
+
+    # -- validation -----------------------------------------------------------------------------
+    def _ids(self, token_ids: Any) -> list[int]:
+        if isinstance(token_ids, (str, bytes)):
+            raise InputTypeError("token_ids must be token ids, not text; use llm.encode(text)")
+        return v.token_list("token_ids", token_ids, self._llm.config.vocab_size)
+
+    @staticmethod
+    def _int_list(name: str, value: Any, n: int, lo: int) -> list[int]:
+        if isinstance(value, np.ndarray):
+            if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+                raise InputTypeError(f"{name} must be a 1-D integer array")
+            value = value.tolist()
+        if not isinstance(value, (list, tuple)):
+            raise InputTypeError(f"{name} must be a list of ints, got {type(value).__name__}")
+        out = [v.integer(f"{name}[{i}]", x, lo=lo, hi=2**32 - 1) for i, x in enumerate(value)]
+        if len(out) != n:
+            raise ConfigError(f"{name} has {len(out)} entries for {n} tokens")
+        return out
+
+
+__all__ = ["LayerAttention", "Session"]

@@ -1,0 +1,331 @@
+//! Session operations besides the steps: validation, commit, truncate, fork, release,
+//! statistics, and the batched decode step of several sessions.
+
+use std::sync::Arc;
+
+use super::{SeqStats, Session};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::evict::EvictScratch;
+use crate::model::forward::{forward, Logits, SeqWork};
+
+impl Session {
+    /// Checks a step's inputs before anything runs. `single`: the step must fit one forward
+    /// call (trees, attention probabilities).
+    pub(crate) fn check_step(
+        &self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        single: bool,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if self.tree.is_some() {
+            return Err(Error::Config(format!(
+                "this session holds an uncommitted tree of {} tokens: commit(path) or \
+                 truncate(n) it before the next step",
+                self.pending_tree()
+            )));
+        }
+        if tokens.is_empty() {
+            return Err(Error::Config(
+                "token_ids is empty: at least one token is required".into(),
+            ));
+        }
+        let vocab = self.engine.model.cfg.vocab_size;
+        let bad: Vec<u32> = tokens
+            .iter()
+            .copied()
+            .filter(|&t| t as usize >= vocab)
+            .take(8)
+            .collect();
+        if !bad.is_empty() {
+            return Err(Error::Config(format!(
+                "token ids {bad:?} are outside [0, {vocab})"
+            )));
+        }
+        let limit = self.step_size();
+        if single && tokens.len() > limit {
+            return Err(Error::Config(format!(
+                "{} tokens in one tree or attention-recording step exceed the limit {limit}",
+                tokens.len()
+            )));
+        }
+        self.check_room(tokens.len(), positions)
+    }
+
+    fn check_room(&self, n: usize, positions: Option<&[u32]>) -> Result<()> {
+        if let Some(p) = positions {
+            if p.len() != n {
+                return Err(Error::Config(format!(
+                    "positions has {} entries for {n} tokens",
+                    p.len()
+                )));
+            }
+        }
+        let end = self.num_tokens as usize + n;
+        if end > u32::MAX as usize {
+            return Err(Error::Config("token count overflows u32".into()));
+        }
+        if self.press.is_some() {
+            return Ok(());
+        }
+        if end > self.max_context {
+            return Err(Error::CacheFull(format!(
+                "{n} tokens at position {} exceed the context length {}",
+                self.num_tokens, self.max_context
+            )));
+        }
+        match positions.and_then(|p| p.iter().copied().find(|&x| x as usize >= self.max_context)) {
+            Some(x) => Err(Error::Config(format!(
+                "position {x} is outside the context length {}",
+                self.max_context
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Config(
+                "this session was left partly extended by a failed step: release() it first".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keeps the pending tree's nodes on `path` (a root-to-node chain; may be empty) as the
+    /// next tokens of the sequence, at contiguous token indices, and frees the others.
+    pub fn commit(&mut self, path: &[usize]) -> Result<()> {
+        self.check_usable()?;
+        let tree = self.tree.as_ref().ok_or_else(|| {
+            Error::Config("commit(path): this session holds no uncommitted tree".into())
+        })?;
+        tree.check_path(path)?;
+        let mut keep = vec![None; tree.nodes()];
+        for (k, &node) in path.iter().enumerate() {
+            keep[node] = Some(self.num_tokens + k as u32);
+        }
+        let engine = Arc::clone(&self.engine);
+        let done = engine.pool().and_then(|mut pool| {
+            self.cache
+                .commit_tail(&mut pool, engine.store(), tree.nodes(), &keep)
+        });
+        self.tree = None;
+        match done {
+            Ok(()) => {
+                self.num_tokens += path.len() as u32;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Rolls the sequence back to its first `n` tokens (dropping any pending tree); the
+    /// blocks that frees go back to the pool.
+    pub fn truncate(&mut self, n: u32) -> Result<()> {
+        self.check_usable()?;
+        if n > self.num_tokens {
+            return Err(Error::Config(format!(
+                "truncate(n={n}): the session holds {} tokens",
+                self.num_tokens
+            )));
+        }
+        let engine = Arc::clone(&self.engine);
+        let done = engine
+            .pool()
+            .and_then(|mut pool| self.cache.truncate_tokens(&mut pool, engine.store(), n));
+        self.num_tokens = n;
+        self.tree = None;
+        self.poisoned |= done.is_err();
+        done
+    }
+
+    /// A new session sharing this one's cache blocks (copy-on-write), with copies of its
+    /// press, attention variant and activation mode.
+    pub fn fork(&mut self) -> Result<Self> {
+        self.check_usable()?;
+        if self.tree.is_some() {
+            return Err(Error::Config(
+                "fork(): commit or truncate the pending tree first".into(),
+            ));
+        }
+        let engine = Arc::clone(&self.engine);
+        let cache = self.cache.fork(&mut *engine.pool()?)?;
+        Ok(Self {
+            engine,
+            cache,
+            attention: self.attention.boxed_clone(),
+            press: self.press.as_ref().map(|p| p.boxed_clone()),
+            evict_scratch: EvictScratch::default(),
+            num_tokens: self.num_tokens,
+            tree: None,
+            max_context: self.max_context,
+            chunk: self.chunk,
+            int8: self.int8,
+            poisoned: false,
+            last_logits: self.last_logits.clone(),
+        })
+    }
+
+    /// Returns every block to the pool; the session becomes empty (and usable again).
+    pub fn release(&mut self) -> Result<()> {
+        let mut pool = self.engine.pool()?;
+        self.num_tokens = 0;
+        self.tree = None;
+        self.poisoned = false;
+        self.cache.release(&mut pool)
+    }
+
+    /// Original positions cached for (`layer`, `kv_head`), sorted.
+    pub fn kept_positions(&self, layer: usize, kv_head: usize) -> Result<Vec<u32>> {
+        let index = self.head_index(layer, kv_head)?;
+        let mut out = Vec::new();
+        self.cache
+            .positions_into(self.engine.store(), index, &mut out)?;
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// This sequence's blocks and bytes.
+    pub fn stats(&self) -> Result<SeqStats> {
+        let live_blocks = self.cache.blocks_held();
+        let block_bytes = self.engine.stats()?.block_bytes;
+        Ok(SeqStats {
+            live_blocks,
+            live_bytes: live_blocks * block_bytes,
+        })
+    }
+
+    /// Writes `values` into side column `name` (registered with `values.len()` floats per
+    /// slot the first time) at slot `slot` of (`layer`, `kv_head`).
+    pub fn set_column(
+        &mut self,
+        name: &str,
+        layer: usize,
+        kv_head: usize,
+        slot: usize,
+        values: &[f32],
+    ) -> Result<()> {
+        self.check_usable()?;
+        let index = self.head_index(layer, kv_head)?;
+        let engine = Arc::clone(&self.engine);
+        let col = engine.store().columns().register(name, values.len())?;
+        let mut pool = engine.pool()?;
+        self.cache
+            .set_column(&mut pool, engine.store(), index, slot, col, values)
+    }
+
+    /// Side column `name` of (`layer`, `kv_head`): each slot's token index, and its values
+    /// `(len, width)`, in slot order.
+    pub fn column(&self, name: &str, layer: usize, kv_head: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let index = self.head_index(layer, kv_head)?;
+        let store = self.engine.store();
+        let col = store
+            .columns()
+            .find(name)
+            .ok_or_else(|| Error::Config(format!("no slot column {name:?} is registered")))?;
+        let mut tokens = Vec::new();
+        self.cache
+            .for_each_slot(store, index, |_, _, t| tokens.push(t))?;
+        Ok((tokens, self.cache.column(store, index, col)?))
+    }
+
+    fn head_index(&self, layer: usize, kv_head: usize) -> Result<usize> {
+        let cfg = &self.engine.model.cfg;
+        if layer >= cfg.num_layers || kv_head >= cfg.num_kv_heads {
+            return Err(Error::Config(format!(
+                "layer={layer}, kv_head={kv_head} outside ({}, {})",
+                cfg.num_layers, cfg.num_kv_heads
+            )));
+        }
+        Ok(layer * cfg.num_kv_heads + kv_head)
+    }
+
+    /// Checks this sequence's cache (blocks live, full blocks sealed, summaries current).
+    pub fn check(&self) -> Result<()> {
+        let pool = self.engine.pool()?;
+        self.cache.check(&pool, self.engine.store())
+    }
+}
+
+/// One decode step of several sessions of one engine together: session `i` runs
+/// `tokens[i]` at its next position, in one forward (one pass over each weight for all
+/// rows; attention per session over its own cache), keeping each one's logits. The result
+/// for each session equals its own [`Session::decode`].
+pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<()> {
+    let Some(first) = sessions.first() else {
+        return Ok(());
+    };
+    let engine = Arc::clone(&first.engine);
+    if tokens.len() != sessions.len() {
+        return Err(Error::Config(format!(
+            "{} tokens for {} sessions",
+            tokens.len(),
+            sessions.len()
+        )));
+    }
+    let int8 = first.int8;
+    for (s, &t) in sessions.iter().zip(tokens) {
+        if !Arc::ptr_eq(&s.engine, &engine) || s.int8 != int8 {
+            return Err(Error::Config(
+                "decode_batch: every session must share one engine and activation mode".into(),
+            ));
+        }
+        s.check_step(&[t], None, false)?;
+    }
+    let starts: Vec<u32> = sessions.iter().map(|s| s.num_tokens).collect();
+    let result = batch_forward(&engine, sessions, tokens, int8);
+    for (s, &start) in sessions.iter_mut().zip(&starts) {
+        match result {
+            Ok(()) => s.num_tokens = start + 1,
+            Err(_) => s.rollback(start),
+        }
+    }
+    result
+}
+
+fn batch_forward(
+    engine: &Arc<Engine>,
+    sessions: &mut [&mut Session],
+    tokens: &[u32],
+    int8: bool,
+) -> Result<()> {
+    for s in sessions.iter_mut() {
+        s.prepare(1)?;
+    }
+    let vocab = engine.model.cfg.vocab_size;
+    let positions: Vec<[u32; 1]> = sessions.iter().map(|s| [s.num_tokens]).collect();
+    let mut work: Vec<SeqWork<'_>> = sessions
+        .iter_mut()
+        .zip(tokens.chunks(1))
+        .zip(&positions)
+        .map(|((s, tok), pos)| SeqWork {
+            cache: &mut s.cache,
+            variant: s.attention.as_ref(),
+            tokens: tok,
+            positions: pos,
+            first_tok: s.num_tokens,
+            tree: None,
+            logits: Logits::Last,
+            probs: None,
+        })
+        .collect();
+    let n = work.len();
+    let logits = engine.with_scratch(|s| {
+        let mut out = std::mem::take(&mut s.logits);
+        out.resize(n * vocab, 0.0);
+        let r = engine.install(|| forward(engine, &mut work, s, int8, &mut out));
+        (r, out)
+    });
+    drop(work);
+    let (result, out) = logits?;
+    result?;
+    for (s, row) in sessions.iter_mut().zip(out.chunks_exact(vocab)) {
+        s.last_logits.copy_from_slice(row);
+    }
+    engine.with_scratch(|s| s.logits = out)?;
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Named numeric parameters of a registered plug-in (attention variant, press), consumed by
+//! its builder, so that the Python classes pass their fields through one generic call.
+
+use crate::error::{Error, Result};
+
+/// Named numeric parameters of a variant (`k`, `rank`, `eps`, ...), consumed by its builder.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    items: Vec<(String, f64)>,
+}
+
+impl Params {
+    /// Parameters from `(name, value)` pairs.
+    pub fn new(items: Vec<(String, f64)>) -> Self {
+        Self { items }
+    }
+
+    /// Takes parameter `name`, if given.
+    pub fn take(&mut self, name: &str) -> Option<f64> {
+        let at = self.items.iter().position(|(n, _)| n == name)?;
+        Some(self.items.remove(at).1)
+    }
+
+    /// Fails when a parameter was given that `variant` does not take.
+    pub fn finish(&self, variant: &str) -> Result<()> {
+        match self.items.first() {
+            None => Ok(()),
+            Some((name, _)) => Err(Error::Config(format!(
+                "{variant} takes no parameter {name:?}"
+            ))),
+        }
+    }
+}
+
+/// Takes parameter `name` of `what` as an integer in `[lo, hi]`, or `default` when absent.
+pub fn integer(
+    p: &mut Params,
+    what: &str,
+    name: &str,
+    default: usize,
+    lo: usize,
+    hi: usize,
+) -> Result<usize> {
+    let Some(v) = p.take(name) else {
+        return Ok(default);
+    };
+    let ok = v.fract() == 0.0 && v >= lo as f64 && v <= hi as f64;
+    if !ok {
+        return Err(Error::Config(format!(
+            "{what} {name}={v} must be an integer in [{lo}, {hi}]"
+        )));
+    }
+    Ok(v as usize)
+}

@@ -1,0 +1,478 @@
+//! The `Session` class (one sequence) and `decode_batch`. Frozen; the mutable state sits
+//! behind a `Mutex` that is only locked with the GIL released, so concurrent Python threads
+//! never see "Already borrowed" and never deadlock against the GIL.
+
+use std::sync::{Mutex, MutexGuard};
+
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::{run, token_ids};
+use crate::attention::registry::{self, Params};
+use crate::error::{Error, Result};
+use crate::evict::registry as presses;
+use crate::model::session::{decode_batch, StepOut};
+use crate::model::Session;
+use crate::sample::{Sampler, SamplingConfig};
+
+/// The mutable part of a session.
+struct SessionState {
+    session: Session,
+    sampler: Sampler,
+    /// Committed token ids (the repetition penalty's history).
+    history: Vec<u32>,
+    /// Token ids of the pending speculation tree.
+    pending: Vec<u32>,
+}
+
+/// One sequence: its paged cache, attention variant, press and sampler. Blocks go back to
+/// the pool when it is released or garbage-collected.
+#[pyclass(frozen, name = "Session", module = "kvforge._core")]
+pub struct PySession {
+    state: Mutex<SessionState>,
+}
+
+impl PySession {
+    pub(super) fn wrap(session: Session) -> PyResult<Self> {
+        let sampler = Sampler::new(SamplingConfig::greedy())
+            .map_err(|e| Python::attach(|py| super::errors::to_py(py, e)))?;
+        Ok(Self {
+            state: Mutex::new(SessionState {
+                session,
+                sampler,
+                history: Vec::new(),
+                pending: Vec::new(),
+            }),
+        })
+    }
+
+    /// Locks the state (call only with the GIL released).
+    fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::Internal("session lock poisoned".into()))
+    }
+}
+
+type Attentions<'py> = Vec<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<i64>>)>;
+
+/// Runs `f` with a progress callback that calls the Python `progress(done, total)`; an
+/// exception it raises stops the work and is re-raised as is.
+fn with_progress<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    f: impl FnOnce(&mut dyn FnMut(usize, usize) -> Result<()>) -> Result<T> + Send,
+) -> PyResult<T> {
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+    let out = run(py, || {
+        let mut cb = |done: usize, total: usize| -> Result<()> {
+            let Some(p) = &progress else { return Ok(()) };
+            Python::attach(|py| p.call1(py, (done, total)).map(drop)).map_err(|e| {
+                if let Ok(mut slot) = raised.lock() {
+                    *slot = Some(e);
+                }
+                Error::Config("prefill stopped by its progress callback".into())
+            })
+        };
+        f(&mut cb)
+    });
+    if let Some(e) = raised.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    out
+}
+
+#[pymethods]
+impl PySession {
+    /// Sets sampling parameters and reseeds the generator.
+    #[pyo3(signature = (*, temperature, top_k, top_p, min_p, repetition_penalty, seed))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_sampling(
+        &self,
+        py: Python<'_>,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: u64,
+    ) -> PyResult<()> {
+        let cfg = SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+        };
+        run(py, || {
+            let sampler = Sampler::new(cfg)?;
+            self.lock()?.sampler = sampler;
+            Ok(())
+        })
+    }
+
+    /// Installs the press `kind` (a name of the press registry) with `params`, or removes
+    /// the press (`None`).
+    #[pyo3(signature = (kind, params = Vec::new()))]
+    fn set_press(
+        &self,
+        py: Python<'_>,
+        kind: Option<String>,
+        params: Vec<(String, f64)>,
+    ) -> PyResult<()> {
+        run(py, || {
+            let press = kind
+                .map(|k| presses::build(&k, Params::new(params)))
+                .transpose()?;
+            self.lock()?.session.set_press(press);
+            Ok(())
+        })
+    }
+
+    /// Installs the attention variant `kind` (a name of the attention registry).
+    #[pyo3(signature = (kind, params = Vec::new()))]
+    fn set_attention(
+        &self,
+        py: Python<'_>,
+        kind: String,
+        params: Vec<(String, f64)>,
+    ) -> PyResult<()> {
+        run(py, || {
+            let variant = registry::build(&kind, Params::new(params))?;
+            self.lock()?.session.set_attention(variant)
+        })
+    }
+
+    /// `"float32"` (exact, the default) or `"int8"`: one-token steps quantize projection
+    /// inputs to int8 blocks (faster, approximate; prefill stays exact).
+    fn set_activations(&self, py: Python<'_>, kind: &str) -> PyResult<()> {
+        let kind = kind.to_owned();
+        run(py, || {
+            let int8 = match kind.as_str() {
+                "float32" => false,
+                "int8" => true,
+                other => {
+                    return Err(Error::Config(format!(
+                        "activations={other:?} must be \"float32\" or \"int8\""
+                    )))
+                }
+            };
+            self.lock()?.session.set_int8_decode(int8);
+            Ok(())
+        })
+    }
+
+    /// Runs `token_ids` at the next positions; returns the last token's logits `(vocab,)`.
+    /// `progress(done, total)` is called after every chunk.
+    #[pyo3(signature = (token_ids, progress = None))]
+    fn prefill<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let v = with_progress(py, progress, |cb| {
+            let ids = token_ids_checked(&token_ids)?;
+            let mut st = self.lock()?;
+            st.session.prefill(&ids, cb)?;
+            st.history.extend_from_slice(&ids);
+            Ok(st.session.last_logits().to_vec())
+        })?;
+        Ok(v.into_pyarray(py))
+    }
+
+    /// Like `prefill`, then samples the next token.
+    #[pyo3(signature = (token_ids, progress = None))]
+    fn prefill_sample(
+        &self,
+        py: Python<'_>,
+        token_ids: Vec<i64>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<u32> {
+        with_progress(py, progress, |cb| {
+            let ids = token_ids_checked(&token_ids)?;
+            let mut st = self.lock()?;
+            st.session.prefill(&ids, cb)?;
+            st.history.extend_from_slice(&ids);
+            sample_next(&mut st)
+        })
+    }
+
+    /// Runs one token and samples the next.
+    fn decode(&self, py: Python<'_>, token_id: i64) -> PyResult<u32> {
+        run(py, || {
+            let id = one_token(token_id)?;
+            let mut st = self.lock()?;
+            st.session.decode(id)?;
+            st.history.push(id);
+            sample_next(&mut st)
+        })
+    }
+
+    /// Runs `token_ids` (at `positions`, or as a tree with `parents`) and returns the logits
+    /// of each `(n, vocab)`, and with `output_attentions` per layer `(probs (num_heads, n,
+    /// cols), positions (num_kv_heads, cols))`.
+    #[pyo3(signature = (token_ids, positions = None, parents = None, output_attentions = false))]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        positions: Option<Vec<i64>>,
+        parents: Option<Vec<i64>>,
+        output_attentions: bool,
+    ) -> PyResult<(Bound<'py, PyArray2<f32>>, Option<Attentions<'py>>)> {
+        let (n, vocab, out) = run(py, || {
+            let ids = token_ids_checked(&token_ids)?;
+            let pos = positions.as_deref().map(positions_checked).transpose()?;
+            let mut st = self.lock()?;
+            let out =
+                st.session
+                    .step(&ids, pos.as_deref(), parents.as_deref(), output_attentions)?;
+            if parents.is_some() {
+                st.pending = ids.clone();
+            } else {
+                st.history.extend_from_slice(&ids);
+            }
+            Ok((ids.len(), st.session.engine().model.cfg.vocab_size, out))
+        })?;
+        let StepOut { logits, probs } = out;
+        let logits = logits.into_pyarray(py).reshape([n, vocab])?;
+        let attn = probs
+            .map(|layers| layer_arrays(py, layers, n))
+            .transpose()?;
+        Ok((logits, attn))
+    }
+
+    /// Keeps the pending tree's nodes on `path` (root to node) as the next tokens.
+    fn commit(&self, py: Python<'_>, path: Vec<usize>) -> PyResult<()> {
+        run(py, || {
+            let mut st = self.lock()?;
+            st.session.commit(&path)?;
+            let pending = std::mem::take(&mut st.pending);
+            let kept: Vec<u32> = path
+                .iter()
+                .filter_map(|&i| pending.get(i).copied())
+                .collect();
+            st.history.extend(kept);
+            Ok(())
+        })
+    }
+
+    /// Rolls back to the first `n` tokens, dropping any pending tree.
+    fn truncate(&self, py: Python<'_>, n: i64) -> PyResult<()> {
+        run(py, || {
+            let n = u32::try_from(n)
+                .map_err(|_| Error::Config(format!("truncate(n={n}): n must be >= 0")))?;
+            let mut st = self.lock()?;
+            st.session.truncate(n)?;
+            st.history.truncate(n as usize);
+            st.pending.clear();
+            Ok(())
+        })
+    }
+
+    /// Logits of the last token of the last `prefill`/`decode` call, `(vocab,)`.
+    fn last_logits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let v = run(py, || Ok(self.lock()?.session.last_logits().to_vec()))?;
+        Ok(v.into_pyarray(py))
+    }
+
+    /// Committed tokens (the next default position).
+    fn num_tokens(&self, py: Python<'_>) -> PyResult<u32> {
+        run(py, || Ok(self.lock()?.session.num_tokens()))
+    }
+
+    /// Nodes of the pending speculation tree (0 when none).
+    fn pending_tree(&self, py: Python<'_>) -> PyResult<usize> {
+        run(py, || Ok(self.lock()?.session.pending_tree()))
+    }
+
+    /// Committed token ids.
+    fn history(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        run(py, || Ok(self.lock()?.history.clone()))
+    }
+
+    /// Blocks this sequence references.
+    fn blocks_held(&self, py: Python<'_>) -> PyResult<usize> {
+        run(py, || Ok(self.lock()?.session.cache().blocks_held()))
+    }
+
+    /// This sequence's `live_blocks` and `live_bytes`.
+    fn kv_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = run(py, || self.lock()?.session.stats())?;
+        let d = PyDict::new(py);
+        d.set_item("live_blocks", s.live_blocks)?;
+        d.set_item("live_bytes", s.live_bytes)?;
+        Ok(d)
+    }
+
+    /// Original positions cached for (`layer`, `kv_head`), sorted, int64.
+    fn kept_positions<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        kv_head: usize,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let v = run(py, || self.lock()?.session.kept_positions(layer, kv_head))?;
+        Ok(v.into_iter()
+            .map(i64::from)
+            .collect::<Vec<_>>()
+            .into_pyarray(py))
+    }
+
+    /// A new session sharing this one's blocks (copy-on-write), with the same history.
+    fn fork(&self, py: Python<'_>) -> PyResult<PySession> {
+        run(py, || {
+            let mut st = self.lock()?;
+            let session = st.session.fork()?;
+            Ok(PySession {
+                state: Mutex::new(SessionState {
+                    session,
+                    sampler: st.sampler.clone(),
+                    history: st.history.clone(),
+                    pending: Vec::new(),
+                }),
+            })
+        })
+    }
+
+    /// Returns every block to the pool now (the session becomes empty).
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || {
+            let mut st = self.lock()?;
+            st.history.clear();
+            st.pending.clear();
+            st.session.release()
+        })
+    }
+
+    /// Checks this sequence's cache; raises `InternalError` when it is inconsistent.
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        run(py, || self.lock()?.session.check())
+    }
+
+    /// Writes `values` into side column `name` at `slot` of (`layer`, `kv_head`).
+    fn set_column(
+        &self,
+        py: Python<'_>,
+        name: String,
+        layer: usize,
+        kv_head: usize,
+        slot: usize,
+        values: Vec<f32>,
+    ) -> PyResult<()> {
+        run(py, || {
+            self.lock()?
+                .session
+                .set_column(&name, layer, kv_head, slot, &values)
+        })
+    }
+
+    /// Side column `name` of (`layer`, `kv_head`): token indices and `(len, width)` values.
+    fn column(
+        &self,
+        py: Python<'_>,
+        name: String,
+        layer: usize,
+        kv_head: usize,
+    ) -> PyResult<(Vec<u32>, Vec<f32>)> {
+        run(py, || self.lock()?.session.column(&name, layer, kv_head))
+    }
+}
+
+/// One decode step of several sessions together: session `i` runs `token_ids[i]`; returns
+/// the token each samples next. Equals calling `decode` on each.
+#[pyfunction]
+#[pyo3(name = "decode_batch")]
+pub fn py_decode_batch(
+    py: Python<'_>,
+    sessions: Vec<Py<PySession>>,
+    token_ids: Vec<i64>,
+) -> PyResult<Vec<u32>> {
+    let refs: Vec<&PySession> = sessions.iter().map(|s| s.get()).collect();
+    run(py, || {
+        let ids: Vec<u32> = token_ids
+            .iter()
+            .map(|&t| one_token(t))
+            .collect::<Result<_>>()?;
+        // Lock in address order, so two overlapping batches on two threads cannot deadlock.
+        let mut order: Vec<usize> = (0..refs.len()).collect();
+        order.sort_by_key(|&i| refs[i] as *const PySession as usize);
+        if order
+            .windows(2)
+            .any(|w| std::ptr::eq(refs[w[0]], refs[w[1]]))
+        {
+            return Err(Error::Config(
+                "decode_batch: a session appears twice".into(),
+            ));
+        }
+        let mut guards: Vec<(usize, MutexGuard<'_, SessionState>)> = Vec::new();
+        for &i in &order {
+            guards.push((i, refs[i].lock()?));
+        }
+        guards.sort_by_key(|(i, _)| *i);
+        let mut sessions: Vec<&mut Session> =
+            guards.iter_mut().map(|(_, g)| &mut g.session).collect();
+        decode_batch(&mut sessions, &ids)?;
+        drop(sessions);
+        guards
+            .iter_mut()
+            .zip(&ids)
+            .map(|((_, st), &id)| {
+                st.history.push(id);
+                sample_next(st)
+            })
+            .collect()
+    })
+}
+
+fn layer_arrays<'py>(
+    py: Python<'py>,
+    layers: Vec<crate::model::probs::LayerProbs>,
+    n: usize,
+) -> PyResult<Attentions<'py>> {
+    layers
+        .into_iter()
+        .map(|l| {
+            let (cols, heads) = (l.cols, l.probs.len() / (n * l.cols).max(1));
+            let kv = l.positions.len() / l.cols.max(1);
+            let heads = if cols == 0 { 0 } else { heads };
+            let probs = l.probs.into_pyarray(py).reshape([heads, n, cols])?;
+            let pos = l.positions.into_pyarray(py).reshape([kv, cols])?;
+            Ok((probs, pos))
+        })
+        .collect()
+}
+
+fn token_ids_checked(ids: &[i64]) -> Result<Vec<u32>> {
+    token_ids(ids, "token_ids")
+}
+
+fn positions_checked(pos: &[i64]) -> Result<Vec<u32>> {
+    pos.iter()
+        .map(|&p| {
+            u32::try_from(p).map_err(|_| {
+                Error::Config(format!(
+                    "positions contains {p}: positions must be in [0, 2**32)"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn one_token(token_id: i64) -> Result<u32> {
+    u32::try_from(token_id)
+        .map_err(|_| Error::Config(format!("token_id {token_id} is not a valid token id")))
+}
+
+fn sample_next(st: &mut SessionState) -> Result<u32> {
+    let SessionState {
+        session,
+        sampler,
+        history,
+        ..
+    } = st;
+    sampler.sample(session.last_logits(), history)
+}
