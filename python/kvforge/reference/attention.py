@@ -1,4 +1,4 @@
-"""Grouped-query attention with causality by original token position."""
+"""Grouped-query attention: causal by original token position, or under an explicit mask."""
 
 from __future__ import annotations
 
@@ -41,18 +41,41 @@ def attend(
     Returns:
         float64 ``(num_heads, n, d)``.
     """
+    visible = np.asarray(k_pos)[:, None, :] <= np.asarray(q_pos)[None, :, None]
+    return masked_attention(q, k, v, visible)[0]
+
+
+def masked_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled dot-product attention under an explicit mask, returning the probabilities too.
+
+    Query head ``h`` reads KV head ``h // g`` with ``g = num_heads // num_kv_heads``.
+
+    Args:
+        q: ``(num_heads, n, d)`` queries (already rotated).
+        k: ``(num_kv_heads, L, d)`` keys (already rotated).
+        v: ``(num_kv_heads, L, d)`` values.
+        visible: bool ``(num_kv_heads, n, L)``: whether query ``i`` reads slot ``j`` of a KV
+            head. Every query needs at least one visible slot.
+
+    Returns:
+        ``(out, probs)``: float64 ``(num_heads, n, d)`` and ``(num_heads, n, L)``, where masked
+        slots have probability exactly 0 and ``out[h] = probs[h] @ v[h // g]``.
+    """
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     num_heads, n, d = q.shape
     num_kv = k.shape[0]
     if num_heads % num_kv != 0 or v.shape != k.shape or k.shape[2] != d:
-        raise ValueError(f"attend: incompatible shapes q{q.shape} k{k.shape} v{v.shape}")
+        raise ValueError(f"attention: incompatible shapes q{q.shape} k{k.shape} v{v.shape}")
+    if visible.shape != (num_kv, n, k.shape[1]):
+        raise ValueError(f"attention: mask shape {visible.shape} does not fit k{k.shape}")
+    if not visible.any(axis=-1).all():
+        raise ValueError("attention: some query sees no key (every query must see itself)")
     g = num_heads // num_kv
     # Query heads h = kv * g + r share KV head kv, so group them on a leading axis.
     qg = q.reshape(num_kv, g, n, d)
     scores = np.einsum("kgnd,kld->kgnl", qg, k) / np.sqrt(d)
-    visible = np.asarray(k_pos)[:, None, None, :] <= np.asarray(q_pos)[None, None, :, None]
-    if not visible.any(axis=-1).all():
-        raise ValueError("attend: some query sees no key (every query must see itself)")
-    probs = softmax(np.where(visible, scores, -np.inf), axis=-1)
+    probs = softmax(np.where(visible[:, None], scores, -np.inf), axis=-1)
     out = np.einsum("kgnl,kld->kgnd", probs, v)
-    return out.reshape(num_heads, n, d)
+    return out.reshape(num_heads, n, d), probs.reshape(num_heads, n, -1)

@@ -9,70 +9,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError
 from ..loader.model_config import ModelConfig
-from .attention import attend
+from .attention import masked_attention
+from .cache import KV_DTYPES, ContiguousCache
 from .rope import apply_rope, inv_freq
+from .tree import ancestor_mask, check_parents, tree_depths, visible_slots
 
-KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+__all__ = ["KV_DTYPES", "ContiguousCache", "Press", "ReferenceModel", "rms_norm", "silu"]
 
-
-class ContiguousCache:
-    """Per layer: K (post-RoPE), V and the original position of every slot, per KV head.
-
-    Every KV head of a layer holds the same number of slots, so a layer is three arrays:
-    keys and values ``(num_kv_heads, L, head_dim)`` and positions ``(num_kv_heads, L)``.
-    K and V are rounded through ``kv_dtype`` when written, mirroring the engine's storage.
-    """
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int,
-                 kv_dtype: str = "float32") -> None:
-        if kv_dtype not in KV_DTYPES:
-            raise ConfigError(f"kv_dtype={kv_dtype!r}: supported are {sorted(KV_DTYPES)}")
-        self.kv_dtype = kv_dtype
-        empty = np.zeros((num_kv_heads, 0, head_dim))
-        self._k = [empty] * num_layers
-        self._v = [empty] * num_layers
-        self._pos = [np.zeros((num_kv_heads, 0), dtype=np.int64)] * num_layers
-        # Tokens processed so far, evicted or not: the next default position.
-        self.tokens_seen = 0
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._k)
-
-    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keys and values, float64 ``(num_kv_heads, L, head_dim)`` each, and positions, int64
-        ``(num_kv_heads, L)``: the position each slot's token had when it was written."""
-        return self._k[layer], self._v[layer], self._pos[layer]
-
-    def positions(self, layer: int) -> np.ndarray:
-        """int64 ``(num_kv_heads, L)``."""
-        return self._pos[layer]
-
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
-        """Write ``n`` slots at the end of every head of ``layer``.
-
-        k, v: ``(num_kv_heads, n, head_dim)`` (k rotated); positions: integer ``(n,)``.
-        """
-        dt = KV_DTYPES[self.kv_dtype]
-        k = np.asarray(k).astype(dt).astype(np.float64)
-        v = np.asarray(v).astype(dt).astype(np.float64)
-        pos = np.broadcast_to(np.asarray(positions, dtype=np.int64), k.shape[:2])
-        self._k[layer] = np.concatenate([self._k[layer], k], axis=1)
-        self._v[layer] = np.concatenate([self._v[layer], v], axis=1)
-        self._pos[layer] = np.concatenate([self._pos[layer], pos], axis=1)
-
-    def keep(self, layer: int, index: np.ndarray) -> None:
-        """Keep, per head, the slots ``index`` (integer ``(num_kv_heads, L')``), in order."""
-        index = np.asarray(index, dtype=np.int64)
-        self._k[layer] = np.take_along_axis(self._k[layer], index[:, :, None], axis=1)
-        self._v[layer] = np.take_along_axis(self._v[layer], index[:, :, None], axis=1)
-        self._pos[layer] = np.take_along_axis(self._pos[layer], index, axis=1)
+# Per layer: attention probabilities float64 (num_heads, n, C) and the slots' positions,
+# int64 (num_kv_heads, C), -1 on padding.
+Attentions = list[tuple[np.ndarray, np.ndarray]]
 
 
 class Press(Protocol):
@@ -80,6 +32,16 @@ class Press(Protocol):
 
     def before_forward(self, cache: ContiguousCache, n_incoming: int) -> None:
         """Evict slots from ``cache`` to make room for ``n_incoming`` new tokens."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every layer of one forward step shares (``n`` new tokens)."""
+
+    positions: np.ndarray  # int64 (n,)
+    token_index: np.ndarray  # int64 (n,)
+    base: int  # token index of the first new token; older slots predate the step
+    ancestors: np.ndarray | None  # bool (n, n) for a tree step (tree.ancestor_mask), else None
 
 
 @dataclass(frozen=True)
@@ -145,35 +107,78 @@ class ReferenceModel:
         return ContiguousCache(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim,
                                kv_dtype)
 
-    def forward(self, cache: ContiguousCache, token_ids: Sequence[int],
+    @overload
+    def forward(self, cache: ContiguousCache, token_ids: Sequence[int] | np.ndarray,
                 positions: Sequence[int] | None = None, *,
-                press: Press | None = None) -> np.ndarray:
+                parents: Sequence[int] | None = None, press: Press | None = None,
+                output_attentions: Literal[False] = False) -> np.ndarray: ...
+
+    @overload
+    def forward(self, cache: ContiguousCache, token_ids: Sequence[int] | np.ndarray,
+                positions: Sequence[int] | None = None, *,
+                parents: Sequence[int] | None = None, press: Press | None = None,
+                output_attentions: Literal[True]) -> tuple[np.ndarray, Attentions]: ...
+
+    def forward(self, cache: ContiguousCache, token_ids: Sequence[int] | np.ndarray,
+                positions: Sequence[int] | None = None, *,
+                parents: Sequence[int] | None = None, press: Press | None = None,
+                output_attentions: bool = False) -> np.ndarray | tuple[np.ndarray, Attentions]:
         """Process ``n`` new tokens: append their K/V to ``cache``, then attend.
 
+        A linear step (no ``parents``) is causal by position: a query at position ``p`` reads
+        every slot whose position is ``<= p``; afterwards ``cache.num_tokens`` grows by ``n``.
+        A tree step reads every slot cached before the call plus the node's own ancestors and
+        itself, and leaves the nodes pending in the cache (see :meth:`ContiguousCache.commit`).
+
         Args:
-            token_ids: integer ``(n,)``.
-            positions: integer ``(n,)``; by default the ``n`` positions after the tokens the
-                cache has seen so far.
+            token_ids: integer ``(n,)``; token ``i`` gets token index ``num_tokens + i``.
+            positions: integer ``(n,)``; by default ``num_tokens + i`` in a linear step and
+                ``num_tokens + depth(i)`` in a tree step (a root has depth 0).
+            parents: integer ``(n,)``: ``-1`` for a root, else an earlier node's index; makes
+                this a tree step.
             press: if given, compresses the cache before the new tokens are appended.
+            output_attentions: also return, per layer, ``(probs, positions)``: float64
+                ``(num_heads, n, C)`` and int64 ``(num_kv_heads, C)``, where column ``j`` of KV
+                head ``h`` is its ``j``-th slot by token index, padded up to ``C`` (the longest
+                head after the append) with position -1 and probability 0.
 
         Returns:
-            float64 ``(n, vocab_size)`` logits.
+            float64 ``(n, vocab_size)`` logits, or ``(logits, attentions)``.
         """
         ids = self._check_ids(token_ids)
         n = ids.shape[0]
-        if positions is None:
-            pos = np.arange(cache.tokens_seen, cache.tokens_seen + n, dtype=np.int64)
-        else:
+        cache.check_no_pending_tree("forward")
+        tree = None if parents is None else check_parents(parents, n)
+        base = cache.num_tokens
+        if positions is not None:
             pos = np.asarray(positions, dtype=np.int64).reshape(-1)
             if pos.shape[0] != n:
                 raise ConfigError(f"forward: {n} tokens but {pos.shape[0]} positions")
+        else:
+            pos = base + (np.arange(n, dtype=np.int64) if tree is None else tree_depths(tree))
         if press is not None:
             press.before_forward(cache, n)
+        step = _Step(pos, base + np.arange(n, dtype=np.int64), base,
+                     None if tree is None else ancestor_mask(tree))
         x = self.embed[ids]
+        attentions: Attentions = []
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, cache, x, pos)
-        cache.tokens_seen += n
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.lm_head.T
+            x, probs = self._layer(i, layer, cache, x, step)
+            attentions.append(probs)
+        if tree is None:
+            cache.num_tokens += n
+        else:
+            cache.set_pending_tree(tree)
+        logits = rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.lm_head.T
+        return (logits, attentions) if output_attentions else logits
+
+    def commit(self, cache: ContiguousCache, path: Sequence[int]) -> None:
+        """Keep one root-to-node chain of the pending tree: :meth:`ContiguousCache.commit`."""
+        cache.commit(path)
+
+    def truncate(self, cache: ContiguousCache, n: int) -> None:
+        """Forget every token from index ``n`` on: :meth:`ContiguousCache.truncate`."""
+        cache.truncate(n)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float64 ``(n, vocab_size)`` logits of ``token_ids`` from a fresh cache."""
@@ -207,22 +212,25 @@ class ReferenceModel:
         return out
 
     def _layer(self, index: int, w: _Layer, cache: ContiguousCache, x: np.ndarray,
-               pos: np.ndarray) -> np.ndarray:
-        """One decoder layer. x: ``(n, hidden)``, pos: ``(n,)`` -> ``(n, hidden)``."""
+               step: _Step) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """One decoder layer. x: ``(n, hidden)`` -> ``(n, hidden)``, and the attention
+        probabilities ``(num_heads, n, C)`` with the slot positions ``(num_kv_heads, C)``."""
         c = self.cfg
         h = rms_norm(x, w.input_norm, c.rms_norm_eps)
-        q = apply_rope(_heads(h @ w.q.T, c.num_heads), pos, self.inv_freq)
-        k = apply_rope(_heads(h @ w.k.T, c.num_kv_heads), pos, self.inv_freq)
+        q = apply_rope(_heads(h @ w.q.T, c.num_heads), step.positions, self.inv_freq)
+        k = apply_rope(_heads(h @ w.k.T, c.num_kv_heads), step.positions, self.inv_freq)
         v = _heads(h @ w.v.T, c.num_kv_heads)
         # Append first, so the new tokens read their own K/V back as stored (e.g. f16-rounded).
-        cache.append(index, k, v, pos)
-        keys, values, key_pos = cache.layer(index)
-        a = attend(q, keys, values, pos, key_pos)
+        cache.append(index, k, v, step.positions, step.token_index)
+        kv = cache.padded(index)
+        visible = visible_slots(kv.positions, kv.token_index, kv.valid, step.positions,
+                                step.base, step.ancestors)
+        a, probs = masked_attention(q, kv.keys, kv.values, visible)
         h = x + a.transpose(1, 0, 2).reshape(x.shape[0], -1) @ w.o.T
         m = rms_norm(h, w.post_norm, c.rms_norm_eps)
-        return h + (silu(m @ w.gate.T) * (m @ w.up.T)) @ w.down.T
+        return h + (silu(m @ w.gate.T) * (m @ w.up.T)) @ w.down.T, (probs, kv.positions)
 
-    def _check_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+    def _check_ids(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
             raise ConfigError(f"token ids must lie in [0, {self.cfg.vocab_size})")

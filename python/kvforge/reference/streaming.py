@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .model import ContiguousCache
+from .cache import ContiguousCache
 
 
 def streaming_keep(positions: np.ndarray, n_incoming: int, sink: int, window: int) -> np.ndarray:
@@ -43,6 +43,8 @@ def streaming_keep(positions: np.ndarray, n_incoming: int, sink: int, window: in
 class StreamingLLMPress:
     """Applies :func:`streaming_keep` to every (layer, KV head) before each forward call.
 
+    Each head is pressed on its own, so heads that hold different slots stay correct.
+
     Args:
         sink: leading tokens always kept (the "attention sinks"), >= 0.
         window: recent slots kept, counting the incoming tokens, >= 1.
@@ -59,9 +61,9 @@ class StreamingLLMPress:
     def before_forward(self, cache: ContiguousCache, n_incoming: int) -> None:
         """Evict from ``cache`` so that ``n_incoming`` more tokens fit in ``sink + window``."""
         for layer in range(cache.num_layers):
-            pos = cache.positions(layer)
-            index = np.stack([self._head_index(row, n_incoming) for row in pos])
-            cache.keep(layer, index.reshape(pos.shape[0], -1))
+            for h in range(cache.num_kv_heads):
+                pos = cache.head(layer, h).positions
+                cache.keep_head(layer, h, self._head_index(pos, n_incoming))
 
     def _head_index(self, pos: np.ndarray, n_incoming: int) -> np.ndarray:
         """pos: integer ``(L,)`` of one head -> slot indices ``(L',)`` it keeps, by position."""
