@@ -24,11 +24,13 @@ class Refused(Exception):
 
 
 class Block:
-    __slots__ = ("ref", "pos")
+    """A block: refcount and, per slot, ``[position, token index, column value]``."""
+
+    __slots__ = ("ref", "slots")
 
     def __init__(self, block_size: int):
         self.ref = 1
-        self.pos: list[int | None] = [None] * block_size
+        self.slots: list[list[float] | None] = [None] * block_size
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Pool:
         return self.total - self.live
 
     def alloc(self) -> Block:
-        assert self.free > 0, "model allocated past a precheck"
+        if self.free <= 0:
+            raise Full("alloc")
         self.live += 1
         return Block(self.block_size)
 
@@ -57,11 +60,18 @@ class Head:
     blocks: list[Block] = field(default_factory=list)
     len: int = 0
 
-    def positions(self, bs: int) -> list[int]:
-        out: list[int] = []
+    def slots(self, bs: int) -> list[list[float]]:
+        """``[position, token, column]`` of every slot, in slot order."""
+        out: list[list[float]] = []
         for bi, b in enumerate(self.blocks):
-            out += b.pos[:min(self.len - bi * bs, bs)]
+            out += b.slots[:min(self.len - bi * bs, bs)]
         return out
+
+    def positions(self, bs: int) -> list[int]:
+        return [int(s[0]) for s in self.slots(bs)]
+
+    def slot(self, bs: int, i: int) -> list[float]:
+        return self.blocks[i // bs].slots[i % bs]
 
 
 @dataclass
@@ -69,11 +79,15 @@ class Seq:
     heads: list[Head]
     press: tuple[int, int] | None  # (sink, window)
     max_context: int
-    next_pos: int = 0
+    num_tokens: int = 0
     poisoned: bool = False
+    pending: list[int] | None = None  # parents of an uncommitted tree
 
     def held(self) -> int:
         return sum(len(h.blocks) for h in self.heads)
+
+    def step_size(self) -> int:
+        return CHUNK if self.press is None else min(max(self.press[1], 1), CHUNK)
 
 
 def new_seq(n_heads: int, press: tuple[int, int] | None, max_context: int) -> Seq:
@@ -86,28 +100,35 @@ def make_exclusive(pool: Pool, head: Head, bi: int) -> None:
         return
     new = pool.alloc()
     filled = min(head.len - bi * pool.block_size, pool.block_size)
-    new.pos[:filled] = old.pos[:filled]
+    new.slots[:filled] = [list(s) for s in old.slots[:filled]]
     pool.decref(old)
     head.blocks[bi] = new
-
-
-def append(pool: Pool, head: Head, pos: int) -> None:
-    slot = head.len % pool.block_size
-    if slot == 0:
-        head.blocks.append(pool.alloc())
-    else:
-        make_exclusive(pool, head, head.len // pool.block_size)
-    head.blocks[-1].pos[slot] = pos
-    head.len += 1
 
 
 def blocks_needed(pool: Pool, seq: Seq, n: int) -> int:
     bs, need = pool.block_size, 0
     for h in seq.heads:
-        fresh = max(0, -(-(h.len + n) // bs) - len(h.blocks))
-        shared_tail = h.len % bs != 0 and h.blocks[-1].ref > 1
+        have = -(-h.len // bs)
+        fresh = max(0, -(-(h.len + n) // bs) - have)
+        shared_tail = h.len % bs != 0 and h.blocks[have - 1].ref > 1
         need += fresh + (shared_tail and n > 0)
     return need
+
+
+def reserve_and_append(pool: Pool, seq: Seq, positions: list[int]) -> None:
+    """``SeqCache::reserve`` then one append per token in every head (tokens get the next
+    token indices)."""
+    n, bs = len(positions), pool.block_size
+    if blocks_needed(pool, seq, n) > pool.free:
+        raise Full("reserve")
+    for h in seq.heads:
+        if h.len % bs:
+            make_exclusive(pool, h, h.len // bs)
+        for t, pos in enumerate(positions):
+            if h.len % bs == 0:
+                h.blocks.append(pool.alloc())
+            h.blocks[-1].slots[h.len % bs] = [pos, seq.num_tokens + t, 0.0]
+            h.len += 1
 
 
 def remove_slots(pool: Pool, head: Head, remove: list[int]) -> None:
@@ -121,7 +142,7 @@ def remove_slots(pool: Pool, head: Head, remove: list[int]) -> None:
     donors = [s for s in range(new_len, head.len) if s not in gone]
     for hole, donor in zip(holes, donors, strict=False):
         make_exclusive(pool, head, hole // bs)
-        head.blocks[hole // bs].pos[hole % bs] = head.blocks[donor // bs].pos[donor % bs]
+        head.blocks[hole // bs].slots[hole % bs] = list(head.slot(bs, donor))
     keep = -(-new_len // bs)
     for b in head.blocks[keep:]:
         pool.decref(b)
@@ -142,37 +163,135 @@ def streaming_evict(pool: Pool, head: Head, sink: int, window: int, n_in: int) -
     remove_slots(pool, head, sorted(order[:n - keep]))
 
 
-def forward(pool: Pool, seq: Seq, tokens: list[int], vocab: int) -> None:
-    """``Session::forward``: raises Refused or Full exactly where the core does."""
-    if seq.poisoned or not tokens or any(not 0 <= t < vocab for t in tokens):
+def truncate_tokens(pool: Pool, seq: Seq, n: int) -> None:
+    """``SeqCache::truncate_tokens``: may fail part-way (copy-on-write), head by head."""
+    for h in seq.heads:
+        doomed = [i for i, s in enumerate(h.slots(pool.block_size)) if s[1] >= n]
+        if doomed:
+            remove_slots(pool, h, doomed)
+
+
+def rollback(pool: Pool, seq: Seq, n: int) -> None:
+    try:
+        truncate_tokens(pool, seq, n)
+    except Full:
+        seq.poisoned = True
+    seq.num_tokens, seq.pending = n, None
+
+
+def check_step(seq: Seq, tokens: list[int], vocab: int, single: bool) -> None:
+    if seq.poisoned or seq.pending is not None or not tokens:
         raise Refused
-    end = seq.next_pos + len(tokens)
-    if seq.press is None and end > seq.max_context:
+    if any(not 0 <= t < vocab for t in tokens) or (single and len(tokens) > seq.step_size()):
+        raise Refused
+    if seq.press is None and seq.num_tokens + len(tokens) > seq.max_context:
         raise Full("context")
-    step = CHUNK if seq.press is None else min(max(seq.press[1], 1), CHUNK)
+
+
+def forward(pool: Pool, seq: Seq, tokens: list[int], vocab: int) -> None:
+    """``Session::prefill``/``decode``: raises Refused or Full exactly where the core does; a
+    failure rolls the sequence back to the tokens it had."""
+    check_step(seq, tokens, vocab, single=False)
+    start, step = seq.num_tokens, seq.step_size()
     for i in range(0, len(tokens), step):
         chunk = tokens[i:i + step]
         try:
             if seq.press is not None:
                 for h in seq.heads:
                     streaming_evict(pool, h, *seq.press, len(chunk))
-            if blocks_needed(pool, seq, len(chunk)) > pool.free:
-                raise Full("reserve")
+            reserve_and_append(pool, seq, [seq.num_tokens + t for t in range(len(chunk))])
         except Full:
-            seq.poisoned |= i > 0
+            rollback(pool, seq, start)
             raise
+        seq.num_tokens += len(chunk)
+
+
+def depths(parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+def tree_step(pool: Pool, seq: Seq, tokens: list[int], parents: list[int], vocab: int) -> None:
+    """``Session::step`` with ``parents``: the nodes are cached, the tree stays pending."""
+    check_step(seq, tokens, vocab, single=True)
+    start = seq.num_tokens
+    try:
+        if seq.press is not None:
+            for h in seq.heads:
+                streaming_evict(pool, h, *seq.press, len(tokens))
+        reserve_and_append(pool, seq, [start + d for d in depths(parents)])
+    except Full:
+        rollback(pool, seq, start)
+        raise
+    seq.pending = list(parents)
+
+
+def commit(pool: Pool, seq: Seq, path: list[int]) -> None:
+    """``Session::commit``: the path's nodes become the next tokens, the rest are dropped."""
+    if seq.poisoned or seq.pending is None:
+        raise Refused
+    parents, prev = seq.pending, -1
+    for node in path:
+        if not 0 <= node < len(parents) or parents[node] != prev:
+            raise Refused
+        prev = node
+    keep = {node: seq.num_tokens + k for k, node in enumerate(path)}
+    try:
         for h in seq.heads:
-            for t in range(len(chunk)):
-                append(pool, h, seq.next_pos + t)
-        seq.next_pos += len(chunk)
+            base = h.len - len(parents)
+            doomed = []
+            for i in range(len(parents)):
+                if i in keep:
+                    make_exclusive(pool, h, (base + i) // pool.block_size)
+                    h.slot(pool.block_size, base + i)[1] = keep[i]
+                else:
+                    doomed.append(base + i)
+            if doomed:
+                remove_slots(pool, h, doomed)
+    except Full:
+        seq.poisoned = True
+        seq.pending = None
+        raise
+    seq.pending = None
+    seq.num_tokens += len(path)
+
+
+def truncate(pool: Pool, seq: Seq, n: int) -> None:
+    """``Session::truncate``: a copy-on-write failure poisons the sequence."""
+    if seq.poisoned or n > seq.num_tokens:
+        raise Refused
+    seq.pending = None
+    try:
+        truncate_tokens(pool, seq, n)
+    except Full:
+        seq.poisoned = True
+        seq.num_tokens = n
+        raise
+    seq.num_tokens = n
+
+
+def set_column(pool: Pool, seq: Seq, index: int, token: int, value: float) -> None:
+    """``Session::set_column``: copy-on-write of a shared block first."""
+    if seq.poisoned:
+        raise Refused
+    head, bs = seq.heads[index], pool.block_size
+    slots = [i for i, s in enumerate(head.slots(bs)) if s[1] == token]
+    if not slots:
+        raise Refused
+    make_exclusive(pool, head, slots[0] // bs)
+    head.slot(bs, slots[0])[2] = value
 
 
 def fork(seq: Seq) -> Seq:
+    if seq.poisoned or seq.pending is not None:
+        raise Refused
     for h in seq.heads:
         for b in h.blocks:
             b.ref += 1
     return Seq([Head(list(h.blocks), h.len) for h in seq.heads], seq.press, seq.max_context,
-               seq.next_pos, seq.poisoned)
+               seq.num_tokens)
 
 
 def release(pool: Pool, seq: Seq) -> None:
@@ -180,4 +299,4 @@ def release(pool: Pool, seq: Seq) -> None:
         for b in h.blocks:
             pool.decref(b)
         h.blocks, h.len = [], 0
-    seq.next_pos, seq.poisoned = 0, False
+    seq.num_tokens, seq.poisoned, seq.pending = 0, False, None

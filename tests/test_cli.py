@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -160,6 +161,25 @@ def test_chat_streams_replies_with_history(capsys, monkeypatch, tiny, tiny_llm):
     second = tiny_llm.chat(messages, max_new_tokens=6).text
     assert out == first + second
     assert sum("tok/s" in line for line in err.splitlines()) == 2
+
+
+def test_chat_prefills_only_the_new_turn(capsys, monkeypatch, tiny, tiny_llm):
+    """The conversation stays cached: the second turn prefills its own tokens, not the whole
+    history again, and says how many came from the cache."""
+    _feed(monkeypatch, ["Hi", "Tell me more"])
+    assert main(["chat", "--model", str(tiny), "-n", "6"]) == 0
+    _, err = capsys.readouterr()
+    stats = [line for line in err.splitlines() if "tok/s" in line]
+    assert "cached" not in stats[0] and "cached" in stats[1]
+    first = [{"role": "user", "content": "Hi"}]
+    reply = tiny_llm.chat(first, max_new_tokens=6).text
+    history = first + [{"role": "assistant", "content": reply},
+                       {"role": "user", "content": "Tell me more"}]
+    whole = len(tiny_llm.encode(tiny_llm.apply_chat_template(history)))
+    prefilled, cached = (int(x) for x in re.findall(r"prefill (\d+) tok, (\d+) cached",
+                                                    stats[1])[0])
+    assert prefilled + cached == whole and cached > len(tiny_llm.encode(
+        tiny_llm.apply_chat_template(first)))
 
 
 def test_chat_one_line_then_eof(capsys, monkeypatch, tiny, tiny_llm):

@@ -30,10 +30,10 @@ def test_writeable_weights_are_copied_not_borrowed(tiny):
     arrays = {name: np.array(t.data) for name, t in model.tensors.items()}  # writeable copies
     engine = _engine(model, arrays)
     ids = [5, 6, 7, 8]
-    before = engine.session(max_context=64).logits(ids)
+    before = engine.session(max_context=64).step(ids)[0]
     for a in arrays.values():
         a[:] = 0  # would change the model if the core had borrowed these buffers
-    after = engine.session(max_context=64).logits(ids)
+    after = engine.session(max_context=64).step(ids)[0]
     np.testing.assert_array_equal(before, after)
 
 
@@ -47,10 +47,10 @@ def test_read_only_view_over_writeable_memory_is_copied(tiny):
         views[name] = v
     engine = _engine(model, views)
     ids = [9, 10, 11]
-    before = engine.session(max_context=64).logits(ids)
+    before = engine.session(max_context=64).step(ids)[0]
     for a in owners.values():
         a[:] = 0
-    np.testing.assert_array_equal(before, engine.session(max_context=64).logits(ids))
+    np.testing.assert_array_equal(before, engine.session(max_context=64).step(ids)[0])
 
 
 def test_file_mapped_weights_are_used_in_place(tiny):
@@ -60,7 +60,7 @@ def test_file_mapped_weights_are_used_in_place(tiny):
     with LLM(tiny) as llm:  # builds from the mapping; logits stay equal to a copied build
         mapped = llm.logits([1, 2, 3])
     arrays = {name: np.array(x.data) for name, x in load_model(tiny).tensors.items()}
-    copied = _engine(load_model(tiny), arrays).session(max_context=64).logits([1, 2, 3])
+    copied = _engine(load_model(tiny), arrays).session(max_context=64).step([1, 2, 3])[0]
     np.testing.assert_allclose(mapped, copied, rtol=0, atol=1e-6)
 
 

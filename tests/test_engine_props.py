@@ -316,7 +316,7 @@ def test_thread_count_does_not_change_results(models, spec, block_size, kv_dtype
     results = []
     for n_threads in (1, 2):
         with engine(path, block_size=block_size, kv_dtype=kv_dtype, n_threads=n_threads) as llm:
-            assert llm._engine.n_threads == n_threads
+            assert llm.n_threads == n_threads
             logits = llm.logits(ids)
             tokens = llm.generate(ids[:20], max_new_tokens=8, ignore_eos=True).token_ids
         results.append((logits, tokens))

@@ -29,15 +29,8 @@ def pair(request, tmp_path_factory):
 
 def step_logits(llm: kvforge.LLM, ids: list[int]) -> np.ndarray:
     """Logits after each token fed as its own one-token step, `(len(ids), vocab)`."""
-    session = llm._session()
-    try:
-        rows = []
-        for t in ids:
-            session.prefill([t])
-            rows.append(session.last_logits().copy())
-        return np.stack(rows)
-    finally:
-        session.release()
+    with llm.session() as session:
+        return np.stack([session.step([t])[0] for t in ids])
 
 
 def test_one_token_steps_stay_close_to_exact(pair):
@@ -59,18 +52,11 @@ def test_prefill_stays_exact(pair):
 
 def test_fork_keeps_the_mode(pair):
     _, _, fast = pair
-    parent = fast._session()
-    try:
+    with fast.session() as parent:
         parent.prefill(PROMPT)
-        child = parent.fork()
-        try:
-            parent.prefill([9])
-            child.prefill([9])
-            np.testing.assert_array_equal(child.last_logits(), parent.last_logits())
-        finally:
-            child.release()
-    finally:
-        parent.release()
+        with parent.fork() as child:
+            want = parent.step([9])[0]
+            np.testing.assert_array_equal(child.step([9])[0], want)
 
 
 def test_real_model_error_is_measured_and_bounded():

@@ -1,7 +1,7 @@
 """Paged KV-cache invariants seen through the Python API.
 
 After every operation the pool accounts for every block (``free + live + cached == total``)
-and passes ``Engine.check_pool``; finished, abandoned or failed generations give all their
+and passes ``LLM.check_pool``; finished, abandoned or failed generations give all their
 blocks back; ``Session.fork`` shares blocks copy-on-write; an exhausted pool raises
 ``CacheFullError`` and leaves the engine usable.
 """
@@ -48,7 +48,7 @@ def check(llm: kvforge.LLM, live: int | None = None) -> dict:
     assert min(s["free_blocks"], s["live_blocks"], s["cached_blocks"]) >= 0
     for kind in ("total", "free", "live", "cached"):
         assert s[f"{kind}_bytes"] == s[f"{kind}_blocks"] * s["block_bytes"]
-    llm._engine.check_pool()
+    llm.check_pool()
     if live is not None:
         assert s["live_blocks"] == live
     return s
@@ -60,6 +60,16 @@ def blocks_for(n_tokens: int, block_size: int) -> int:
 
 def tokens(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
+
+
+def live_blocks(session: kvforge.Session) -> int:
+    """Blocks ``session`` references (a block shared with a fork counts for both)."""
+    return session.kv_stats()["live_blocks"]
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The greedy token of a ``(vocab,)`` logits row (ties: the lowest id)."""
+    return int(np.argmax(logits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,44 +108,44 @@ def op_raise_in_consumer(llm, prompt, k):
 
 
 def op_fork(llm, prompt, k):
-    parent = llm._session()
+    parent = llm.session()
     try:
-        parent.logits(prompt)
-        held = parent.blocks_held()
+        parent.step(prompt)
+        held = live_blocks(parent)
         check(llm, live=held)
         child = parent.fork()
         try:
             check(llm, live=held)
-            token = child.prefill([1])
+            token = greedy(child.prefill([1]))
             for _ in range(k):
-                token = child.decode(token)
+                token = greedy(child.step([token])[0])
                 check(llm)
         finally:
             child.release()
-        check(llm, live=parent.blocks_held())
+        check(llm, live=live_blocks(parent))
     finally:
         parent.release()
 
 
 def op_dropped_session(llm, prompt, k):
-    session = llm._session()
-    session.logits(prompt)
+    session = llm.session()
+    session.step(prompt)
     for t in range(k):
-        session.decode(t)
-    check(llm, live=session.blocks_held())
+        session.step([t])
+    check(llm, live=live_blocks(session))
     del session
     gc.collect()
 
 
 def op_release_twice(llm, prompt, k):
-    session = llm._session()
+    session = llm.session()
     session.prefill(prompt)
     session.release()
     check(llm, live=0)
     session.release()
     # A released session is empty and can be used again from position 0.
     session.prefill(prompt[:k])
-    assert session.position() == min(k, len(prompt))
+    assert session.num_tokens == min(k, len(prompt))
     session.release()
 
 
@@ -194,10 +204,10 @@ def test_closed_llm_refuses_work(model_path):
 def next_logits(llm, prefix: list[int], continuation: list[int]) -> np.ndarray:
     """Logits of ``continuation`` after ``prefix``, run with the same chunking as the fork test
     (``prefix`` in one call, then one token per call), in a fresh session."""
-    session = llm._session()
+    session = llm.session()
     try:
-        session.logits(prefix)
-        return np.stack([session.logits([t])[0] for t in continuation])
+        session.step(prefix)
+        return np.stack([session.step([t])[0] for t in continuation])
     finally:
         session.release()
 
@@ -215,35 +225,35 @@ def test_fork_is_copy_on_write(llms, block_size, prompt_len, n_child, n_parent, 
     want_parent = next_logits(llm, prompt, parent_next)
     want_child = next_logits(llm, prompt, child_next)
 
-    parent = llm._session()
+    parent = llm.session()
     try:
-        parent.logits(prompt)
-        held = parent.blocks_held()
+        parent.step(prompt)
+        held = live_blocks(parent)
         assert held == blocks_for(prompt_len, block_size)
         check(llm, live=held)
         child = parent.fork()
         try:
             # Forking shares every block: nothing is copied or allocated yet.
-            assert child.blocks_held() == held and child.position() == prompt_len
+            assert live_blocks(child) == held and child.num_tokens == prompt_len
             check(llm, live=held)
             for layer in range(CFG.num_layers):
                 for h in range(CFG.num_kv_heads):
-                    assert child.cached_positions(layer, h) == list(range(prompt_len))
+                    assert child.kept_positions(layer, h).tolist() == list(range(prompt_len))
             runs = [(child, child_next, want_child), (parent, parent_next, want_parent)]
             for session, ids, want in (runs if child_first else runs[::-1]):
-                got = np.stack([session.logits([t])[0] for t in ids])
+                got = np.stack([session.step([t])[0] for t in ids])
                 np.testing.assert_array_equal(got, want)
                 check(llm)
             # Full prompt blocks stay shared; only a partly filled last block was copied.
             shared = HEADS * (prompt_len // block_size)
-            assert parent.blocks_held() == blocks_for(prompt_len + n_parent, block_size)
-            assert child.blocks_held() == blocks_for(prompt_len + n_child, block_size)
-            check(llm, live=parent.blocks_held() + child.blocks_held() - shared)
+            assert live_blocks(parent) == blocks_for(prompt_len + n_parent, block_size)
+            assert live_blocks(child) == blocks_for(prompt_len + n_child, block_size)
+            check(llm, live=live_blocks(parent) + live_blocks(child) - shared)
         finally:
             child.release()
-        check(llm, live=parent.blocks_held())
+        check(llm, live=live_blocks(parent))
         # The parent still continues exactly as an unforked sequence would.
-        np.testing.assert_array_equal(parent.logits([3])[0],
+        np.testing.assert_array_equal(parent.step([3])[0],
                                       next_logits(llm, prompt, [*parent_next, 3])[-1])
     finally:
         parent.release()
@@ -252,22 +262,22 @@ def test_fork_is_copy_on_write(llms, block_size, prompt_len, n_child, n_parent, 
 
 def test_fork_of_fork_and_release_in_any_order(llms):
     llm = llms[3]
-    a = llm._session()
-    a.logits(tokens(1, 10))
+    a = llm.session()
+    a.step(tokens(1, 10))
     b = a.fork()
     c = b.fork()
     check(llm, live=blocks_for(10, 3))
-    b.logits([4, 5])
-    c.logits([6])
+    b.step([4, 5])
+    c.step([6])
     want_a = next_logits(llm, tokens(1, 10), [8])
     a.release()
     b.release()
-    check(llm, live=c.blocks_held())
-    np.testing.assert_array_equal(c.logits([7])[0], next_logits(llm, tokens(1, 10), [6, 7])[-1])
+    check(llm, live=live_blocks(c))
+    np.testing.assert_array_equal(c.step([7])[0], next_logits(llm, tokens(1, 10), [6, 7])[-1])
     c.release()
     check(llm, live=0)
-    a.logits(tokens(1, 10))
-    np.testing.assert_array_equal(a.logits([8]), want_a)
+    a.step(tokens(1, 10))
+    np.testing.assert_array_equal(a.step([8]), want_a)
     a.release()
     check(llm, live=0)
 
@@ -275,15 +285,15 @@ def test_fork_of_fork_and_release_in_any_order(llms):
 def test_fork_keeps_the_press(llms):
     """A fork of a pressed session evicts on the same rule, so its memory stays bounded too."""
     llm = llms[3]
-    parent = llm._session(kvforge.presses.StreamingLLM(sink=2, window=8))
+    parent = llm.session(kvforge.presses.StreamingLLM(sink=2, window=8))
     try:
-        parent.logits(tokens(5, 20))
+        parent.step(tokens(5, 20))
         child = parent.fork()
         try:
             for t in range(30):
-                child.decode(t % 50)
-            assert child.cached_positions(0, 0) == [0, 1, *range(42, 50)]
-            assert child.blocks_held() <= blocks_for(10, 3) + HEADS
+                child.step([t % 50])
+            assert child.kept_positions(0, 0).tolist() == [0, 1, *range(42, 50)]
+            assert live_blocks(child) <= blocks_for(10, 3) + HEADS
         finally:
             child.release()
     finally:
@@ -298,18 +308,19 @@ def test_eviction_in_a_fork_leaves_the_sibling_intact(llms, block_size, evicting
     llm = llms[block_size]
     prompt = tokens(4, 30)
     want = next_logits(llm, prompt, [7, 8])
-    parent = llm._session()
+    parent = llm.session()
     try:
-        parent.logits(prompt)
+        parent.step(prompt)
         child = parent.fork()
         try:
             evictor, other = (child, parent) if evicting == "child" else (parent, child)
-            evictor.set_press("streaming_llm", sink=2, window=8)
-            evictor.logits([9, 10, 11])
-            assert evictor.cached_positions(1, 1) == [0, 1, *range(25, 33)]
+            # Only one of two sessions that share blocks gets the press: set it on the core.
+            evictor._core.set_press("streaming_llm", [("sink", 2), ("window", 8)])
+            evictor.step([9, 10, 11])
+            assert evictor.kept_positions(1, 1).tolist() == [0, 1, *range(25, 33)]
             check(llm)
-            assert other.cached_positions(1, 1) == list(range(30))
-            got = np.stack([other.logits([7])[0], other.logits([8])[0]])
+            assert other.kept_positions(1, 1).tolist() == list(range(30))
+            got = np.stack([other.step([7])[0], other.step([8])[0]])
             np.testing.assert_array_equal(got, want)
             check(llm)
         finally:
@@ -322,17 +333,18 @@ def test_eviction_in_a_fork_leaves_the_sibling_intact(llms, block_size, evicting
 def test_fork_keeps_sampler_state(llms):
     """A fork continues the parent's random stream: both draw the same next tokens."""
     llm = llms[16]
-    parent = llm._session()
+    parent = llm.session()
     try:
-        parent.set_sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                            repetition_penalty=1.0, seed=42)
-        token = parent.prefill(tokens(3, 12))
+        # The Rust sampler is reached through the native core session.
+        parent._core.set_sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                  repetition_penalty=1.0, seed=42)
+        token = parent._core.prefill_sample(tokens(3, 12))
         child = parent.fork()
         try:
             a, b = [token], [token]
             for _ in range(10):
-                a.append(parent.decode(a[-1]))
-                b.append(child.decode(b[-1]))
+                a.append(parent._core.decode(a[-1]))
+                b.append(child._core.decode(b[-1]))
             assert a == b
         finally:
             child.release()
@@ -370,17 +382,17 @@ def test_cache_full_in_one_session_leaves_another_intact(model_path):
     llm = kvforge.LLM(model_path, kv=KVCacheConfig(block_size=4, num_blocks=3 * HEADS))
     with kvforge.LLM(model_path, kv=KVCacheConfig(block_size=4)) as roomy:
         want = next_logits(roomy, tokens(1, 6), [9, 10])
-    a = llm._session()
-    b = llm._session()
+    a = llm.session()
+    b = llm.session()
     try:
-        a.logits(tokens(1, 6))  # two blocks per head
+        a.step(tokens(1, 6))  # two blocks per head
         check(llm, live=2 * HEADS)
         with pytest.raises(CacheFullError):
-            b.logits(tokens(2, 12))  # three blocks per head: more than is free
+            b.step(tokens(2, 12))  # three blocks per head: more than is free
         check(llm)
         b.release()
         check(llm, live=2 * HEADS)
-        got = np.stack([a.logits([9])[0], a.logits([10])[0]])
+        got = np.stack([a.step([9])[0], a.step([10])[0]])
         np.testing.assert_array_equal(got, want)
     finally:
         a.release()
@@ -434,7 +446,7 @@ def test_llm_rejects_non_config_kv(model_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_kv_config_sizes(model_path, block_size, dtype):
     elem = 4 if dtype == "float32" else 2
-    block_bytes = block_size * (2 * CFG.head_dim * elem + 4)
+    block_bytes = block_size * (2 * CFG.head_dim * elem + 8)
     with kvforge.LLM(model_path, max_context=100,
                      kv=KVCacheConfig(block_size=block_size, dtype=dtype)) as llm:
         s = check(llm, live=0)

@@ -262,21 +262,19 @@ def test_sampled_tokens_follow_reference_draws(tiny, seed, temperature, top_k, t
     llm, _ = tiny
     kw = {"temperature": f32(temperature), "top_k": top_k, "top_p": f32(top_p),
           "min_p": f32(min_p), "repetition_penalty": f32(penalty)}
-    session = llm._session()
-    try:
-        session.set_sampling(seed=seed, **kw)
+    with llm.session() as session:
+        core = session._core  # the native session: its sampler is what is under test
+        core.set_sampling(seed=seed, **kw)
         rng = Xoshiro256(seed)
         history = list(PROMPT)
-        token = session.prefill(PROMPT)
+        token = core.prefill_sample(PROMPT)
         for _ in range(12):
-            logits = session.last_logits()
+            logits = core.last_logits()
             assume(not near_a_cut(logits, history, kw))
             assert token == sample_from_probs(filtered_probs(logits, history, **kw),
                                               rng.uniform())
             history.append(token)
-            token = session.decode(token)
-    finally:
-        session.release()
+            token = core.decode(token)
 
 
 def test_temperature_zero_is_greedy(tiny):
@@ -383,7 +381,7 @@ def test_non_finite_model_output_raises_numerical_error(tmp_path):
             with pytest.raises(NumericalError):
                 llm.generate(PROMPT, max_new_tokens=3, temperature=temperature)
             assert llm.kv_stats()["live_blocks"] == 0
-        llm._engine.check_pool()
+        llm.check_pool()
 
 
 def test_unknown_sampling_parameter_is_a_type_error(tiny):

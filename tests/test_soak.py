@@ -135,7 +135,7 @@ def soak(llm: kvforge.LLM, calls: int, seed: int) -> dict[str, int]:
         stats = llm.kv_stats()
         assert stats["live_blocks"] == 0, (mode, prompt, kw)
         assert stats["free_blocks"] == stats["total_blocks"]
-    llm._engine.check_pool()
+    llm.check_pool()
     return counts
 
 

@@ -1,7 +1,7 @@
 """StreamingLLM eviction in the engine against the reference press.
 
-A ``_core.Session`` under ``StreamingLLM(sink, window)`` is driven step by step and the same
-schedule (prompt chunks of ``min(64, window)`` tokens, then one token per decode step) is
+A ``kvforge.Session`` under ``StreamingLLM(sink, window)`` is driven step by step and the same
+schedule (prompt chunks of ``min(PREFILL_CHUNK, window)`` tokens, then one token per step) is
 replayed with the reference ``StreamingLLMPress`` and ``ReferenceModel.forward``: the cached
 positions of every (layer, KV head) and the logits must agree at every step.
 """
@@ -87,11 +87,21 @@ def assert_same_positions(session, cache, cfg) -> None:
     for layer in range(cfg.num_layers):
         want = cache.positions(layer)
         for h in range(cfg.num_kv_heads):
-            assert session.cached_positions(layer, h) == sorted(want[h].tolist()), (layer, h)
+            got = session.kept_positions(layer, h).tolist()
+            assert got == sorted(want[h].tolist()), (layer, h)
 
 
 def prompt_of(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
+
+
+def live_blocks(session: kvforge.Session) -> int:
+    return session.kv_stats()["live_blocks"]
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The greedy token of a ``(vocab,)`` logits row (ties: the lowest id)."""
+    return int(np.argmax(logits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,28 +119,29 @@ def test_session_follows_reference_schedule(models, shape, sink, window, block_s
     tol = LOGIT_TOL[kv_dtype]
     prompt = prompt_of(seed, prompt_len)
     bound = block_bound(cfg, sink, window, block_size)
-    session = llm._session(StreamingLLM(sink, window))
+    session = llm.session(StreamingLLM(sink, window))
     try:
         cache, press = ref.new_cache(kv_dtype), StreamingLLMPress(sink, window)
         step = min(PREFILL_CHUNK, window)
         want = np.concatenate([ref.forward(cache, prompt[s:s + step], press=press)
                                for s in range(0, prompt_len, step)])
-        got = session.logits(prompt)
+        got = session.step(prompt)
         assert rel_err(got, want) <= tol
         assert_same_positions(session, cache, cfg)
-        assert session.blocks_held() <= bound
+        assert live_blocks(session) <= bound
         token = int(np.argmax(want[-1]))
         for _ in range(n_decode):
-            engine_next = session.decode(token)
+            logits = session.step([token])[0]
+            engine_next = greedy(logits)
             row = ref.forward(cache, [token], press=press)[-1]
-            assert rel_err(session.last_logits(), row) <= tol
+            assert rel_err(logits, row) <= tol
             assert_same_positions(session, cache, cfg)
-            assert session.blocks_held() <= bound
+            assert live_blocks(session) <= bound
             token = int(np.argmax(row))
             if top2_gap(row) >= MIN_GAP:
                 assert engine_next == token
-        assert session.position() == prompt_len + n_decode
-        llm._engine.check_pool()
+        assert session.num_tokens == prompt_len + n_decode
+        llm.check_pool()
     finally:
         session.release()
     stats = llm.kv_stats()
@@ -176,14 +187,14 @@ def test_memory_is_bounded_far_past_the_window(models, block_size, sink):
     _, cfg, _ = models.model(SHAPES[0])
     llm = models.llm(SHAPES[0], block_size)
     bound = block_bound(cfg, sink, window, block_size)
-    session = llm._session(StreamingLLM(sink, window))
+    session = llm.session(StreamingLLM(sink, window))
     try:
-        token = session.prefill(prompt_of(1, 10))
+        token = greedy(session.prefill(prompt_of(1, 10)))
         seen = 10
         for _ in range(steps):
-            token = session.decode(token)
+            token = greedy(session.step([token])[0])
             seen += 1
-            held = session.blocks_held()
+            held = live_blocks(session)
             assert held <= bound
             stats = llm.kv_stats()
             assert stats["live_blocks"] == held
@@ -191,16 +202,16 @@ def test_memory_is_bounded_far_past_the_window(models, block_size, sink):
                 stats["total_blocks"]
             for layer in range(cfg.num_layers):
                 for h in range(cfg.num_kv_heads):
-                    kept = session.cached_positions(layer, h)
+                    kept = session.kept_positions(layer, h).tolist()
                     assert len(kept) == min(seen, sink + window)
                     assert kept[:sink] == list(range(sink))
                     assert kept[sink:] == list(range(seen - (len(kept) - sink), seen))
-        assert session.position() == seen
-        llm._engine.check_pool()
+        assert session.num_tokens == seen
+        llm.check_pool()
     finally:
         session.release()
     assert llm.kv_stats()["live_blocks"] == 0
-    llm._engine.check_pool()
+    llm.check_pool()
 
 
 def test_generate_reports_bounded_peak(models):
@@ -256,12 +267,12 @@ def test_press_accepts_prompt_longer_than_max_context(models):
 
 def test_decode_past_max_context_without_press_raises(models):
     llm = models.llm(SHAPES[0], 16, max_context=64)
-    session = llm._session()
+    session = llm.session()
     try:
-        token = session.prefill(prompt_of(5, 63))
-        token = session.decode(token)  # position 63: the last one that fits
+        token = greedy(session.prefill(prompt_of(5, 63)))
+        token = greedy(session.step([token])[0])  # position 63: the last one that fits
         with pytest.raises(kvforge.CacheFullError):
-            session.decode(token)
+            session.step([token])
     finally:
         session.release()
     assert llm.kv_stats()["live_blocks"] == 0
@@ -290,24 +301,38 @@ def test_press_must_be_a_press_object(models):
     assert llm.kv_stats()["live_blocks"] == 0
 
 
+@pytest.mark.parametrize("params", [
+    [("sink", 2), ("window", 0)], [("sink", -1), ("window", 8)], [("sink", 2), ("window", 2.5)],
+    [("sink", 2), ("window", 8), ("size", 3)],
+])
+def test_core_set_press_rejects_bad_parameters(models, params):
+    llm = models.llm()
+    with llm.session() as session:
+        with pytest.raises(ConfigError, match="StreamingLLM"):
+            session._core.set_press("streaming_llm", params)
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
 def test_session_set_press_validation(models):
     llm = models.llm()
-    session = llm._session()
+    session = llm.session()
+    core = session._core  # set_press is the core's: the Python presses go through it
     try:
         with pytest.raises(ConfigError):
-            session.set_press("streaming_llm", sink=2, window=0)
-        with pytest.raises(ConfigError):
-            session.set_press("no_such_press", sink=2, window=8)
-        session.set_press("streaming_llm", sink=1, window=4)
-        session.logits(list(range(2, 20)))
-        assert session.cached_positions(0, 0) == [0, 14, 15, 16, 17]
-        with pytest.raises(ConfigError):
-            session.cached_positions(2, 0)
-        with pytest.raises(ConfigError):
-            session.cached_positions(0, 2)
-        session.set_press(None)  # no press: the cache grows again
-        session.logits([5, 6])
-        assert session.cached_positions(1, 1) == [0, 14, 15, 16, 17, 18, 19]
+            core.set_press("streaming_llm", [("sink", 2), ("window", 0)])
+        with pytest.raises(ConfigError, match="no_such_press"):
+            core.set_press("no_such_press", [("sink", 2), ("window", 8)])
+        core.set_press("streaming_llm", [("sink", 1), ("window", 4)])
+        session.step(list(range(2, 20)))
+        assert session.kept_positions(0, 0).tolist() == [0, 14, 15, 16, 17]
+        for layer, head in ((2, 0), (0, 2)):
+            with pytest.raises(ConfigError):
+                session.kept_positions(layer, head)
+            with pytest.raises(ConfigError):
+                core.kept_positions(layer, head)
+        core.set_press(None)  # no press: the cache grows again
+        session.step([5, 6])
+        assert session.kept_positions(1, 1).tolist() == [0, 14, 15, 16, 17, 18, 19]
     finally:
         session.release()
     assert llm.kv_stats()["live_blocks"] == 0

@@ -84,8 +84,8 @@ class BatchRun:
         llm = self.llm
         try:
             llm._set_sampling(core, p)
-            dec = SequenceDecoder(len(ids), p, llm.tokenizer, llm.eos_token_ids, self.room(len(ids)),
-                                  self.block_bytes)
+            dec = SequenceDecoder(len(ids), p, llm.tokenizer, llm.eos_token_ids,
+                                  self.room(len(ids)), self.block_bytes)
             t0 = time.perf_counter()
             token = core.prefill_sample(ids, None)
             dec.stats.prefill_s = time.perf_counter() - t0
@@ -104,7 +104,7 @@ class BatchRun:
         tokens = _core.decode_batch([r.core for r in running], [r.token for r in running])
         dt = time.perf_counter() - t1
         still = []
-        for live, token in zip(running, tokens):
+        for live, token in zip(running, tokens, strict=True):
             live.dec.stats.decode_s += dt
             live.token = token
             live.dec.feed(token, live.core.blocks_held())

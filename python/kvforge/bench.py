@@ -26,32 +26,23 @@ def _ids(vocab: int, n: int) -> list[int]:
     return np.random.default_rng(0).integers(100, max(vocab - 100, 101), size=n).tolist()
 
 
-def _kv_bytes(llm: Any, session: Any) -> int:
-    return session.blocks_held() * llm.kv_stats()["block_bytes"]
-
-
 def prefill_row(llm: Any, n: int) -> BenchRow:
-    session = llm._session()
-    try:
+    with llm.session() as s:
         t0 = time.perf_counter()
-        session.prefill(_ids(llm.config.vocab_size, n))
+        s._core.prefill_sample(_ids(llm.config.vocab_size, n))
         rate = n / (time.perf_counter() - t0)
-        return BenchRow("prefill", n, rate, _kv_bytes(llm, session))
-    finally:
-        session.release()
+        return BenchRow("prefill", n, rate, s.kv_stats()["live_bytes"])
 
 
 def decode_row(llm: Any, context: int, steps: int) -> BenchRow:
-    session = llm._session()
-    try:
-        token = session.prefill(_ids(llm.config.vocab_size, context))
+    """Greedy decode steps through the core session (no detokenizer in the timing)."""
+    with llm.session() as s:
+        token = s._core.prefill_sample(_ids(llm.config.vocab_size, context))
         t0 = time.perf_counter()
         for _ in range(steps):
-            token = session.decode(token)
+            token = s._core.decode(token)
         rate = steps / (time.perf_counter() - t0)
-        return BenchRow("decode", context, rate, _kv_bytes(llm, session))
-    finally:
-        session.release()
+        return BenchRow("decode", context, rate, s.kv_stats()["live_bytes"])
 
 
 def run(llm: Any, prefill: list[int], contexts: list[int], steps: int = 32) -> list[BenchRow]:

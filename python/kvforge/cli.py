@@ -7,6 +7,7 @@ traceback), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -88,17 +89,58 @@ def _press(args: argparse.Namespace) -> Any:
     return StreamingLLM(*args.streaming_llm) if args.streaming_llm else None
 
 
-def _stream(llm: Any, prompt: Any, args: argparse.Namespace) -> str:
+class _PrefillBar:
+    """A tqdm bar over a long prompt's prefill: off when stderr is not a terminal (tqdm's
+    ``disable=None``), when ``KVFORGE_DISABLE_PROGRESS_BARS`` is set, or for short prompts."""
+
+    MIN_TOKENS = 512
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total < self.MIN_TOKENS or os.environ.get("KVFORGE_DISABLE_PROGRESS_BARS"):
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", desc="prefill", disable=None, leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _stream(llm: Any, prompt: Any, args: argparse.Namespace, session: Any = None) -> str:
+    bar = _PrefillBar()
+    if session is None:
+        chunks = llm.generate(prompt, _params(args), press=_press(args), stream=True,
+                              progress=bar)
+    else:
+        chunks = llm.chat(prompt, _params(args), session=session, stream=True, progress=bar)
+    try:
+        text = _print_chunks(chunks)
+    finally:
+        bar.close()
+    return "".join(text)
+
+
+def _print_chunks(chunks: Any) -> list[str]:
     text = []
-    for chunk in llm.generate(prompt, _params(args), press=_press(args), stream=True):
+    for chunk in chunks:
         print(chunk.text, end="", flush=True)
         text.append(chunk.text)
         if chunk.stats is not None:
             s = chunk.stats
-            print(f"\n[prefill {s.prompt_tokens} tok at {s.prefill_tok_s:.1f} tok/s | decode "
-                  f"{s.generated_tokens} tok at {s.decode_tok_s:.1f} tok/s | "
+            cached = f", {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+            print(f"\n[prefill {s.prompt_tokens} tok{cached} at {s.prefill_tok_s:.1f} tok/s | "
+                  f"decode {s.generated_tokens} tok at {s.decode_tok_s:.1f} tok/s | "
                   f"finish: {chunk.finish_reason}]", file=sys.stderr, flush=True)
-    return "".join(text)
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -111,18 +153,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Each turn prefills only the new tokens: the session keeps the conversation's cache."""
     llm = _llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        reply = _stream(llm, llm.apply_chat_template(messages), args)
-        messages.append({"role": "assistant", "content": reply})
+    with llm.session(press=_press(args)) as session:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            reply = _stream(llm, messages, args, session=session)
+            messages.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -138,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     llm = _llm(args)
     rows = bench.run(llm, args.prefill, args.contexts, args.steps)
-    print(f"model: {llm._loaded.path}  threads: {llm._engine.n_threads}  "
+    print(f"model: {llm._loaded.path}  threads: {llm.n_threads}  "
           f"KV: {llm.kv_config.dtype}")
     print(bench.table(rows))
     if args.plot:

@@ -22,12 +22,16 @@ class KVCacheConfig:
     ``block_size``: token slots per block (1..256). ``dtype``: ``"float32"`` (exact) or
     ``"float16"`` (half the memory). ``num_blocks``: pool size; by default enough for one
     sequence of the full context. ``max_kv_bytes``: alternative to ``num_blocks``, a byte cap.
+    ``block_summaries``: every full block also keeps its keys' elementwise min/max, centroid
+    and radius (``3 * head_dim + 1`` floats), recomputed whenever eviction or copy-on-write
+    rewrites it; sparse attention variants that read them turn this on themselves.
     """
 
     block_size: int = 16
     dtype: str = "float32"
     num_blocks: int | None = None
     max_kv_bytes: int | None = None
+    block_summaries: bool = False
 
     def __post_init__(self) -> None:
         v.integer("KVCacheConfig block_size", self.block_size, lo=1, hi=256)
@@ -37,6 +41,9 @@ class KVCacheConfig:
             v.integer("KVCacheConfig num_blocks", self.num_blocks, lo=1)
         if self.max_kv_bytes is not None:
             v.integer("KVCacheConfig max_kv_bytes", self.max_kv_bytes, lo=1)
+        if not isinstance(self.block_summaries, bool):
+            raise InputTypeError(f"KVCacheConfig block_summaries must be a bool, "
+                                 f"got {self.block_summaries!r}")
         if self.num_blocks is not None and self.max_kv_bytes is not None:
             raise ConfigError("KVCacheConfig: give num_blocks or max_kv_bytes, not both")
 

@@ -73,6 +73,8 @@ class LLM:
             [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
             block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
             n_threads=threads, prefill_chunk=PREFILL_CHUNK)
+        if kv.block_summaries:
+            self._engine.enable_summaries()
         # The core now holds every weight (read-only mappings in place, others copied).
         self._loaded.tensors = {}
         self._closed = False
@@ -322,6 +324,16 @@ class LLM:
         for kind in ("total", "free", "live", "cached"):
             s[f"{kind}_bytes"] = s[f"{kind}_blocks"] * s["block_bytes"]
         return s
+
+    def check_pool(self) -> None:
+        """Verifies the KV pool's books (every block free or owned, never both, and
+        ``free + live + cached == total``); raises :class:`kvforge.InternalError` if not."""
+        self._core_engine().check_pool()
+
+    @property
+    def n_threads(self) -> int:
+        """Compute threads."""
+        return self._core_engine().n_threads
 
     def close(self) -> None:
         """Frees the model and its KV pool; the object is unusable afterwards."""

@@ -139,6 +139,31 @@ class Session:
         kv_head = v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1)
         return self._core.kept_positions(layer, kv_head)
 
+    def slot_column(self, name: str, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray]:
+        """Side column ``name`` of (``layer``, ``kv_head``): the cached tokens' indices (int64
+        ``(L,)``, ascending) and their values (float32 ``(L, width)``). A column holds per-token
+        values that travel with the token through eviction, forks and copy-on-write (zero for
+        a newly cached token), such as a policy's accumulated statistics."""
+        layer, kv_head = self._head(layer, kv_head)
+        tokens, values, width = self._core.column(name, layer, kv_head)
+        order = np.argsort(np.asarray(tokens, dtype=np.int64), kind="stable")
+        vals = np.asarray(values, dtype=np.float32).reshape(len(tokens), width)
+        return np.asarray(tokens, dtype=np.int64)[order], vals[order]
+
+    def set_slot_column(self, name: str, layer: int, kv_head: int, token_index: int,
+                        values: Sequence[float]) -> None:
+        """Sets side column ``name`` (registered with ``len(values)`` floats per token on first
+        use) for the cached token ``token_index`` of (``layer``, ``kv_head``)."""
+        layer, kv_head = self._head(layer, kv_head)
+        token_index = v.integer("token_index", token_index, lo=0, hi=2**32 - 1)
+        vals = [v.real(f"values[{i}]", x) for i, x in enumerate(values)]
+        self._core.set_column(name, layer, kv_head, token_index, vals)
+
+    def _head(self, layer: int, kv_head: int) -> tuple[int, int]:
+        cfg = self._llm.config
+        return (v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1),
+                v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1))
+
     def check(self) -> None:
         """Verifies this sequence's cache (every block live, full blocks sealed, summaries
         current); raises :class:`kvforge.InternalError` if it is inconsistent."""

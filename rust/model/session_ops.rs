@@ -200,27 +200,43 @@ impl Session {
     }
 
     /// Writes `values` into side column `name` (registered with `values.len()` floats per
-    /// slot the first time) at slot `slot` of (`layer`, `kv_head`).
+    /// slot the first time) for the cached token `token` of (`layer`, `kv_head`).
     pub fn set_column(
         &mut self,
         name: &str,
         layer: usize,
         kv_head: usize,
-        slot: usize,
+        token: u32,
         values: &[f32],
     ) -> Result<()> {
         self.check_usable()?;
         let index = self.head_index(layer, kv_head)?;
         let engine = Arc::clone(&self.engine);
+        let mut slot = None;
+        self.cache.for_each_slot(engine.store(), index, |s, _, t| {
+            if t == token {
+                slot = Some(s);
+            }
+        })?;
+        let slot = slot.ok_or_else(|| {
+            Error::Config(format!(
+                "token {token} is not cached in layer {layer}, kv_head {kv_head}"
+            ))
+        })?;
         let col = engine.store().columns().register(name, values.len())?;
         let mut pool = engine.pool()?;
         self.cache
             .set_column(&mut pool, engine.store(), index, slot, col, values)
     }
 
-    /// Side column `name` of (`layer`, `kv_head`): each slot's token index, and its values
-    /// `(len, width)`, in slot order.
-    pub fn column(&self, name: &str, layer: usize, kv_head: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    /// Side column `name` of (`layer`, `kv_head`): each slot's token index, its values
+    /// `(len, width)` in slot order, and the width.
+    pub fn column(
+        &self,
+        name: &str,
+        layer: usize,
+        kv_head: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>, usize)> {
         let index = self.head_index(layer, kv_head)?;
         let store = self.engine.store();
         let col = store
@@ -230,7 +246,8 @@ impl Session {
         let mut tokens = Vec::new();
         self.cache
             .for_each_slot(store, index, |_, _, t| tokens.push(t))?;
-        Ok((tokens, self.cache.column(store, index, col)?))
+        let width = store.columns().column(col)?.width;
+        Ok((tokens, self.cache.column(store, index, col)?, width))
     }
 
     fn head_index(&self, layer: usize, kv_head: usize) -> Result<usize> {

@@ -353,31 +353,33 @@ impl PySession {
         run(py, || self.lock()?.session.check())
     }
 
-    /// Writes `values` into side column `name` at `slot` of (`layer`, `kv_head`).
+    /// Writes `values` into side column `name` for the cached token `token_index` of
+    /// (`layer`, `kv_head`).
     fn set_column(
         &self,
         py: Python<'_>,
         name: String,
         layer: usize,
         kv_head: usize,
-        slot: usize,
+        token_index: u32,
         values: Vec<f32>,
     ) -> PyResult<()> {
         run(py, || {
             self.lock()?
                 .session
-                .set_column(&name, layer, kv_head, slot, &values)
+                .set_column(&name, layer, kv_head, token_index, &values)
         })
     }
 
-    /// Side column `name` of (`layer`, `kv_head`): token indices and `(len, width)` values.
+    /// Side column `name` of (`layer`, `kv_head`): token indices, `(len, width)` values in
+    /// slot order, and the width.
     fn column(
         &self,
         py: Python<'_>,
         name: String,
         layer: usize,
         kv_head: usize,
-    ) -> PyResult<(Vec<u32>, Vec<f32>)> {
+    ) -> PyResult<(Vec<u32>, Vec<f32>, usize)> {
         run(py, || self.lock()?.session.column(&name, layer, kv_head))
     }
 }
