@@ -1,11 +1,16 @@
-//! Weight matmuls: `gemv` for one token (decode), `gemm` for a chunk of tokens (prefill).
+//! Weight matmuls: `gemv` for one token (decode), `gemv_batch` for a few tokens (batched
+//! decode), `gemm` for a chunk of tokens (prefill).
 //!
-//! Both split the weight's rows across the rayon pool that the caller installed. `gemv`
-//! fuses dequantization into each row's dot product; `gemm` dequantizes each row once into a
-//! float32 buffer and reuses it for every token of the chunk.
+//! All split the weight's rows across the rayon pool that the caller installed. `gemv` fuses
+//! dequantization into each row's dot product; `gemv_batch` does the same for a group of
+//! tokens at once, each token's value bit-identical to `gemv`'s; `gemm` dequantizes each row
+//! once into a float32 buffer and reuses it for every token of the chunk (other rounding).
+//!
+//! `project` and `project_many` choose: the int8 kernels for one quantized token, `gemv` for
+//! one token, `gemv_batch` for `2..=EXACT_ROWS` tokens, `gemm` beyond.
 
 use crate::quant::act8::QuantizedX;
-use crate::quant::{block_sums, Weight, BLOCK_ELEMS};
+use crate::quant::{block_sums, TokenRows, Weight, BLOCK_ELEMS};
 use rayon::prelude::*;
 
 /// Rows per rayon task: large enough to amortise scheduling on a 576-wide model.
@@ -54,13 +59,20 @@ pub fn gemv_act8(w: &Weight, x: &QuantizedX, out: &mut [f32]) {
     });
 }
 
+/// Most tokens per call for which [`project`] and [`project_many`] give each token exactly
+/// what [`gemv`] gives it alone, bit for bit, while streaming each weight row once per group
+/// of tokens ([`gemv_batch`]): batched decode and small verification trees must not depend on
+/// which other sequences share the step. Larger chunks (prefill) take the panel [`gemm`].
+pub const EXACT_ROWS: usize = 32;
+
 /// `outs[i] = W_i x` for several weights reading the same input (q/k/v, gate/up), `n` tokens
-/// each. One decode token goes out as a single parallel region whose tasks cover the rows of
-/// every weight, instead of one region per weight: on a 576-wide model a region lasts 10-30
-/// µs, and each costs the pool's fork and join. Several tokens run [`project`] per weight,
-/// all at once (`rayon::join`), so small matrices share the pool with large ones.
+/// each: `x`: `(n, cols)`; `outs[i]`: `(n, rows_i)`. Up to [`EXACT_ROWS`] tokens go out as a
+/// single parallel region whose tasks cover the rows of every weight, instead of one region per
+/// weight: on a 576-wide model a region lasts 10-30 µs, and each costs the pool's fork and
+/// join. Prefill chunks run [`project`] per weight, all at once (`rayon::join`), so small
+/// matrices share the pool with large ones.
 pub fn project_many(ws: &mut [(&Weight, &mut [f32])], x: &[f32], qx: &QuantizedX, n: usize) {
-    if n != 1 {
+    if n > EXACT_ROWS {
         if let Some(((w, out), rest)) = ws.split_first_mut() {
             rayon::join(
                 || project(w, x, qx, n, out),
@@ -69,10 +81,19 @@ pub fn project_many(ws: &mut [(&Weight, &mut [f32])], x: &[f32], qx: &QuantizedX
         }
         return;
     }
-    let mut sums = [0.0f32; MAX_BLOCKS];
-    let xsum = xsum_for(ws.iter().any(|(w, _)| w.needs_xsum()), x, &mut sums);
-    let total: usize = ws.iter().map(|(_, o)| o.len()).sum();
+    let need = ws.iter().any(|(w, _)| w.needs_xsum());
+    let total: usize = ws.iter().map(|(w, _)| w.rows()).sum();
     let per = rows_per_task(total);
+    if n != 1 {
+        let cols = ws.first().map_or(0, |(w, _)| w.cols());
+        let (mut stack, mut heap) = ([0.0f32; BATCH_SUMS], Vec::new());
+        let xsums = batch_sums(need, x, (n, cols), &mut stack, &mut heap);
+        ws.par_iter_mut()
+            .for_each(|(w, out)| batch_tasks(w, x, n, xsums, out, per));
+        return;
+    }
+    let mut sums = [0.0f32; MAX_BLOCKS];
+    let xsum = xsum_for(need, x, &mut sums);
     // Nested parallel iterators form one fork-join tree: every weight's row tasks are
     // stolen from the same region, with no task list to allocate.
     ws.par_iter_mut().for_each(|(w, out)| {
@@ -87,23 +108,88 @@ pub fn project_many(ws: &mut [(&Weight, &mut [f32])], x: &[f32], qx: &QuantizedX
     });
 }
 
-/// `out = W x` for `n` tokens, through the int8 kernels when `x` was quantized for them
-/// (`qx.fits(cols)`, one token, a block-format weight) and the exact float path otherwise.
+/// `out = W x` for `n` tokens (`x`: `(n, cols)`, `out`: `(n, rows)`): through the int8
+/// kernels when `x` was quantized for them (`qx.fits(cols)`, one token, a block-format weight;
+/// `qx` is empty for more tokens), else bit-identical to [`gemv`] per token up to
+/// [`EXACT_ROWS`] tokens, else the panel [`gemm`].
 pub fn project(w: &Weight, x: &[f32], qx: &QuantizedX, n: usize, out: &mut [f32]) {
     if n == 1 && qx.fits(w.cols()) && w.has_act8() {
         gemv_act8(w, qx, out);
+    } else if (2..=EXACT_ROWS).contains(&n) {
+        gemv_batch(w, x, n, out);
     } else {
         gemm(w, x, n, out);
     }
 }
 
+/// Stack room for the block sums of a batch: [`EXACT_ROWS`] tokens of 2048 columns. Wider
+/// batches take one heap buffer per call, small next to their pass over the weights.
+const BATCH_SUMS: usize = 2048;
+
+/// The `(n, cols/32)` block sums of the first `n` tokens of `x` (`(>= n, cols)`) when a
+/// kernel reads them, on the same condition as [`xsum_for`] (so that each token meets
+/// `gemv`'s kernel), else empty.
+fn batch_sums<'a>(
+    need: bool,
+    x: &[f32],
+    (n, cols): (usize, usize),
+    stack: &'a mut [f32; BATCH_SUMS],
+    heap: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let nb = cols / BLOCK_ELEMS;
+    if !need || nb == 0 || nb > MAX_BLOCKS || x.len() < n * cols {
+        return &[];
+    }
+    let buf: &mut [f32] = match stack.get_mut(..n * nb) {
+        Some(s) => s,
+        None => {
+            heap.resize(n * nb, 0.0);
+            heap
+        }
+    };
+    for (xt, s) in x.chunks_exact(cols).zip(buf.chunks_exact_mut(nb)) {
+        block_sums(xt, s);
+    }
+    buf
+}
+
+/// `out[t] = W x[t]` for `n` tokens, each token's values bit-identical to [`gemv`] of that
+/// token alone, with each weight row streamed once per group of tokens
+/// ([`Weight::dot_rows_multi`]). `w`: `(rows, cols)`; `x`: `(n, cols)`; `out`: `(n, rows)`.
+pub fn gemv_batch(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
+    let (mut stack, mut heap) = ([0.0f32; BATCH_SUMS], Vec::new());
+    let xsums = batch_sums(w.needs_xsum(), x, (n, w.cols()), &mut stack, &mut heap);
+    batch_tasks(w, x, n, xsums, out, rows_per_task(w.rows()));
+}
+
+/// The row tasks of [`gemv_batch`] for one weight, `per` rows each, forked into the current
+/// parallel region. `xsums`: `(n, cols/32)` or empty, as [`Weight::dot_rows_multi`] takes.
+fn batch_tasks(w: &Weight, x: &[f32], n: usize, xsums: &[f32], out: &mut [f32], per: usize) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert!(
+        x.len() >= n * cols && out.len() >= n * rows,
+        "gemv_batch shapes"
+    );
+    let x = &x[..n * cols];
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(per)).into_par_iter().for_each(|c| {
+        let r0 = c * per;
+        // SAFETY: `dst` covers `n x rows` (asserted above) and `out` stays borrowed for the
+        // whole region; task `c` writes only columns `r0..r0 + width` of each token row,
+        // which no other task touches.
+        let mut o = unsafe { TokenRows::from_raw_parts(dst.at(r0), n, per.min(rows - r0), rows) };
+        w.dot_rows_multi(r0, x, n, xsums, &mut o);
+    });
+}
+
 /// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.
 const PANEL_ROWS: usize = 64;
 
-/// The output pointer shared by the tasks of [`gemm`], each writing its own columns.
+/// The output pointer shared by the tasks of [`gemm`] and [`gemv_batch`], each writing its
+/// own columns of every token row.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output (one row panel of `W` each).
+// SAFETY: tasks write disjoint column ranges of the output (one row range of `W` each).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above; the pointer itself is only copied.
 unsafe impl Sync for OutPtr {}
@@ -172,62 +258,5 @@ pub fn gemm(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gemm_rows_equal_gemv() {
-        let (rows, cols, n) = (37, 64, 5);
-        let wv: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let w = Weight::from_f32(rows, cols, &wv).unwrap();
-        let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.3).sin()).collect();
-        let mut out = vec![0.0; n * rows];
-        gemm(&w, &x, n, &mut out);
-        for t in 0..n {
-            let mut one = vec![0.0; rows];
-            gemv(&w, &x[t * cols..(t + 1) * cols], &mut one);
-            for (a, b) in out[t * rows..(t + 1) * rows].iter().zip(&one) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
-            }
-        }
-    }
-
-    /// `project_many` gives each weight exactly what `project` gives it alone, for one token
-    /// (one shared region) and several (one join per weight), exact and int8 activations.
-    #[test]
-    #[allow(clippy::unwrap_used)]
-    fn project_many_equals_project_per_weight() {
-        use crate::quant::{synthetic_weight, WeightFormat};
-        let cols = 128;
-        let ws: Vec<Weight> = [("q4_1", 96), ("q8_0", 33), ("f32", 200), ("q4_0", 64)]
-            .iter()
-            .map(|&(f, rows)| synthetic_weight(WeightFormat::parse(f).unwrap(), rows, cols))
-            .collect::<Result<_, _>>()
-            .unwrap();
-        for (n, int8) in [(1, false), (1, true), (3, false)] {
-            let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
-            let mut qx = QuantizedX::default();
-            if int8 {
-                qx.quantize(&x);
-            }
-            let want: Vec<Vec<f32>> = ws
-                .iter()
-                .map(|w| {
-                    let mut o = vec![0.0; n * w.rows()];
-                    project(w, &x, &qx, n, &mut o);
-                    o
-                })
-                .collect();
-            let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows()]).collect();
-            let mut pairs: Vec<(&Weight, &mut [f32])> = ws
-                .iter()
-                .zip(got.iter_mut())
-                .map(|(w, o)| (w, &mut o[..]))
-                .collect();
-            project_many(&mut pairs, &x, &qx, n);
-            assert_eq!(got, want, "n={n} int8={int8}");
-        }
-    }
-}
+#[path = "matmul_tests.rs"]
+mod tests;

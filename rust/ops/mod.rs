@@ -1,7 +1,8 @@
 //! Elementwise and reduction kernels on plain float32 slices, plus the weight matmuls.
 //!
 //! Every kernel takes slices with the shapes documented on it; none allocates, except `gemm`,
-//! which takes one float32 panel buffer per task to dequantize weight rows into.
+//! which takes one float32 panel buffer per task to dequantize weight rows into, and
+//! `gemv_batch`, whose block sums go to the heap only past 2048 per batch (wide rows).
 
 pub mod dot;
 pub mod matmul;

@@ -48,27 +48,67 @@ pub(super) unsafe fn hsum(v: __m256) -> f32 {
     }
 }
 
-/// `sum(q[i] * x[i])` for 32 unsigned nibble values: `lo` holds elements 0..16, `hi` 16..32,
-/// one per byte. `x` points at 32 floats.
+/// The 32 nibble values of a block as floats: `lo` holds elements 0..16, `hi` 16..32, one per
+/// byte. Decoding is split from [`block_dot`] so that the multi-token kernels (`avx2_multi.rs`)
+/// decode a block once and replay exactly the multiply-adds of this file per token.
 #[inline(always)]
-unsafe fn nibbles_dot(lo: __m128i, hi: __m128i, x: *const f32) -> __m256 {
+pub(super) unsafe fn nibbles_f32(lo: __m128i, hi: __m128i) -> [__m256; 4] {
+    // SAFETY: AVX2 enabled by the callers' target features.
+    unsafe {
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+        ]
+    }
+}
+
+/// The 32 int8 values of a Q8_0 block at `q` as floats.
+#[inline(always)]
+pub(super) unsafe fn q8_f32(q: *const u8) -> [__m256; 4] {
+    // SAFETY: `q` has 32 readable bytes; AVX2 enabled by the callers' target features.
+    unsafe {
+        let mut out = [_mm256_setzero_ps(); 4];
+        for (k, o) in out.iter_mut().enumerate() {
+            let v = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+            *o = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        }
+        out
+    }
+}
+
+/// `sum(q[i] * x[i])` over one block of decoded nibbles (see [`nibbles_f32`]), in two
+/// independent chains. `x` points at 32 floats.
+#[inline(always)]
+pub(super) unsafe fn block_dot(q: &[__m256; 4], x: *const f32) -> __m256 {
     // SAFETY: `x` has 32 readable floats (callers iterate exact blocks); AVX2/FMA enabled.
     unsafe {
-        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        let a = _mm256_mul_ps(q0, _mm256_loadu_ps(x));
-        let b = _mm256_mul_ps(q1, _mm256_loadu_ps(x.add(8)));
-        let a = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x.add(16)), a);
-        let b = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x.add(24)), b);
+        let a = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+        let b = _mm256_mul_ps(q[1], _mm256_loadu_ps(x.add(8)));
+        let a = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x.add(16)), a);
+        let b = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x.add(24)), b);
         _mm256_add_ps(a, b)
+    }
+}
+
+/// `sum(q[i] * x[i])` over one Q8_0 block decoded by [`q8_f32`], in one chain from zero.
+/// `x` points at 32 floats.
+#[inline(always)]
+pub(super) unsafe fn q8_block_dot(q: &[__m256; 4], x: *const f32) -> __m256 {
+    // SAFETY: `x` has 32 readable floats; AVX2/FMA enabled by the callers.
+    unsafe {
+        let mut s = _mm256_setzero_ps();
+        for (k, qk) in q.iter().enumerate() {
+            s = _mm256_fmadd_ps(*qk, _mm256_loadu_ps(x.add(8 * k)), s);
+        }
+        s
     }
 }
 
 /// Splits 16 packed bytes into low and high nibbles.
 #[inline(always)]
-unsafe fn split_nibbles(p: *const u8) -> (__m128i, __m128i) {
+pub(super) unsafe fn split_nibbles(p: *const u8) -> (__m128i, __m128i) {
     // SAFETY: `p` has 16 readable bytes.
     unsafe {
         let bytes = _mm_loadu_si128(p as *const __m128i);
@@ -101,7 +141,7 @@ pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
             ])));
             let (lo, hi) = split_nibbles(b.as_ptr().add(4));
             let d = _mm256_broadcastss_ps(dm);
-            acc = _mm256_fmadd_ps(d, nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            acc = _mm256_fmadd_ps(d, block_dot(&nibbles_f32(lo, hi), xs.as_ptr()), acc);
             macc += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * xsum[bi];
         }
     }
@@ -126,7 +166,7 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         unsafe {
             let d = half8(b, 0);
             let (lo, hi) = split_nibbles(b.as_ptr().add(2));
-            acc = _mm256_fmadd_ps(d, nibbles_dot(lo, hi, xs.as_ptr()), acc);
+            acc = _mm256_fmadd_ps(d, block_dot(&nibbles_f32(lo, hi), xs.as_ptr()), acc);
             corr += 8.0 * _mm256_cvtss_f32(d) * xsum[bi];
         }
     }
@@ -148,14 +188,7 @@ pub unsafe fn dot_q8_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
         // SAFETY: as in `dot_q4_1`; the 32 int8 follow the 2-byte scale.
         unsafe {
             let d = half8(b, 0);
-            let q = b.as_ptr().add(2);
-            let xp = xs.as_ptr();
-            let mut s = _mm256_setzero_ps();
-            for k in 0..4 {
-                let v = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
-                let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                s = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xp.add(8 * k)), s);
-            }
+            let s = q8_block_dot(&q8_f32(b.as_ptr().add(2)), xs.as_ptr());
             acc = _mm256_fmadd_ps(d, s, acc);
         }
     }

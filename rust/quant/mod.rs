@@ -8,6 +8,9 @@
 //!
 //! Dispatch: decode goes through `Weight::dot_rows`, which picks one row kernel per call:
 //! `avx512.rs` (block formats), else `avx2.rs`, else the portable `Weight::dot_row`.
+//! Batched decode goes through `Weight::dot_rows_multi` (`multi.rs`): bit-identical per token
+//! to `dot_rows`, with the multi-token kernels of `avx2_multi.rs` where `dot_rows` would run
+//! `avx2.rs`, and `dot_rows`'s own kernel token by token everywhere else.
 //! `Weight::dequant_row` (prefill panels) and `dot_row` use the per-format code in `float.rs`
 //! (f32/f16/bf16) and `blocks.rs` (q8_0/q4_0/q4_1), the scalar twins of the SIMD kernels.
 
@@ -19,11 +22,15 @@ mod act8_avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_multi;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod blocks;
 mod float;
+mod multi;
 
 pub use blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+pub use multi::TokenRows;
 
 use std::sync::Arc;
 
@@ -156,6 +163,14 @@ type RowKernel = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
 /// A decode row kernel over int8 activations: `(row bytes, quantized x) -> row . x`. Unsafe
 /// for the same reason as [`RowKernel`].
 type Act8Kernel = unsafe fn(&[u8], &act8::QuantizedX) -> f32;
+
+/// The SIMD build chosen for a weight's rows (see `Weight::fast_isa`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FastIsa {
+    Avx512,
+    Avx2,
+}
 
 /// Shared ownership of a weight's stored bytes.
 pub type SharedBytes = Arc<dyn StableBytes>;
@@ -317,11 +332,8 @@ impl Weight {
             first + out.len() <= self.rows,
             "dot_rows: rows out of range"
         );
-        let fast = self.fast_kernel();
-        let sums_ok =
-            |&(_, reads): &(RowKernel, bool)| !reads || xsum.len() * BLOCK_ELEMS == self.cols;
-        match fast.filter(sums_ok) {
-            Some((k, _)) => {
+        match self.row_kernel(xsum.len()) {
+            Some(k) => {
                 for (i, o) in out.iter_mut().enumerate() {
                     // SAFETY: `fast_kernel` only returns kernels this CPU runs; `row` and `x`
                     // hold `cols` elements and `xsum` `cols/32` where the kernel reads it.
@@ -389,32 +401,52 @@ impl Weight {
         self.row(r)
     }
 
-    /// The fastest row kernel for this format on this CPU (AVX-512, then AVX2), if any, and
-    /// whether it reads the block sums of `x`.
-    fn fast_kernel(&self) -> Option<(RowKernel, bool)> {
+    /// The SIMD build that runs this weight's rows on this CPU: AVX-512 for the block
+    /// formats, else AVX2 for everything but bf16 when `cols` is a multiple of 8.
+    fn fast_isa(&self) -> Option<FastIsa> {
         #[cfg(target_arch = "x86_64")]
         {
             use WeightFormat as F;
-            if avx512::available() {
-                match self.fmt {
-                    F::Q4_1 => return Some((avx512::dot_q4_1, false)),
-                    F::Q4_0 => return Some((avx512::dot_q4_0, false)),
-                    F::Q8_0 => return Some((avx512::dot_q8_0, false)),
-                    _ => {}
-                }
+            let block = matches!(self.fmt, F::Q4_1 | F::Q4_0 | F::Q8_0);
+            if block && avx512::available() {
+                return Some(FastIsa::Avx512);
             }
-            if self.cols.is_multiple_of(8) && avx2::available() {
-                return match self.fmt {
-                    F::Q4_1 => Some((avx2::dot_q4_1, true)),
-                    F::Q4_0 => Some((avx2::dot_q4_0, true)),
-                    F::Q8_0 => Some((avx2::dot_q8_0, false)),
-                    F::F16 => Some((avx2::dot_f16, false)),
-                    F::F32 => Some((avx2::dot_f32, false)),
-                    F::Bf16 => None,
-                };
+            if self.fmt != F::Bf16 && self.cols.is_multiple_of(8) && avx2::available() {
+                return Some(FastIsa::Avx2);
             }
         }
         None
+    }
+
+    /// The fastest row kernel for this format on this CPU (see [`Weight::fast_isa`]), if any,
+    /// and whether it reads the block sums of `x`.
+    fn fast_kernel(&self) -> Option<(RowKernel, bool)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use FastIsa::{Avx2, Avx512};
+            use WeightFormat as F;
+            return match (self.fast_isa()?, self.fmt) {
+                (Avx512, F::Q4_1) => Some((avx512::dot_q4_1, false)),
+                (Avx512, F::Q4_0) => Some((avx512::dot_q4_0, false)),
+                (Avx512, F::Q8_0) => Some((avx512::dot_q8_0, false)),
+                (Avx2, F::Q4_1) => Some((avx2::dot_q4_1, true)),
+                (Avx2, F::Q4_0) => Some((avx2::dot_q4_0, true)),
+                (Avx2, F::Q8_0) => Some((avx2::dot_q8_0, false)),
+                (Avx2, F::F16) => Some((avx2::dot_f16, false)),
+                (Avx2, F::F32) => Some((avx2::dot_f32, false)),
+                _ => None,
+            };
+        }
+        #[allow(unreachable_code)]
+        None
+    }
+
+    /// The kernel [`Weight::dot_rows`] runs when `x`'s block sums are `xsum_len` long: the
+    /// fast one, unless it reads block sums that are missing.
+    fn row_kernel(&self, xsum_len: usize) -> Option<RowKernel> {
+        let sums_ok =
+            |&(_, reads): &(RowKernel, bool)| !reads || xsum_len * BLOCK_ELEMS == self.cols;
+        self.fast_kernel().filter(sums_ok).map(|(k, _)| k)
     }
 
     /// Scalar twin of [`Weight::dot_row`]: dequantize the row, then a plain sequential sum.
@@ -425,46 +457,49 @@ impl Weight {
     }
 }
 
+/// Deterministic bytes for a `(rows, cols)` matrix in `fmt`: varied values, finite scales.
+#[cfg(test)]
+pub(crate) fn test_matrix(fmt: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+    use half::{bf16, f16};
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let val = |u: u32| (u % 2000) as f32 / 1000.0 - 1.0;
+    let mut out = Vec::new();
+    for _ in 0..rows {
+        match fmt {
+            WeightFormat::F32 => (0..cols).for_each(|_| out.extend(val(next()).to_le_bytes())),
+            WeightFormat::F16 => {
+                (0..cols).for_each(|_| out.extend(f16::from_f32(val(next())).to_le_bytes()))
+            }
+            WeightFormat::Bf16 => {
+                (0..cols).for_each(|_| out.extend(bf16::from_f32(val(next())).to_le_bytes()))
+            }
+            _ => {
+                let block = fmt.row_bytes(BLOCK_ELEMS).expect("block format");
+                let scales = if fmt == WeightFormat::Q4_1 { 2 } else { 1 };
+                for _ in 0..cols / BLOCK_ELEMS {
+                    for _ in 0..scales {
+                        out.extend(f16::from_f32(val(next()) * 0.1).to_le_bytes());
+                    }
+                    (0..block - 2 * scales).for_each(|_| out.push(next() as u8));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use half::{bf16, f16};
 
-    /// Deterministic bytes for a `(rows, cols)` matrix in `fmt`, with finite scales.
-    fn matrix(fmt: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
-        let mut state = 12345u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
-        let val = |u: u32| (u % 2000) as f32 / 1000.0 - 1.0;
-        let mut out = Vec::new();
-        for _ in 0..rows {
-            match fmt {
-                WeightFormat::F32 => (0..cols).for_each(|_| out.extend(val(next()).to_le_bytes())),
-                WeightFormat::F16 => {
-                    (0..cols).for_each(|_| out.extend(f16::from_f32(val(next())).to_le_bytes()))
-                }
-                WeightFormat::Bf16 => {
-                    (0..cols).for_each(|_| out.extend(bf16::from_f32(val(next())).to_le_bytes()))
-                }
-                _ => {
-                    let block = fmt.row_bytes(BLOCK_ELEMS).unwrap();
-                    let scales = if fmt == WeightFormat::Q4_1 { 2 } else { 1 };
-                    for _ in 0..cols / BLOCK_ELEMS {
-                        for _ in 0..scales {
-                            out.extend(f16::from_f32(val(next()) * 0.1).to_le_bytes());
-                        }
-                        (0..block - 2 * scales).for_each(|_| out.push(next() as u8));
-                    }
-                }
-            }
-        }
-        out
-    }
+    use test_matrix as matrix;
 
     #[test]
     fn every_format_dot_matches_its_scalar_twin() {
