@@ -8,13 +8,18 @@ of an environment with `torch transformers gguf numpy` (transformers dequantizes
 float32, the reference "torch fp32" engine).
 
     python benches/compare_llamacpp.py [--threads 2] [--rounds 3] [--quick]
-        [--torch-python /path/to/venv/bin/python] [--int8]
+        [--torch-python /path/to/venv/bin/python] [--int8] [--baseline DIR]
+
+``--baseline DIR`` adds "kvforge base": the kvforge package found in DIR (put first on
+``PYTHONPATH``), e.g. an older commit's ``python/`` folder with its extension built, so that a
+change is measured against the code before it in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,9 +42,14 @@ def run_kvforge(kind: str, n: int, threads: int, flash: bool, gguf: str,
     llm = kvforge.LLM(gguf, n_threads=threads, kv=kvforge.KVCacheConfig(dtype="float16"),
                       activations=activations)
     ids = prompt_ids(n)
-    session = llm.session()._core  # the sampling fast path, as generate() runs it
+    if hasattr(llm, "session"):
+        session = llm.session()._core  # the sampling fast path, as generate() runs it
+        prefill = session.prefill_sample
+    else:  # a baseline from before the public Session
+        session = llm._session()
+        prefill = session.prefill
     t0 = time.perf_counter()
-    tok = session.prefill_sample(ids)
+    tok = prefill(ids)
     t1 = time.perf_counter()
     if kind == "prefill":
         return n / (t1 - t0)
@@ -97,7 +107,7 @@ def run_kvforge_int8(kind: str, n: int, threads: int, flash: bool, gguf: str) ->
 
 
 WORKERS = {"kvforge": run_kvforge, "kvforge-int8": run_kvforge_int8, "llama.cpp": run_llamacpp,
-           "torch": run_torch}
+           "torch": run_torch, "kvforge-base": run_kvforge}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -110,7 +120,10 @@ def measure(engine: str, kind: str, n: int, args: argparse.Namespace, flash: boo
     python = args.torch_python if engine == "torch" else sys.executable
     cmd = [python, __file__, "--worker", engine, "--kind", kind, "--n", str(n),
            "--threads", str(args.threads), "--gguf", args.gguf] + (["--flash"] if flash else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if engine == "kvforge-base":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.baseline, env.get("PYTHONPATH")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,6 +140,8 @@ def main() -> None:
     p.add_argument("--int8", action="store_true",
                    help="add kvforge with opt-in int8 activations (its ratio: to llama.cpp)")
     p.add_argument("--torch-python", help="interpreter with torch + transformers (adds torch)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="a folder holding another kvforge build (adds \"kvforge base\")")
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -138,8 +153,9 @@ def main() -> None:
 
 
 def ratio(med: dict[str, float], peer: str) -> float:
-    """kvforge / peer; for the int8 row, kvforge-int8 / llama.cpp (the engine it resembles)."""
-    if peer == "kvforge-int8":
+    """kvforge / peer; for the int8 row, kvforge-int8 / llama.cpp (the engine it resembles);
+    for the baseline, its own ratio to llama.cpp (compare with kvforge's)."""
+    if peer in ("kvforge-int8", "kvforge-base"):
         return med[peer] / med["llama.cpp"]
     return med["kvforge"] / med[peer]
 
@@ -148,7 +164,8 @@ def table(args: argparse.Namespace) -> None:
     rows = [("prefill", 512), ("decode", 128)]
     if not args.quick:
         rows += [("prefill", 2048), ("decode", 2048), ("decode", 7000)]
-    peers = (["kvforge-int8"] if args.int8 else []) + ["llama.cpp", "llama.cpp FA"] + (
+    peers = (["kvforge-int8"] if args.int8 else []) + (
+        ["kvforge-base"] if args.baseline else []) + ["llama.cpp", "llama.cpp FA"] + (
         ["torch"] if args.torch_python else [])
     print(f"threads={args.threads} rounds={args.rounds} (median tokens/s, peak RSS MiB; "
           "kvforge KV float16)")

@@ -46,3 +46,15 @@ def test_plot_writes_a_png(tiny_gguf, tmp_path):
     rows = [bench.BenchRow("decode", c, 100.0 - c, 0) for c in (8, 64)]
     path = bench.plot(rows, tmp_path / "decode.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_batch_and_tree_rows(tiny_gguf, capsys):
+    code = cli.main(["bench", "--model", str(tiny_gguf), "--prefill", "--contexts", "8", "20",
+                     "--steps", "3", "--batch", "1", "3", "--tree", "1", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    for metric in ("batch x1", "batch x3", "tree 1", "tree 4"):
+        assert sum(line.startswith(metric) for line in out.splitlines()) == 2, metric
+    ratios = [float(line.split()[-1]) for line in out.splitlines()
+              if line.startswith(("batch x3", "tree 4"))]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)

@@ -1,7 +1,10 @@
 """``kvforge bench``: end-to-end prefill and decode speed of a model on this machine.
 
 Prefill is timed over a prompt of N tokens; decode is timed over ``decode_steps`` tokens after
-a prompt of C tokens (the context). Prompts are fixed pseudo-random ids, so runs compare.
+a prompt of C tokens (the context). Batched decode runs S sequences of context C together and
+reports the aggregate rate; tree verification times one step over a speculation tree of N
+nodes against a one-token step at the same context. Prompts are fixed pseudo-random ids, so
+runs compare.
 """
 
 from __future__ import annotations
@@ -45,6 +48,51 @@ def decode_row(llm: Any, context: int, steps: int) -> BenchRow:
         return BenchRow("decode", context, rate, s.kv_stats()["live_bytes"])
 
 
+def batch_row(llm: Any, seqs: int, context: int, steps: int) -> BenchRow:
+    """Aggregate greedy decode tokens/s of ``seqs`` sequences of ``context`` tokens decoded
+    together (one batched forward per step), as ``LLM.generate`` runs a list of prompts."""
+    from . import _core
+
+    sessions = [llm.session() for _ in range(seqs)]
+    try:
+        ids = np.random.default_rng(1).integers(100, max(llm.config.vocab_size - 100, 101),
+                                                size=(seqs, context)).tolist()
+        toks = [s._core.prefill_sample(i) for s, i in zip(sessions, ids, strict=True)]
+        cores = [s._core for s in sessions]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            toks = _core.decode_batch(cores, toks)
+        rate = seqs * steps / (time.perf_counter() - t0)
+        kv = sum(s.kv_stats()["live_bytes"] for s in sessions)
+        return BenchRow(f"batch x{seqs}", context, rate, kv)
+    finally:
+        for s in sessions:
+            s.release()
+
+
+def tree_parents(n: int) -> list[int]:
+    """A binary speculation tree of ``n`` nodes (node ``i``'s parent is ``(i - 1) // 2``)."""
+    return [-1] + [(i - 1) // 2 for i in range(1, n)]
+
+
+def tree_row(llm: Any, nodes: int, context: int, repeat: int = 8) -> BenchRow:
+    """Verification steps per second of a ``nodes``-token tree at ``context`` (median of
+    ``repeat`` steps, each rolled back), through the public ``Session.step``. ``tok_s`` is the
+    rate of such steps; compare with ``nodes=1``."""
+    with llm.session() as s:
+        s.prefill(_ids(llm.config.vocab_size, context))
+        ids = _ids(llm.config.vocab_size, nodes)
+        parents = tree_parents(nodes) if nodes > 1 else None
+        times = []
+        for _ in range(repeat + 1):
+            t0 = time.perf_counter()
+            s.step(ids, parents=parents)
+            times.append(time.perf_counter() - t0)
+            s.truncate(context)
+        return BenchRow(f"tree {nodes}", context, 1 / float(np.median(times[1:])),
+                        s.kv_stats()["live_bytes"])
+
+
 def run(llm: Any, prefill: list[int], contexts: list[int], steps: int = 32) -> list[BenchRow]:
     """Measures every row that fits the model's context."""
     limit = llm.max_context
@@ -54,9 +102,17 @@ def run(llm: Any, prefill: list[int], contexts: list[int], steps: int = 32) -> l
 
 
 def table(rows: list[BenchRow]) -> str:
-    lines = [f"{'metric':<10}{'tokens':>8}{'tok/s':>10}{'KV MiB':>9}"]
-    lines += [f"{r.metric:<10}{r.tokens:>8}{r.tok_s:>10.1f}{r.kv_bytes / 2**20:>9.1f}"
-              for r in rows]
+    """Rows as text; batch rows add their ratio to one sequence at the same context, tree rows
+    their cost in one-token steps."""
+    base = {(r.metric, r.tokens): r.tok_s for r in rows}
+    lines = [f"{'metric':<12}{'tokens':>8}{'tok/s':>10}{'KV MiB':>9}{'ratio':>8}"]
+    for r in rows:
+        one = base.get(("batch x1", r.tokens)) if r.metric.startswith("batch") else base.get(
+            ("tree 1", r.tokens)) if r.metric.startswith("tree") else None
+        ratio = "" if one is None else (f"{r.tok_s / one:>8.2f}" if r.metric.startswith("batch")
+                                        else f"{one / r.tok_s:>8.2f}")
+        lines.append(f"{r.metric:<12}{r.tokens:>8}{r.tok_s:>10.1f}{r.kv_bytes / 2**20:>9.1f}"
+                     f"{ratio}")
     return "\n".join(lines)
 
 

@@ -61,17 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context lengths to time decode at (default 128 2048 7000)")
     b.add_argument("--steps", type=int, default=32, help="decode steps per context")
     b.add_argument("--plot", metavar="PNG", help="save decode tok/s vs context (matplotlib)")
+    b.add_argument("--batch", type=int, nargs="*", default=[], metavar="SEQS",
+                   help="also time batched decode of SEQS sequences at each context")
+    b.add_argument("--tree", type=int, nargs="*", default=[], metavar="NODES",
+                   help="also time verifying a speculation tree of NODES tokens at each context")
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
     return parser
 
 
-def _llm(args: argparse.Namespace) -> Any:
+def _llm(args: argparse.Namespace, num_blocks: int | None = None) -> Any:
     from . import LLM, KVCacheConfig
 
-    return LLM(args.model, n_threads=args.threads, activations=args.activations,
-               kv=KVCacheConfig(block_size=args.block_size, dtype=args.kv_dtype))
+    kv = KVCacheConfig(block_size=args.block_size, dtype=args.kv_dtype, num_blocks=num_blocks)
+    return LLM(args.model, n_threads=args.threads, activations=args.activations, kv=kv)
 
 
 def _params(args: argparse.Namespace) -> Any:
@@ -181,7 +185,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     llm = _llm(args)
+    if args.batch:
+        # Room for the largest batch at the longest context (pages are committed on use).
+        cfg, longest = llm.config, max(args.contexts, default=0) + args.steps
+        per_seq = cfg.num_layers * cfg.num_kv_heads * (-(-longest // args.block_size) + 1)
+        llm = _llm(args, num_blocks=max(per_seq * max(args.batch), llm.kv_stats()["total_blocks"]))
     rows = bench.run(llm, args.prefill, args.contexts, args.steps)
+    fits = [c for c in args.contexts if c + args.steps < llm.max_context]
+    rows += [bench.batch_row(llm, n, c, args.steps) for c in fits for n in args.batch]
+    rows += [bench.tree_row(llm, n, c) for c in fits for n in args.tree]
     print(f"model: {llm._loaded.path}  threads: {llm.n_threads}  "
           f"KV: {llm.kv_config.dtype}")
     print(bench.table(rows))

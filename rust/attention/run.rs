@@ -65,10 +65,17 @@ pub fn run_tasks(
     }
     s.sel.resize_with(tasks.len(), Vec::new);
     s.probs.resize_with(tasks.len(), Vec::new);
-    tasks
-        .par_iter()
-        .zip(s.sel.par_iter_mut())
-        .try_for_each(|(t, sel)| t.variant.select(&t.view, &t.query, sel))?;
+    let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| t.variant.select(&t.view, &t.query, sel);
+    // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
+    // more than Dense's selection itself, 30 times per token.
+    if tasks.len() < 4 * threads {
+        tasks.iter().zip(s.sel.iter_mut()).try_for_each(pick)?;
+    } else {
+        tasks
+            .par_iter()
+            .zip(s.sel.par_iter_mut())
+            .try_for_each(pick)?;
+    }
     let splits = split_count(tasks, threads);
     if splits == 1 {
         return run_whole(tasks, gh, out, s);
@@ -89,8 +96,9 @@ pub fn run_tasks(
             t.variant.partial(&t.view, range, &t.query, acc, st, None)
         })?;
     let (accs, states) = (&s.part_acc, &s.part_state);
+    // Merging is a few multiply-adds per piece: serial, as a parallel region would cost more.
     out[..tasks.len() * gh]
-        .par_chunks_mut(gh)
+        .chunks_mut(gh)
         .enumerate()
         .for_each(|(i, o)| {
             let ids = i * splits..(i + 1) * splits;
