@@ -131,12 +131,26 @@ def reserve_and_append(pool: Pool, seq: Seq, positions: list[int]) -> None:
             h.len += 1
 
 
+def holes_to_copy(pool: Pool, head: Head, remove: list[int]) -> int:
+    """Copy-on-write blocks that removing ``remove`` takes (shared blocks holding a hole)."""
+    new_len, bs = head.len - len(remove), pool.block_size
+    return sum(head.blocks[bi].ref > 1 for bi in {s // bs for s in remove if s < new_len})
+
+
+def remove_all(pool: Pool, seq: Seq, plans: list[list[int]]) -> None:
+    """``SeqCache::remove_slots_all``: every head's removal, or (Full) none."""
+    if sum(holes_to_copy(pool, h, p) for h, p in zip(seq.heads, plans, strict=True)) > pool.free:
+        raise Full("copy-on-write while removing slots")
+    for h, plan in zip(seq.heads, plans, strict=True):
+        if plan:
+            remove_slots(pool, h, plan)
+
+
 def remove_slots(pool: Pool, head: Head, remove: list[int]) -> None:
     bs = pool.block_size
     new_len = head.len - len(remove)
     holes = [s for s in remove if s < new_len]
-    hole_blocks = sorted({s // bs for s in holes})
-    if sum(head.blocks[bi].ref > 1 for bi in hole_blocks) > pool.free:
+    if holes_to_copy(pool, head, remove) > pool.free:
         raise Full("copy-on-write during eviction")
     gone = set(remove)
     donors = [s for s in range(new_len, head.len) if s not in gone]
@@ -150,25 +164,30 @@ def remove_slots(pool: Pool, head: Head, remove: list[int]) -> None:
     head.len = new_len
 
 
-def streaming_evict(pool: Pool, head: Head, sink: int, window: int, n_in: int) -> None:
+def streaming_plan(pool: Pool, head: Head, sink: int, window: int, n_in: int) -> list[int]:
     n = head.len
     if n + n_in <= sink + window:
-        return
+        return []
     keep = min(sink, n) + min(max(window - n_in, 0), n)
     if keep >= n:
-        return
+        return []
     pos = head.positions(pool.block_size)
     sinks = set(sorted(pos)[:min(sink, n)])
     order = sorted(range(n), key=lambda s: (pos[s] + (1e12 if pos[s] in sinks else 0), pos[s]))
-    remove_slots(pool, head, sorted(order[:n - keep]))
+    return sorted(order[:n - keep])
+
+
+def streaming_evict(pool: Pool, seq: Seq, n_in: int) -> None:
+    """``evict_all`` under StreamingLLM: every head, or (Full) none."""
+    assert seq.press is not None
+    remove_all(pool, seq, [streaming_plan(pool, h, *seq.press, n_in) for h in seq.heads])
 
 
 def truncate_tokens(pool: Pool, seq: Seq, n: int) -> None:
-    """``SeqCache::truncate_tokens``: may fail part-way (copy-on-write), head by head."""
-    for h in seq.heads:
-        doomed = [i for i, s in enumerate(h.slots(pool.block_size)) if s[1] >= n]
-        if doomed:
-            remove_slots(pool, h, doomed)
+    """``SeqCache::truncate_tokens``: every head, or (Full) none."""
+    bs = pool.block_size
+    remove_all(pool, seq, [[i for i, s in enumerate(h.slots(bs)) if s[1] >= n]
+                           for h in seq.heads])
 
 
 def rollback(pool: Pool, seq: Seq, n: int) -> None:
@@ -197,8 +216,7 @@ def forward(pool: Pool, seq: Seq, tokens: list[int], vocab: int) -> None:
         chunk = tokens[i:i + step]
         try:
             if seq.press is not None:
-                for h in seq.heads:
-                    streaming_evict(pool, h, *seq.press, len(chunk))
+                streaming_evict(pool, seq, len(chunk))
             reserve_and_append(pool, seq, [seq.num_tokens + t for t in range(len(chunk))])
         except Full:
             rollback(pool, seq, start)
@@ -219,8 +237,7 @@ def tree_step(pool: Pool, seq: Seq, tokens: list[int], parents: list[int], vocab
     start = seq.num_tokens
     try:
         if seq.press is not None:
-            for h in seq.heads:
-                streaming_evict(pool, h, *seq.press, len(tokens))
+            streaming_evict(pool, seq, len(tokens))
         reserve_and_append(pool, seq, [start + d for d in depths(parents)])
     except Full:
         rollback(pool, seq, start)
@@ -238,38 +255,31 @@ def commit(pool: Pool, seq: Seq, path: list[int]) -> None:
             raise Refused
         prev = node
     keep = {node: seq.num_tokens + k for k, node in enumerate(path)}
-    try:
-        for h in seq.heads:
-            base = h.len - len(parents)
-            doomed = []
-            for i in range(len(parents)):
-                if i in keep:
-                    make_exclusive(pool, h, (base + i) // pool.block_size)
-                    h.slot(pool.block_size, base + i)[1] = keep[i]
-                else:
-                    doomed.append(base + i)
-            if doomed:
-                remove_slots(pool, h, doomed)
-    except Full:
-        seq.poisoned = True
-        seq.pending = None
-        raise
+    bs, n = pool.block_size, len(parents)
+    plans, need = [], 0
+    for h in seq.heads:
+        base = h.len - n
+        plans.append([base + i for i in range(n) if i not in keep])
+        need += sum(h.blocks[bi].ref > 1 for bi in range(base // bs, -(-(base + n) // bs)))
+        need += holes_to_copy(pool, h, plans[-1])
+    if need > pool.free:
+        raise Full("commit")  # refused before any change: the tree stays pending
+    for h in seq.heads:
+        base = h.len - n
+        for i, tok in keep.items():
+            make_exclusive(pool, h, (base + i) // bs)
+            h.slot(bs, base + i)[1] = tok
+    remove_all(pool, seq, plans)
     seq.pending = None
     seq.num_tokens += len(path)
 
 
 def truncate(pool: Pool, seq: Seq, n: int) -> None:
-    """``Session::truncate``: a copy-on-write failure poisons the sequence."""
+    """``Session::truncate``: all or nothing; a copy-on-write refusal changes nothing."""
     if seq.poisoned or n > seq.num_tokens:
         raise Refused
-    seq.pending = None
-    try:
-        truncate_tokens(pool, seq, n)
-    except Full:
-        seq.poisoned = True
-        seq.num_tokens = n
-        raise
-    seq.num_tokens = n
+    truncate_tokens(pool, seq, n)
+    seq.num_tokens, seq.pending = n, None
 
 
 def set_column(pool: Pool, seq: Seq, index: int, token: int, value: float) -> None:

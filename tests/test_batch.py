@@ -69,11 +69,15 @@ def test_sequences_leave_as_they_finish(llm):
     assert llm.kv_stats()["live_blocks"] == 0
 
 
-def test_batch_logits_equal_single_decode_bit_for_bit(llm):
-    """One batched step gives every session exactly the logits its own step would."""
+@pytest.mark.parametrize("long", [False, True])
+def test_batch_logits_equal_single_decode_bit_for_bit(llm, long):
+    """One batched step gives every session exactly the logits its own step would, also at
+    contexts long enough for attention to be split across threads."""
     from kvforge import _core
 
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    if long:
+        prompts = [(p * 80)[:150 + 17 * i] for i, p in enumerate(prompts)]
     solo = []
     for q in prompts:
         with llm.session() as s:
@@ -105,3 +109,21 @@ def test_batch_arguments_are_checked(llm):
     with pytest.raises(ConfigError):
         llm.generate([[1], []])
     assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_a_batch_admits_only_what_the_free_blocks_hold(tmp_path):
+    """Blocks held by another session are not free: the batch runs the prompts one after
+    another instead of failing where generating them one by one succeeds."""
+    heads = CFG.num_layers * CFG.num_kv_heads
+    path = write_hf_folder(tmp_path / "m", CFG, random_weights(CFG, 5))
+    worst = heads * (-(-30 // 4) + 1)  # a 10-token prompt with 20 new tokens, blocks of 4
+    with LLM(path, kv=KVCacheConfig(block_size=4, num_blocks=heads * 64 + 1)) as llm:
+        prompts = [[1 + i] * 10 for i in range(3)]
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+        alone = [llm.generate(q, params).token_ids for q in prompts]
+        with llm.session() as hog:
+            hog.prefill([5] * (4 * (64 - 2 * worst // heads + 1)))
+            assert worst <= llm.kv_stats()["free_blocks"] < 2 * worst
+            got = [o.token_ids for o in llm.generate(prompts, params, max_batch=3)]
+        assert got == alone
+        assert llm.kv_stats()["live_blocks"] == 0

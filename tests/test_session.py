@@ -447,3 +447,78 @@ def test_chat_in_a_session_prefills_only_the_new_turn(model):
                 llm.chat(history, session=s, press=StreamingLLM())
         with pytest.raises(InputTypeError, match="session"):
             llm.chat(first, session="s")
+
+
+def test_every_registered_variant_and_press_has_a_python_class():
+    """The Rust registries and the Python classes name the same plug-ins."""
+    from kvforge import _core, attention, presses
+
+    variants, registered_presses = _core.registries()
+    assert sorted(variants) == sorted(cls._kind for cls in attention.ATTENTIONS)
+    assert sorted(registered_presses) == sorted(cls._kind for cls in presses.PRESSES)
+
+
+@pytest.mark.parametrize("variant", [cls() for cls in __import__("kvforge").attention.ATTENTIONS],
+                         ids=lambda v: type(v).__name__)
+def test_every_attention_variant_runs_trees_and_leaks_nothing(model, llms, variant):
+    """Shared checks for every attention variant: a tree step, commit and truncate through
+    it leave a consistent cache and an empty pool (the exact variants also equal dense)."""
+    llm = llms[3]
+    prefix = tokens(21, 30)
+    with llm.session(attention=variant) as s, llm.session() as dense:
+        s.prefill(prefix)
+        dense.prefill(prefix)
+        got = s.step([1, 2, 3], parents=[-1, 0, 0])
+        want = dense.step([1, 2, 3], parents=[-1, 0, 0])
+        if type(variant).__name__ == "Dense":
+            np.testing.assert_array_equal(got, want)
+        s.commit([0, 2])
+        s.check()
+        s.truncate(10)
+        s.check()
+    assert_empty_pool(llm)
+
+
+def test_a_progress_callback_cannot_deadlock_its_own_session(model):
+    """Using the session from its own progress callback is refused with a typed error (the
+    prefill is rolled back), instead of waiting forever for its own lock."""
+    path, _ = model
+    with LLM(path, max_context=1024) as llm, llm.session() as s:
+        s.prefill([1, 2, 3])
+        with pytest.raises(ConfigError, match="progress callback"):
+            s.prefill(tokens(5, 600), progress=lambda done, total: s.num_tokens)
+        assert s.num_tokens == 3
+        s.check()
+
+
+@pytest.mark.a6(17)
+def test_truncate_refused_for_lack_of_blocks_changes_nothing(model):
+    """Truncation under copy-on-write is all or nothing: refused, the session keeps every
+    token and stays usable."""
+    path, _ = model
+    heads = HEADS
+    with LLM(path, kv=KVCacheConfig(block_size=4, num_blocks=heads * 40)) as llm:
+        with llm.session(StreamingLLM(sink=4, window=60)) as a:
+            a.prefill(tokens(1, 200))
+            for t in range(6):
+                a.step([t])  # new tokens land in holes of early blocks
+            with a.fork() as b, llm.session() as hog:
+                free = llm.kv_stats()["free_blocks"]
+                hog.prefill([7] * ((free // heads) * 4 - 4))
+                before = [a.kept_positions(layer, h).tolist() for layer in range(CFG.num_layers)
+                          for h in range(CFG.num_kv_heads)]
+                try:
+                    a.truncate(a.num_tokens - 4)
+                    refused = False
+                except CacheFullError:
+                    refused = True
+                if refused:
+                    after = [a.kept_positions(layer, h).tolist()
+                             for layer in range(CFG.num_layers) for h in range(CFG.num_kv_heads)]
+                    assert after == before and a.num_tokens == 206
+                a.check()
+                b.check()
+                hog.release()
+                a.truncate(200)
+                assert a.num_tokens == 200
+        assert_empty_pool(llm)

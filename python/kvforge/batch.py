@@ -6,7 +6,8 @@ for all rows, attention per sequence over its own paged cache), and each sequenc
 its own seeded generator. Sequences leave as soon as they finish and waiting prompts join
 between steps. A prompt joins only when the worst-case KV blocks of every running sequence
 and its own fit the pool, so a batch never runs out of blocks where the same prompts
-generated one by one would not. The tokens equal generating each prompt alone.
+generated one by one would not (blocks held by other sessions count as taken). The tokens
+equal generating each prompt alone.
 """
 
 from __future__ import annotations
@@ -37,15 +38,11 @@ class BatchRun:
                  attention: Any, max_batch: int) -> None:
         self.llm, self.prompts, self.params = llm, prompts, params
         self.press, self.attention, self.max_batch = press, attention, max_batch
-        stats = llm.kv_stats()
-        self.total_blocks = stats["total_blocks"]
-        self.block_bytes = stats["block_bytes"]
+        self.block_bytes = llm.kv_stats()["block_bytes"]
         self.outputs: list[GenerationOutput | None] = [None] * len(prompts)
 
     def room(self, n: int) -> int:
-        p = self.params
-        return p.max_new_tokens if self.press is not None else min(
-            p.max_new_tokens, self.llm.max_context - n)
+        return self.llm._room(n, self.params, self.press)
 
     def worst_blocks(self, n: int) -> int:
         """Blocks one sequence of an ``n``-token prompt may hold at its longest."""
@@ -71,10 +68,13 @@ class BatchRun:
         return [o for o in self.outputs if o is not None]
 
     def _fits(self, index: int, running: list[_Live]) -> bool:
+        """Whether prompt ``index`` can join: its worst case must fit the free blocks minus
+        what the running sequences may still take (other sessions' blocks are not free)."""
         if not running:
             return True
-        held = sum(r.blocks for r in running)
-        return held + self.worst_blocks(len(self.prompts[index])) <= self.total_blocks
+        promised = sum(max(r.blocks - r.core.blocks_held(), 0) for r in running)
+        free = self.llm.kv_stats()["free_blocks"]
+        return self.worst_blocks(len(self.prompts[index])) <= free - promised
 
     def _start(self, index: int) -> _Live | None:
         """Prefills prompt ``index``; returns it running, or ``None`` when its first token

@@ -7,6 +7,7 @@ back to the pool, so memory really shrinks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from . import _validate as v
 
@@ -21,6 +22,8 @@ class StreamingLLM:
     this press runs in chunks of at most ``window`` tokens.
     """
 
+    _kind: ClassVar[str] = "streaming_llm"
+
     sink: int = 4
     window: int = 1020
 
@@ -33,7 +36,7 @@ class StreamingLLM:
         v.kv_budget("StreamingLLM sink + window", self.sink + self.window, context=context)
 
     def _apply(self, session) -> None:
-        session.set_press("streaming_llm", [("sink", self.sink), ("window", self.window)])
+        session.set_press(self._kind, [("sink", self.sink), ("window", self.window)])
 
     def cache_tokens(self) -> int:
         """Most tokens one head cache holds under this press."""

@@ -45,8 +45,18 @@ class Session:
     def __init__(self, llm: Any, core: Any, press: Any = None, attention: Any = None) -> None:
         self._llm = llm
         self._core = core
-        self.press = press
-        self.attention = attention
+        self._press = press
+        self._attention = attention
+
+    @property
+    def press(self) -> Any:
+        """The press this session was opened with (``None``: no eviction)."""
+        return self._press
+
+    @property
+    def attention(self) -> Any:
+        """The attention variant it was opened with (``None``: exact ``Dense``)."""
+        return self._attention
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> Session:
@@ -61,7 +71,7 @@ class Session:
 
     def fork(self) -> Session:
         """A copy-on-write child: it shares every block with this session until either writes."""
-        return Session(self._llm, self._core.fork(), self.press, self.attention)
+        return Session(self._llm, self._core.fork(), self._press, self._attention)
 
     # -- steps ----------------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int] | np.ndarray, *,
@@ -145,7 +155,7 @@ class Session:
         values that travel with the token through eviction, forks and copy-on-write (zero for
         a newly cached token), such as a policy's accumulated statistics."""
         layer, kv_head = self._head(layer, kv_head)
-        tokens, values, width = self._core.column(name, layer, kv_head)
+        tokens, values, width = self._core.column(_column_name(name), layer, kv_head)
         order = np.argsort(np.asarray(tokens, dtype=np.int64), kind="stable")
         vals = np.asarray(values, dtype=np.float32).reshape(len(tokens), width)
         return np.asarray(tokens, dtype=np.int64)[order], vals[order]
@@ -156,8 +166,12 @@ class Session:
         use) for the cached token ``token_index`` of (``layer``, ``kv_head``)."""
         layer, kv_head = self._head(layer, kv_head)
         token_index = v.integer("token_index", token_index, lo=0, hi=2**32 - 1)
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
+            raise InputTypeError(f"values must be a list of floats, got {type(values).__name__}")
         vals = [v.real(f"values[{i}]", x) for i, x in enumerate(values)]
-        self._core.set_column(name, layer, kv_head, token_index, vals)
+        if not vals:
+            raise ConfigError("values is empty: a column holds at least one float per token")
+        self._core.set_column(_column_name(name), layer, kv_head, token_index, vals)
 
     def _head(self, layer: int, kv_head: int) -> tuple[int, int]:
         cfg = self._llm.config
@@ -187,6 +201,12 @@ class Session:
         if len(out) != n:
             raise ConfigError(f"{name} has {len(out)} entries for {n} tokens")
         return out
+
+
+def _column_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise InputTypeError(f"column name must be a non-empty str, got {name!r}")
+    return name
 
 
 __all__ = ["LayerAttention", "Session"]

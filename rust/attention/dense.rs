@@ -280,6 +280,13 @@ unsafe fn chunk_scores<T: Elem + Stored>(
         let out = &mut scores[j * bs..];
         // SAFETY: forwarded contract.
         unsafe { kernels::scores(isa, q.q, kb, sh, q.scale, out) };
+        // A partial block before the chunk's last one (a variant may list the tail block
+        // anywhere) leaves columns `n..bs` from an earlier chunk: they must not count.
+        if n < bs && j + 1 < ids.len() {
+            for gi in 0..g {
+                out[gi * os + n..gi * os + bs].fill(f32::NEG_INFINITY);
+            }
+        }
         let (positions, _) = job.view.meta(bi)?;
         if mask.all_visible(bi * bs, positions, q.pos) {
             any = true;

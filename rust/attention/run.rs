@@ -31,33 +31,45 @@ pub struct Task<'a> {
 #[derive(Debug, Default)]
 pub struct RunScratch {
     sel: Vec<Vec<usize>>,
+    /// Per task, its first piece in the partial buffers and its piece count.
+    pieces: Vec<(usize, usize)>,
+    /// Per piece, its task and index within the task.
+    owner: Vec<(usize, usize)>,
     part_acc: Vec<f32>,
     part_state: Vec<Online>,
     /// Per task, `(g, view.len())` probabilities when the task asked for them.
     pub probs: Vec<Vec<f32>>,
 }
 
-/// Pieces per task: enough to keep every thread busy when there are fewer tasks than
-/// threads, each piece at least `MIN_SPLIT_BLOCKS` long; one when probabilities are recorded.
-fn split_count(tasks: &[Task<'_>], threads: usize) -> usize {
-    if tasks.is_empty() || tasks.iter().any(|t| t.probs) {
-        return 1;
+/// The most pieces a task is split into on `threads` threads with `num_kv_heads` heads per
+/// layer: eight pieces per thread over one decode token's heads. The pieces are equal in
+/// work, so with few of them one thread ends a piece behind (3 heads x 3 pieces on 2
+/// threads: 5 + 4); with 6 per head it is 9 + 9.
+pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
+    (8 * threads)
+        .div_ceil(num_kv_heads.max(1))
+        .clamp(1, MAX_SPLITS)
+}
+
+/// Pieces of one task: from its own length only (at least `MIN_SPLIT_BLOCKS` blocks each, at
+/// most `max`), never from what else runs in the step, so a row's result is the same alone,
+/// in a batch or in a tree; one when its probabilities are recorded.
+fn pieces_of(task: &Task<'_>, max: usize) -> usize {
+    if task.probs {
+        1
+    } else {
+        (task.view.num_blocks() / MIN_SPLIT_BLOCKS).clamp(1, max)
     }
-    let longest = tasks.iter().map(|t| t.view.num_blocks()).max().unwrap_or(0);
-    // Eight pieces per thread in all: the pieces are equal in work, so with few of them one
-    // thread ends a piece behind (3 heads x 3 pieces on 2 threads: 5 + 4); with 6 per head it
-    // is 9 + 9, and a piece of 4+ blocks still amortises its merge.
-    let want = (8 * threads).div_ceil(tasks.len());
-    want.min(longest / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS)
 }
 
 /// Runs `tasks` on the current thread pool: task `i`'s normalised output `(g, head_dim)` goes
-/// to `out[i * gh..(i + 1) * gh]`, with `gh = g * head_dim`.
+/// to `out[i * gh..(i + 1) * gh]`, with `gh = g * head_dim`. A long task is split into up to
+/// `max` pieces ([`max_pieces`]) attended in parallel and merged by log-sum-exp.
 pub fn run_tasks(
     tasks: &[Task<'_>],
     gh: usize,
     out: &mut [f32],
-    threads: usize,
+    max: usize,
     s: &mut RunScratch,
 ) -> Result<()> {
     if out.len() < tasks.len() * gh {
@@ -68,7 +80,7 @@ pub fn run_tasks(
     let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| t.variant.select(&t.view, &t.query, sel);
     // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
     // more than Dense's selection itself, 30 times per token.
-    if tasks.len() < 4 * threads {
+    if tasks.len() < 8 {
         tasks.iter().zip(s.sel.iter_mut()).try_for_each(pick)?;
     } else {
         tasks
@@ -76,49 +88,75 @@ pub fn run_tasks(
             .zip(s.sel.par_iter_mut())
             .try_for_each(pick)?;
     }
-    let splits = split_count(tasks, threads);
-    if splits == 1 {
-        return run_whole(tasks, gh, out, s);
+    plan_pieces(tasks, max, s);
+    if !s.owner.is_empty() {
+        run_split(tasks, gh, s)?;
+        merge_split(tasks, gh, out, s);
     }
-    let parts = tasks.len() * splits;
-    s.part_acc.resize(parts * gh, 0.0);
-    s.part_state.resize(parts, Online::default());
-    let sel = &s.sel;
-    s.part_acc[..parts * gh]
-        .par_chunks_mut(gh)
-        .zip(s.part_state[..parts].par_iter_mut())
-        .enumerate()
-        .try_for_each(|(idx, (acc, st))| {
-            let (i, piece) = (idx / splits, idx % splits);
-            let (t, list) = (&tasks[i], &sel[i]);
-            let nb = list.len();
-            let range = &list[nb * piece / splits..nb * (piece + 1) / splits];
-            t.variant.partial(&t.view, range, &t.query, acc, st, None)
-        })?;
-    let (accs, states) = (&s.part_acc, &s.part_state);
-    // Merging is a few multiply-adds per piece: serial, as a parallel region would cost more.
-    out[..tasks.len() * gh]
-        .chunks_mut(gh)
-        .enumerate()
-        .for_each(|(i, o)| {
-            let ids = i * splits..(i + 1) * splits;
-            let acc_of = |k: usize| &accs[k * gh..(k + 1) * gh];
-            let mut total = Online::default();
-            let parts = ids.clone().map(acc_of).zip(states[ids].iter());
-            merge(parts, tasks[i].view.head_dim(), o, &mut total);
-        });
+    // Each call of a parallel region costs 5-10 us: skip it when every task was split.
+    if s.pieces.iter().any(|&(_, n)| n == 1) {
+        run_whole(tasks, gh, out, s)?;
+    }
     Ok(())
 }
 
-/// One piece per task: attend, normalise, and turn recorded scores into probabilities.
+/// Numbers the pieces of every split task (`s.pieces`, `s.owner`).
+fn plan_pieces(tasks: &[Task<'_>], max: usize, s: &mut RunScratch) {
+    s.pieces.clear();
+    s.owner.clear();
+    for (i, t) in tasks.iter().enumerate() {
+        let n = pieces_of(t, max);
+        s.pieces.push((s.owner.len(), n));
+        if n > 1 {
+            s.owner.extend((0..n).map(|p| (i, p)));
+        }
+    }
+}
+
+/// Attends every piece of the split tasks into the partial buffers.
+fn run_split(tasks: &[Task<'_>], gh: usize, s: &mut RunScratch) -> Result<()> {
+    let parts = s.owner.len();
+    s.part_acc.resize(parts * gh, 0.0);
+    s.part_state.resize(parts, Online::default());
+    let (sel, owner, pieces) = (&s.sel, &s.owner, &s.pieces);
+    s.part_acc[..parts * gh]
+        .par_chunks_mut(gh)
+        .zip(s.part_state[..parts].par_iter_mut())
+        .zip(owner.par_iter())
+        .try_for_each(|((acc, st), &(i, piece))| {
+            let (t, list, n) = (&tasks[i], &sel[i], pieces[i].1);
+            let nb = list.len();
+            let range = &list[nb * piece / n..nb * (piece + 1) / n];
+            t.variant.partial(&t.view, range, &t.query, acc, st, None)
+        })
+}
+
+/// Merges each split task's pieces into its output. A few multiply-adds per piece: serial,
+/// as a parallel region would cost more.
+fn merge_split(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &RunScratch) {
+    for (i, (o, &(first, n))) in out.chunks_mut(gh).zip(&s.pieces).enumerate() {
+        if n > 1 {
+            let acc_of = |k: usize| &s.part_acc[k * gh..(k + 1) * gh];
+            let parts = (first..first + n)
+                .map(acc_of)
+                .zip(s.part_state[first..first + n].iter());
+            merge(parts, tasks[i].view.head_dim(), o, &mut Online::default());
+        }
+    }
+}
+
+/// The tasks not split: attend, normalise, and turn recorded scores into probabilities.
 fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch) -> Result<()> {
-    let sel = &s.sel;
+    let (sel, pieces) = (&s.sel, &s.pieces);
     out[..tasks.len() * gh]
         .par_chunks_mut(gh)
         .zip(s.probs.par_iter_mut())
         .enumerate()
         .try_for_each(|(i, (o, probs))| {
             let t = &tasks[i];
+            if pieces[i].1 > 1 {
+                return Ok(());
+            }
             let mut state = Online::default();
             let sink = if t.probs {
                 let g = gh / t.view.head_dim().max(1);

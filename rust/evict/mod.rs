@@ -1,8 +1,9 @@
 //! KV eviction policies ("presses").
 //!
 //! A policy writes a score per cached slot and says how many slots to keep; the shared
-//! [`evict_head`] keeps the top-scoring slots and compacts the head cache, returning emptied
-//! blocks to the pool. A new policy is one small file implementing [`EvictionPolicy`].
+//! [`evict_all`] keeps each head's top-scoring slots and compacts the head caches (all heads or
+//! none), returning emptied blocks to the pool. A new policy is one small file implementing
+//! [`EvictionPolicy`] and one entry in [`registry`].
 //!
 //! Policies run before each forward step with the number of tokens about to be appended, so a
 //! cache under a press never exceeds its budget during the step.
@@ -36,40 +37,55 @@ pub trait EvictionPolicy: Send + Sync {
     }
 }
 
-/// Reusable buffers for [`evict_head`], so that decode steps do not allocate.
+/// Reusable buffers for [`evict_all`], so that decode steps do not allocate.
 #[derive(Debug, Default)]
 pub struct EvictScratch {
     positions: Vec<u32>,
     scores: Vec<f64>,
     order: Vec<usize>,
     policy: Vec<u32>,
+    /// Per head, the slots to drop.
+    plans: Vec<Vec<usize>>,
 }
 
-/// Applies `policy` to every head of `cache` before `n_incoming` tokens are appended.
+/// Applies `policy` to every head of `cache` before `n_incoming` tokens are appended, all or
+/// nothing: every head's slots are chosen first, then removed together.
 pub fn evict_all(
     policy: &dyn EvictionPolicy,
     cache: &mut SeqCache,
     pool: &mut BlockPool,
     store: &KvStore,
     n_incoming: usize,
-    scratch: &mut EvictScratch,
+    s: &mut EvictScratch,
 ) -> Result<()> {
-    for index in 0..cache.heads().len() {
-        evict_head(policy, cache, pool, store, index, n_incoming, scratch)?;
+    let heads = cache.heads().len();
+    let mut plans = std::mem::take(&mut s.plans);
+    plans.resize_with(heads, Vec::new);
+    let mut any = false;
+    for (index, plan) in plans.iter_mut().enumerate() {
+        plan_head(policy, cache, store, index, n_incoming, s, plan)?;
+        any |= !plan.is_empty();
     }
-    Ok(())
+    let done = if any {
+        cache.remove_slots_all(pool, store, &plans)
+    } else {
+        Ok(())
+    };
+    s.plans = plans;
+    done
 }
 
-/// Keeps the `keep_count` best-scoring slots of head `index` and frees the rest.
-pub fn evict_head(
+/// The slots of head `index` outside its `keep_count` best scores, sorted, into `out`.
+fn plan_head(
     policy: &dyn EvictionPolicy,
-    cache: &mut SeqCache,
-    pool: &mut BlockPool,
+    cache: &SeqCache,
     store: &KvStore,
     index: usize,
     n_incoming: usize,
     s: &mut EvictScratch,
+    out: &mut Vec<usize>,
 ) -> Result<()> {
+    out.clear();
     let len = cache.heads().get(index).map_or(0, |h| h.len);
     let Some(keep) = policy.keep_count(len, n_incoming) else {
         return Ok(());
@@ -100,8 +116,9 @@ pub fn evict_head(
     }
     let dropped = s
         .order
-        .get_mut(..n_drop)
+        .get(..n_drop)
         .ok_or_else(|| Error::Internal(format!("dropping {n_drop} of {len} slots")))?;
-    dropped.sort_unstable();
-    cache.remove_slots(pool, store, index, dropped)
+    out.extend_from_slice(dropped);
+    out.sort_unstable();
+    Ok(())
 }

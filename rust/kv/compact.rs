@@ -1,6 +1,7 @@
 //! Removing slots from a sequence: eviction compaction, truncation by token index and the
-//! commit of one path of a speculation tree. All run with the pool lock held; each leaves the
-//! cache either changed as asked or, on a `CacheFull` refusal, untouched.
+//! commit of one path of a speculation tree. All run with the pool lock held. Each counts the
+//! copy-on-write blocks it needs over every head before it moves anything, so it either
+//! changes the cache as asked or, on a `CacheFull` refusal, leaves it untouched.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::error::{Error, Result};
@@ -28,7 +29,7 @@ impl SeqCache {
         let new_len = head.len.checked_sub(remove.len()).ok_or_else(|| {
             Error::Internal(format!("removing {} of {} slots", remove.len(), head.len))
         })?;
-        check_free_for_holes(pool, head, remove, new_len)?;
+        check_free(pool, holes_to_copy(pool, head, remove)?)?;
         let holes = remove.iter().copied().take_while(|&s| s < new_len);
         let mut gone = remove
             .iter()
@@ -61,22 +62,40 @@ impl SeqCache {
         self.reseal(store, index)
     }
 
+    /// Removes `plans[i]` (sorted ascending, unique slots) from head `i`, for every head, all
+    /// or nothing.
+    pub fn remove_slots_all(
+        &mut self,
+        pool: &mut BlockPool,
+        store: &KvStore,
+        plans: &[Vec<usize>],
+    ) -> Result<()> {
+        self.settle(pool)?;
+        let mut need = 0;
+        for (head, remove) in self.heads.iter().zip(plans) {
+            need += holes_to_copy(pool, head, remove)?;
+        }
+        check_free(pool, need)?;
+        for (index, remove) in plans.iter().enumerate() {
+            if !remove.is_empty() {
+                self.remove_slots(pool, store, index, remove)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes from every head the slots whose token index is `>= n`: the sequence rolls
     /// back to its first `n` tokens.
     pub fn truncate_tokens(&mut self, pool: &mut BlockPool, store: &KvStore, n: u32) -> Result<()> {
-        let mut doomed = Vec::new();
-        for index in 0..self.heads.len() {
-            doomed.clear();
+        let mut plans = vec![Vec::new(); self.heads.len()];
+        for (index, plan) in plans.iter_mut().enumerate() {
             self.for_each_slot(store, index, |slot, _, tok| {
                 if tok >= n {
-                    doomed.push(slot);
+                    plan.push(slot);
                 }
             })?;
-            if !doomed.is_empty() {
-                self.remove_slots(pool, store, index, &doomed)?;
-            }
         }
-        self.settle(pool)
+        self.remove_slots_all(pool, store, &plans)
     }
 
     /// Commits one path of the speculation tree whose `nodes` slots end every head: node `i`
@@ -91,41 +110,47 @@ impl SeqCache {
     ) -> Result<()> {
         self.settle(pool)?;
         let bs = pool.block_size();
-        let mut doomed = Vec::new();
-        for index in 0..self.heads.len() {
-            let head = self.head_mut(index)?;
+        // The tree's blocks were reserved for this sequence alone, and a fork refuses a
+        // pending tree, so none should be shared; count the copies anyway before any change.
+        let mut plans = vec![Vec::new(); self.heads.len()];
+        let mut need = 0;
+        for (head, plan) in self.heads.iter().zip(plans.iter_mut()) {
             let base = head.len.checked_sub(nodes).ok_or_else(|| {
                 Error::Internal(format!("tree of {nodes} nodes in a head of {}", head.len))
             })?;
-            doomed.clear();
-            for (i, k) in keep.iter().enumerate() {
-                let slot = base + i;
-                match k {
-                    Some(tok) => {
-                        make_exclusive(pool, store, head, slot / bs)?;
-                        let b = block_at(head, slot / bs)?;
-                        // SAFETY: exclusive (just above), pool lock held.
-                        unsafe { store.set_token(b as usize, slot % bs, *tok)? };
-                    }
-                    None => doomed.push(slot),
+            plan.extend(
+                (0..nodes)
+                    .filter(|&i| keep.get(i).is_none_or(Option::is_none))
+                    .map(|i| base + i),
+            );
+            let kept = (base / bs..(base + nodes).div_ceil(bs)).map(|bi| block_at(head, bi));
+            for b in kept {
+                need += usize::from(pool.refcount_of(b?)? > 1);
+            }
+            need += holes_to_copy(pool, head, plan)?;
+        }
+        check_free(pool, need)?;
+        for index in 0..self.heads.len() {
+            let head = self.head_mut(index)?;
+            let base = head.len - nodes;
+            for (i, tok) in keep.iter().enumerate() {
+                if let Some(tok) = tok {
+                    let slot = base + i;
+                    make_exclusive(pool, store, head, slot / bs)?;
+                    let b = block_at(head, slot / bs)?;
+                    // SAFETY: exclusive (just above), pool lock held.
+                    unsafe { store.set_token(b as usize, slot % bs, *tok)? };
                 }
             }
-            if !doomed.is_empty() {
-                self.remove_slots(pool, store, index, &doomed)?;
-            }
         }
-        Ok(())
+        self.remove_slots_all(pool, store, &plans)
     }
 }
 
-/// Copy-on-write of a shared hole block takes one fresh block: fails with `CacheFull` before
-/// anything moves unless the pool has them all, so a refusal leaves the cache untouched.
-fn check_free_for_holes(
-    pool: &BlockPool,
-    head: &HeadCache,
-    remove: &[usize],
-    new_len: usize,
-) -> Result<()> {
+/// Copy-on-write blocks that removing `remove` (sorted slots) from `head` takes: one per
+/// shared block holding a hole below the new length (a donor slot is copied into it).
+fn holes_to_copy(pool: &BlockPool, head: &HeadCache, remove: &[usize]) -> Result<usize> {
+    let new_len = head.len.saturating_sub(remove.len());
     let bs = pool.block_size();
     let mut shared = 0;
     let mut last = None;
@@ -135,9 +160,14 @@ fn check_free_for_holes(
         }
         last = Some(bi);
     }
-    if shared > pool.free_blocks() {
+    Ok(shared)
+}
+
+/// Fails with `CacheFull` unless the pool has `need` free blocks for copies-on-write.
+fn check_free(pool: &BlockPool, need: usize) -> Result<()> {
+    if need > pool.free_blocks() {
         return Err(Error::CacheFull(format!(
-            "evicting needs {shared} copy-on-write blocks but only {} are free",
+            "removing slots needs {need} copy-on-write blocks but only {} are free",
             pool.free_blocks()
         )));
     }

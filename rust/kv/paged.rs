@@ -202,8 +202,10 @@ impl SeqCache {
             .ok_or_else(|| Error::Internal(format!("head cache {index} out of range")))?;
         for &b in h.blocks.iter().take(h.len / store.block_size()) {
             // SAFETY: called with `&mut` of the owner right after it rewrote blocks it owns
-            // alone; a shared block is never open (it was sealed before it was shared, and
-            // nobody writes shared blocks), so only exclusive blocks are sealed here.
+            // alone. Only full blocks are visited (`len / block_size`): a full shared block is
+            // never open (it was sealed when it filled, before it was shared, and nobody
+            // writes shared blocks), so only exclusive blocks are sealed here. A shared
+            // partial tail may be open, but it is not full, so it is not visited.
             unsafe {
                 if store.summaries().state(b as usize)? == state::OPEN {
                     store.seal(b as usize)?;

@@ -107,7 +107,7 @@ impl Summaries {
     }
 
     /// Turns summaries on (allocating their storage once). Blocks sealed before stay
-    /// [`state::SEALED`] until [`Summaries::summarise`] runs on them.
+    /// [`state::SEALED`] until they are sealed again (`SeqCache::ensure_summaries`).
     pub fn enable(&self) -> Result<()> {
         if self.data.get().is_none() {
             let len = self.num_blocks * width(self.head_dim);

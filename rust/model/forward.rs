@@ -11,7 +11,7 @@
 //! The caller reserves every sequence's slots first (`SeqCache::reserve`, under the pool
 //! lock); the layer loop itself takes no lock.
 
-use crate::attention::run::{run_tasks, Task};
+use crate::attention::run::{max_pieces, run_tasks, Task};
 use crate::attention::{Attention, Mask, Query};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -284,7 +284,7 @@ fn attend(
         &tasks,
         g * hd,
         &mut s.att[..n * qd],
-        e.n_threads(),
+        max_pieces(e.n_threads(), nkv),
         &mut s.run,
     )?;
     drop(tasks);

@@ -2,6 +2,7 @@
 //! (`forward.rs`) and its buffers (`scratch.rs`), speculation-tree masks (`tree.rs`),
 //! attention probabilities for users (`probs.rs`) and the per-sequence session (`session.rs`).
 
+pub mod aligned;
 pub mod config;
 pub mod forward;
 pub mod llama;

@@ -2,6 +2,7 @@
 //! lent by the engine to one call at a time, so that decode steps do not allocate.
 
 use crate::attention::run::RunScratch;
+use crate::model::aligned::AlignedBuf;
 use crate::model::ModelConfig;
 use crate::quant::act8::QuantizedX;
 
@@ -11,21 +12,21 @@ pub struct Scratch {
     /// Most tokens one forward call may carry.
     pub chunk: usize,
     /// Residual stream `(chunk, hidden_size)`.
-    pub x: Vec<f32>,
+    pub x: AlignedBuf,
     /// Normed input / projection output `(chunk, hidden_size)`.
-    pub xb: Vec<f32>,
+    pub xb: AlignedBuf,
     /// Queries `(chunk, num_heads*head_dim)`.
-    pub q: Vec<f32>,
+    pub q: AlignedBuf,
     /// Keys `(chunk, num_kv_heads*head_dim)`.
-    pub k: Vec<f32>,
+    pub k: AlignedBuf,
     /// Values `(chunk, num_kv_heads*head_dim)`.
-    pub v: Vec<f32>,
+    pub v: AlignedBuf,
     /// Attention output `(chunk, num_heads*head_dim)`.
-    pub att: Vec<f32>,
+    pub att: AlignedBuf,
     /// Gate activations `(chunk, intermediate_size)`.
-    pub hb: Vec<f32>,
+    pub hb: AlignedBuf,
     /// Up activations `(chunk, intermediate_size)`.
-    pub hb2: Vec<f32>,
+    pub hb2: AlignedBuf,
     /// RoPE cosines `(chunk, head_dim/2)`.
     pub cos: Vec<f32>,
     /// RoPE sines `(chunk, head_dim/2)`.
@@ -54,16 +55,17 @@ impl Scratch {
     /// Buffers for `chunk` tokens of the model `cfg`.
     pub fn new(cfg: &ModelConfig, chunk: usize) -> Self {
         let z = |w: usize| vec![0.0f32; chunk * w];
+        let a = |w: usize| AlignedBuf::zeroed(chunk * w);
         Self {
             chunk,
-            x: z(cfg.hidden_size),
-            xb: z(cfg.hidden_size),
-            q: z(cfg.q_dim()),
-            k: z(cfg.kv_dim()),
-            v: z(cfg.kv_dim()),
-            att: z(cfg.q_dim()),
-            hb: z(cfg.intermediate_size),
-            hb2: z(cfg.intermediate_size),
+            x: a(cfg.hidden_size),
+            xb: a(cfg.hidden_size),
+            q: a(cfg.q_dim()),
+            k: a(cfg.kv_dim()),
+            v: a(cfg.kv_dim()),
+            att: a(cfg.q_dim()),
+            hb: a(cfg.intermediate_size),
+            hb2: a(cfg.intermediate_size),
             cos: z(cfg.head_dim / 2),
             sin: z(cfg.head_dim / 2),
             run: RunScratch::default(),

@@ -4,8 +4,10 @@
 //!
 //! Every step goes through `forward.rs`. The pool lock is taken only around eviction and
 //! reservation before the layer loop, and around rollback after a failure. A failed call
-//! leaves the session with the tokens it had (rolled back by token index), or, when even the
-//! rollback fails, poisoned: every later call refuses until `release()`.
+//! leaves the session with the tokens it had (rolled back by token index; under a press, the
+//! eviction that ran before the failure stays, so the session may hold fewer of its old
+//! tokens, never part of the new ones), or, when even the rollback fails, poisoned: every
+//! later call refuses until `release()`.
 
 use std::sync::Arc;
 
@@ -180,7 +182,10 @@ impl Session {
         want_probs: bool,
     ) -> Result<StepOut> {
         let tree = parents.map(TreeMask::from_parents).transpose()?;
-        self.check_step(tokens, positions, want_probs || tree.is_some())?;
+        // Explicit positions, trees and recorded probabilities need the whole step in one
+        // forward: across chunks, an earlier chunk could not see a later chunk's positions.
+        let single = want_probs || tree.is_some() || positions.is_some();
+        self.check_step(tokens, positions, single)?;
         if let (Some(t), Some(p)) = (&tree, parents) {
             if p.len() != tokens.len() || t.nodes() != tokens.len() {
                 return Err(Error::Config(format!(

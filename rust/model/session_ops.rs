@@ -46,7 +46,7 @@ impl Session {
         let limit = self.step_size();
         if single && tokens.len() > limit {
             return Err(Error::Config(format!(
-                "{} tokens in one tree or attention-recording step exceed the limit {limit}",
+                "{} tokens in one step with positions, parents or output_attentions exceed the limit {limit}",
                 tokens.len()
             )));
         }
@@ -87,7 +87,7 @@ impl Session {
     fn check_usable(&self) -> Result<()> {
         if self.poisoned {
             return Err(Error::Config(
-                "this session was left partly extended by a failed step: release() it first".into(),
+                "this session was left inconsistent by a failed call that could not be rolled back: release() it first".into(),
             ));
         }
         Ok(())
@@ -105,17 +105,27 @@ impl Session {
         for (k, &node) in path.iter().enumerate() {
             keep[node] = Some(self.num_tokens + k as u32);
         }
+        let nodes = tree.nodes();
         let engine = Arc::clone(&self.engine);
         let done = engine.pool().and_then(|mut pool| {
             self.cache
-                .commit_tail(&mut pool, engine.store(), tree.nodes(), &keep)
+                .commit_tail(&mut pool, engine.store(), nodes, &keep)
         });
-        self.tree = None;
+        self.settle_outcome(done, |s| {
+            s.tree = None;
+            s.num_tokens += path.len() as u32;
+        })
+    }
+
+    /// Applies `on_ok` after a structural change that succeeded; a `CacheFull` refusal left
+    /// the cache untouched (the change is all or nothing), any other error poisons.
+    fn settle_outcome(&mut self, done: Result<()>, on_ok: impl FnOnce(&mut Self)) -> Result<()> {
         match done {
             Ok(()) => {
-                self.num_tokens += path.len() as u32;
+                on_ok(self);
                 Ok(())
             }
+            Err(e @ Error::CacheFull(_)) => Err(e),
             Err(e) => {
                 self.poisoned = true;
                 Err(e)
@@ -137,10 +147,10 @@ impl Session {
         let done = engine
             .pool()
             .and_then(|mut pool| self.cache.truncate_tokens(&mut pool, engine.store(), n));
-        self.num_tokens = n;
-        self.tree = None;
-        self.poisoned |= done.is_err();
-        done
+        self.settle_outcome(done, |s| {
+            s.num_tokens = n;
+            s.tree = None;
+        })
     }
 
     /// A new session sharing this one's cache blocks (copy-on-write), with copies of its
@@ -282,6 +292,13 @@ pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<()>
             "{} tokens for {} sessions",
             tokens.len(),
             sessions.len()
+        )));
+    }
+    if sessions.len() > engine.chunk {
+        return Err(Error::Config(format!(
+            "decode_batch of {} sessions exceeds the limit {} (prefill_chunk)",
+            sessions.len(),
+            engine.chunk
         )));
     }
     let int8 = first.int8;

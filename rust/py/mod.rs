@@ -1,5 +1,6 @@
 //! Python bindings (`kvforge._core`). The only module that knows about PyO3; it mirrors the
-//! core: `model.rs` (Engine, Session), `sample.rs` (filters), `errors.rs` (error mapping).
+//! core: `model.rs` (Engine), `session.rs` (Session, decode_batch), `sample.rs` (filters),
+//! `bench.rs` (KernelBench), `errors.rs` (error mapping).
 
 mod bench;
 mod errors;

@@ -2,7 +2,8 @@
 //! behind a `Mutex` that is only locked with the GIL released, so concurrent Python threads
 //! never see "Already borrowed" and never deadlock against the GIL.
 
-use std::sync::{Mutex, MutexGuard};
+use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods};
 use pyo3::prelude::*;
@@ -47,12 +48,25 @@ impl PySession {
         })
     }
 
-    /// Locks the state (call only with the GIL released).
+    /// Locks the state (call only with the GIL released). From inside a progress callback a
+    /// busy session is refused: it is most likely the one whose prefill is calling back,
+    /// and waiting for it would never end.
     fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
-        self.state
-            .lock()
-            .map_err(|_| Error::Internal("session lock poisoned".into()))
+        let poisoned = || Error::Internal("session lock poisoned".into());
+        match self.state.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::WouldBlock) if IN_CALLBACK.get() => Err(Error::Config(
+                "a session cannot be used from a progress callback while it is busy".into(),
+            )),
+            Err(TryLockError::WouldBlock) => self.state.lock().map_err(|_| poisoned()),
+            Err(TryLockError::Poisoned(_)) => Err(poisoned()),
+        }
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a Python progress callback.
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
 type Attentions<'py> = Vec<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<i64>>)>;
@@ -68,7 +82,10 @@ fn with_progress<T: Send>(
     let out = run(py, || {
         let mut cb = |done: usize, total: usize| -> Result<()> {
             let Some(p) = &progress else { return Ok(()) };
-            Python::attach(|py| p.call1(py, (done, total)).map(drop)).map_err(|e| {
+            IN_CALLBACK.set(true);
+            let called = Python::attach(|py| p.call1(py, (done, total)).map(drop));
+            IN_CALLBACK.set(false);
+            called.map_err(|e| {
                 if let Ok(mut slot) = raised.lock() {
                     *slot = Some(e);
                 }
@@ -419,14 +436,12 @@ pub fn py_decode_batch(
             guards.iter_mut().map(|(_, g)| &mut g.session).collect();
         decode_batch(&mut sessions, &ids)?;
         drop(sessions);
-        guards
-            .iter_mut()
-            .zip(&ids)
-            .map(|((_, st), &id)| {
-                st.history.push(id);
-                sample_next(st)
-            })
-            .collect()
+        // Every session ran its token: record them all before sampling, so that a sampling
+        // error on one leaves no history behind its cache.
+        for ((_, st), &id) in guards.iter_mut().zip(&ids) {
+            st.history.push(id);
+        }
+        guards.iter_mut().map(|(_, st)| sample_next(st)).collect()
     })
 }
 
