@@ -127,3 +127,14 @@ def test_a_batch_admits_only_what_the_free_blocks_hold(tmp_path):
             got = [o.token_ids for o in llm.generate(prompts, params, max_batch=3)]
         assert got == alone
         assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_int8_batches_equal_int8_alone(tmp_path):
+    """With opt-in int8 activations a batched step quantizes each row on its own, so the
+    tokens still equal generating each prompt alone."""
+    path = write_gguf(tmp_path / "m.gguf", CFG, random_weights(CFG, 6), fmt="q8_0")
+    with LLM(path, activations="int8") as llm:
+        prompts = [[1, 2, 3], [4] * 9, [5, 6], [7] * 20]
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        alone = [llm.generate(q, params).token_ids for q in prompts]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == alone

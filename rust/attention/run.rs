@@ -52,8 +52,8 @@ pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
 }
 
 /// Pieces of one task: from its own length only (at least `MIN_SPLIT_BLOCKS` blocks each, at
-/// most `max`), never from what else runs in the step, so a row's result is the same alone,
-/// in a batch or in a tree; one when its probabilities are recorded.
+/// most `max`), never from what else runs in the step, so a row's result is the same alone or
+/// in a batch; one when its probabilities are recorded.
 fn pieces_of(task: &Task<'_>, max: usize) -> usize {
     if task.probs {
         1

@@ -20,7 +20,7 @@ use crate::model::llama::Layer;
 use crate::model::probs::{gather_probs, LayerProbs};
 use crate::model::scratch::Scratch;
 use crate::model::tree::TreeMask;
-use crate::ops::matmul::{project, project_many};
+use crate::ops::matmul::{project, project_many, project_many_act8};
 use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
 use crate::quant::act8::QuantizedX;
 use crate::quant::Weight;
@@ -134,30 +134,30 @@ fn check_batch(
 }
 
 /// Projects `x` (`(n, cols)`) through every weight of `ws`. With `act8`, each row is
-/// quantized to int8 and projected alone, exactly as a one-token step would be.
+/// quantized to int8 on its own and projected exactly as a one-token step would be.
 fn project_rows(
     ws: &mut [(&Weight, &mut [f32])],
     x: &[f32],
-    qx: &mut QuantizedX,
+    q: &mut Act8Rows<'_>,
     n: usize,
     act8: bool,
 ) {
     if !act8 || n == 1 {
-        Scratch::prepare_act8(act8, n, x, qx);
-        return project_many(ws, x, qx, n);
+        Scratch::prepare_act8(act8, n, x, q.one);
+        return project_many(ws, x, q.one, n);
     }
     let cols = x.len() / n;
-    for t in 0..n {
+    q.rows.resize_with(n, QuantizedX::default);
+    for (t, qx) in q.rows.iter_mut().enumerate() {
         qx.quantize(&x[t * cols..(t + 1) * cols]);
-        let mut rows: Vec<(&Weight, &mut [f32])> = ws
-            .iter_mut()
-            .map(|(w, o)| {
-                let r = w.rows();
-                (*w, &mut o[t * r..(t + 1) * r])
-            })
-            .collect();
-        project_many(&mut rows, &x[t * cols..(t + 1) * cols], qx, 1);
     }
+    project_many_act8(ws, x, q.rows, n);
+}
+
+/// The int8 buffers of the scratch: one row, or one per row of a batch.
+struct Act8Rows<'a> {
+    one: &'a mut QuantizedX,
+    rows: &'a mut Vec<QuantizedX>,
 }
 
 fn attention_block(
@@ -186,7 +186,10 @@ fn attention_block(
     project_rows(
         &mut [(&layer.wq, q), (&layer.wk, k), (&layer.wv, v)],
         x,
-        &mut s.qx,
+        &mut Act8Rows {
+            one: &mut s.qx,
+            rows: &mut s.qxs,
+        },
         n,
         act8,
     );
@@ -204,7 +207,10 @@ fn attention_block(
     project_rows(
         &mut [(&layer.wo, &mut s.xb[..n * h])],
         att,
-        &mut s.qx,
+        &mut Act8Rows {
+            one: &mut s.qx,
+            rows: &mut s.qxs,
+        },
         n,
         act8,
     );
@@ -308,7 +314,10 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize, act8: bool) {
     project_rows(
         &mut [(&layer.w_gate, gate), (&layer.w_up, up)],
         x,
-        &mut s.qx,
+        &mut Act8Rows {
+            one: &mut s.qx,
+            rows: &mut s.qxs,
+        },
         n,
         act8,
     );
@@ -316,7 +325,10 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize, act8: bool) {
     project_rows(
         &mut [(&layer.w_down, &mut s.xb[..n * h])],
         &s.hb[..n * f],
-        &mut s.qx,
+        &mut Act8Rows {
+            one: &mut s.qx,
+            rows: &mut s.qxs,
+        },
         n,
         act8,
     );
@@ -353,7 +365,11 @@ fn final_logits(
     if want > 0 {
         let xb = &s.xb[..want * h];
         if act8 {
-            project_rows(&mut [(e.model.head(), out)], xb, &mut s.qx, want, true);
+            let mut q = Act8Rows {
+                one: &mut s.qx,
+                rows: &mut s.qxs,
+            };
+            project_rows(&mut [(e.model.head(), out)], xb, &mut q, want, true);
         } else {
             s.qx.blocks = 0;
             project(e.model.head(), xb, &s.qx, want, out);

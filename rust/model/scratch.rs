@@ -37,6 +37,8 @@ pub struct Scratch {
     pub logits: Vec<f32>,
     /// The int8 copy of the current projection input, when int8 activations are on.
     pub qx: QuantizedX,
+    /// Per row, the int8 copies of a batch of one-token rows.
+    pub qxs: Vec<QuantizedX>,
 }
 
 impl Scratch {
@@ -71,6 +73,7 @@ impl Scratch {
             run: RunScratch::default(),
             logits: Vec::new(),
             qx: QuantizedX::default(),
+            qxs: Vec::new(),
         }
     }
 }

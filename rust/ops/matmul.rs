@@ -184,6 +184,38 @@ fn batch_tasks(w: &Weight, x: &[f32], n: usize, xsums: &[f32], out: &mut [f32], 
     });
 }
 
+/// [`project_many`] for `n` one-token rows with opt-in int8 activations: `xs[t]` is row `t`
+/// of `x` quantized. Each output row equals what a one-token step gives it (the int8 kernels
+/// for block-format weights, the exact float path for the others), in one parallel region
+/// that reads each weight row once for all tokens. `x`: `(n, cols)`; `outs[i]`: `(n, rows_i)`.
+pub fn project_many_act8(ws: &mut [(&Weight, &mut [f32])], x: &[f32], xs: &[QuantizedX], n: usize) {
+    let total: usize = ws.iter().map(|(w, _)| w.rows()).sum();
+    let per = rows_per_task(total);
+    let need = ws.iter().any(|(w, _)| w.needs_xsum());
+    let cols = ws.first().map_or(0, |(w, _)| w.cols());
+    let (mut stack, mut heap) = ([0.0f32; BATCH_SUMS], Vec::new());
+    let xsums = batch_sums(need, x, (n, cols), &mut stack, &mut heap);
+    ws.par_iter_mut().for_each(|(w, out)| {
+        if !(w.has_act8() && xs.iter().take(n).all(|q| q.fits(w.cols()))) {
+            return batch_tasks(w, x, n, xsums, out, per);
+        }
+        let rows = w.rows();
+        assert!(
+            out.len() >= n * rows && xs.len() >= n,
+            "project_many_act8 shapes"
+        );
+        let dst = OutPtr(out.as_mut_ptr());
+        (0..rows.div_ceil(per)).into_par_iter().for_each(|c| {
+            let r0 = c * per;
+            // SAFETY: as in `batch_tasks`: `out` covers `n x rows` (asserted) and stays
+            // borrowed for the region; task `c` writes only columns `r0..r0 + width`.
+            let mut o =
+                unsafe { TokenRows::from_raw_parts(dst.at(r0), n, per.min(rows - r0), rows) };
+            w.dot_rows_act8_multi(r0, xs, &mut o);
+        });
+    });
+}
+
 /// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.
 const PANEL_ROWS: usize = 64;
 

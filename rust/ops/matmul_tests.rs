@@ -149,3 +149,41 @@ fn project_uses_the_first_n_tokens_of_longer_buffers() {
         assert!(got[n * rows..].iter().all(|&v| v == -1.0), "{name}");
     }
 }
+
+/// Int8 batches: every row equals a one-token int8 step of that row alone, for block-format
+/// weights (int8 kernels) and float ones (exact path) in one region.
+#[test]
+fn project_many_act8_rows_equal_one_token_steps() {
+    let cols = 96;
+    let names = ["q4_1", "q8_0", "q4_0", "f32", "f16"];
+    let ws: Vec<Weight> = names.iter().filter_map(|f| weight(f, 45, cols)).collect();
+    for n in [2, 3, 8, 17] {
+        let x = tokens(n, cols);
+        let xs: Vec<QuantizedX> = x
+            .chunks(cols)
+            .map(|row| {
+                let mut q = QuantizedX::default();
+                q.quantize(row);
+                q
+            })
+            .collect();
+        let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows()]).collect();
+        let mut pairs: Vec<(&Weight, &mut [f32])> = ws
+            .iter()
+            .zip(got.iter_mut())
+            .map(|(w, o)| (w, &mut o[..]))
+            .collect();
+        project_many_act8(&mut pairs, &x, &xs, n);
+        for (w, g) in ws.iter().zip(&got) {
+            for t in 0..n {
+                let mut one = vec![0.0; w.rows()];
+                project(w, &x[t * cols..(t + 1) * cols], &xs[t], 1, &mut one);
+                assert_eq!(
+                    bits(&g[t * w.rows()..(t + 1) * w.rows()]),
+                    bits(&one),
+                    "{w:?} n={n}"
+                );
+            }
+        }
+    }
+}

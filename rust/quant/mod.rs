@@ -367,7 +367,7 @@ impl Weight {
     }
 
     /// The int8-activation row kernel for this format on this CPU (AVX2, else scalar).
-    fn act8_kernel(&self) -> Option<Act8Kernel> {
+    pub(crate) fn act8_kernel(&self) -> Option<Act8Kernel> {
         use WeightFormat as F;
         #[cfg(target_arch = "x86_64")]
         if act8_avx512::available() {

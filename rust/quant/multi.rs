@@ -112,6 +112,38 @@ struct MultiSet {
 }
 
 impl Weight {
+    /// `out[t][i] = row(first + i) · xs[t]` with int8 activations, for `out.tokens()` tokens
+    /// and `out.width()` consecutive rows: each value is what [`Weight::dot_rows_act8`] gives
+    /// token `t` alone (same kernel), with each weight row read once for all tokens. Panics
+    /// unless [`Weight::has_act8`] and every `xs[t]` has `cols / 32` blocks.
+    pub fn dot_rows_act8_multi(
+        &self,
+        first: usize,
+        xs: &[super::act8::QuantizedX],
+        out: &mut TokenRows<'_>,
+    ) {
+        let n = out.tokens();
+        assert!(
+            xs.len() >= n && xs.iter().take(n).all(|x| x.fits(self.cols)),
+            "dot_rows_act8_multi: activations"
+        );
+        assert!(
+            first + out.width() <= self.rows,
+            "dot_rows_act8_multi: rows"
+        );
+        let kernel = self
+            .act8_kernel()
+            .expect("dot_rows_act8_multi on a float weight");
+        for i in 0..out.width() {
+            let row = self.row(first + i);
+            for (t, x) in xs.iter().take(n).enumerate() {
+                // SAFETY: `act8_kernel` only returns kernels this CPU runs; the row holds
+                // `x.blocks` blocks (asserted above).
+                out.set(t, i, unsafe { kernel(row, x) });
+            }
+        }
+    }
+
     /// `out[t][i] = row(first + i) · xs[t]` for `n` tokens and `out.width()` consecutive rows,
     /// each value bit-identical to [`Weight::dot_rows`] of token `t` alone with block sums
     /// `xsums[t]`, but streaming each weight row once per group of tokens.
