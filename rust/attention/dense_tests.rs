@@ -195,6 +195,7 @@ fn tree_mask_and_probabilities_equal_naive() {
             view,
             query,
             probs: true,
+            split: true,
         }];
         let (mut out, mut rs) = (vec![0.0; g * hd], RunScratch::default());
         run_tasks(&tasks, g * hd, &mut out, 2, &mut rs).unwrap();

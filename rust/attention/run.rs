@@ -25,6 +25,8 @@ pub struct Task<'a> {
     pub query: Query<'a>,
     /// Record this task's probabilities over the head's slots.
     pub probs: bool,
+    /// May be split into pieces (decode-like steps; a prefill chunk has work enough).
+    pub split: bool,
 }
 
 /// Buffers of the driver, grown on demand and reused across steps.
@@ -53,9 +55,9 @@ pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
 
 /// Pieces of one task: from its own length only (at least `MIN_SPLIT_BLOCKS` blocks each, at
 /// most `max`), never from what else runs in the step, so a row's result is the same alone or
-/// in a batch; one when its probabilities are recorded.
+/// in a batch; one when its probabilities are recorded or it may not split.
 fn pieces_of(task: &Task<'_>, max: usize) -> usize {
-    if task.probs {
+    if task.probs || !task.split {
         1
     } else {
         (task.view.num_blocks() / MIN_SPLIT_BLOCKS).clamp(1, max)

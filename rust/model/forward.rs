@@ -20,7 +20,7 @@ use crate::model::llama::Layer;
 use crate::model::probs::{gather_probs, LayerProbs};
 use crate::model::scratch::Scratch;
 use crate::model::tree::TreeMask;
-use crate::ops::matmul::{project, project_many, project_many_act8};
+use crate::ops::matmul::{project, project_many, project_many_act8, EXACT_ROWS};
 use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
 use crate::quant::act8::QuantizedX;
 use crate::quant::Weight;
@@ -258,6 +258,9 @@ fn attend(
     let mut r0 = 0;
     for w in seqs.iter() {
         let nt = w.tokens.len();
+        // Decode-like steps split long contexts across threads; a prefill chunk already has
+        // a task per row and head. Decided per sequence, never by what else is in the batch.
+        let split = nt <= EXACT_ROWS;
         for (t, &pos) in w.positions.iter().enumerate() {
             let r = r0 + t;
             for kh in 0..nkv {
@@ -281,6 +284,7 @@ fn attend(
                     view,
                     query,
                     probs: w.probs.is_some(),
+                    split,
                 });
             }
         }

@@ -1,10 +1,13 @@
 //! Python bindings (`kvforge._core`). The only module that knows about PyO3; it mirrors the
-//! core: `model.rs` (Engine), `session.rs` (Session, decode_batch), `sample.rs` (filters),
-//! `bench.rs` (KernelBench), `errors.rs` (error mapping).
+//! core: `model.rs` (Engine), `session.rs` (Session), `batch.rs` (decode_batch),
+//! `progress.rs` (prefill callbacks), `sample.rs` (filters), `bench.rs` (KernelBench),
+//! `errors.rs` (error mapping).
 
+mod batch;
 mod bench;
 mod errors;
 mod model;
+mod progress;
 mod sample;
 mod session;
 
@@ -23,7 +26,7 @@ fn py_variants() -> (Vec<&'static str>, Vec<&'static str>) {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyEngine>()?;
     m.add_class::<session::PySession>()?;
-    m.add_function(wrap_pyfunction!(session::py_decode_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::py_decode_batch, m)?)?;
     m.add_function(wrap_pyfunction!(py_variants, m)?)?;
     m.add_class::<bench::PyKernelBench>()?;
     m.add_function(wrap_pyfunction!(sample::py_filtered_probs, m)?)?;

@@ -1,8 +1,7 @@
-//! The `Session` class (one sequence) and `decode_batch`. Frozen; the mutable state sits
+//! The `Session` class (one sequence). Frozen; the mutable state sits
 //! behind a `Mutex` that is only locked with the GIL released, so concurrent Python threads
 //! never see "Already borrowed" and never deadlock against the GIL.
 
-use std::cell::Cell;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods};
@@ -10,19 +9,20 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::{run, token_ids};
+use super::progress::{with_progress, IN_CALLBACK};
 use crate::attention::registry::{self, Params};
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
-use crate::model::session::{decode_batch, StepOut};
+use crate::model::session::StepOut;
 use crate::model::Session;
 use crate::sample::{Sampler, SamplingConfig};
 
 /// The mutable part of a session.
-struct SessionState {
-    session: Session,
+pub(super) struct SessionState {
+    pub(super) session: Session,
     sampler: Sampler,
     /// Committed token ids (the repetition penalty's history).
-    history: Vec<u32>,
+    pub(super) history: Vec<u32>,
     /// Token ids of the pending speculation tree.
     pending: Vec<u32>,
 }
@@ -51,7 +51,7 @@ impl PySession {
     /// Locks the state (call only with the GIL released). From inside a progress callback a
     /// busy session is refused: it is most likely the one whose prefill is calling back,
     /// and waiting for it would never end.
-    fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, SessionState>> {
         let poisoned = || Error::Internal("session lock poisoned".into());
         match self.state.try_lock() {
             Ok(guard) => Ok(guard),
@@ -64,41 +64,7 @@ impl PySession {
     }
 }
 
-thread_local! {
-    /// Set while this thread runs a Python progress callback.
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
-}
-
 type Attentions<'py> = Vec<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<i64>>)>;
-
-/// Runs `f` with a progress callback that calls the Python `progress(done, total)`; an
-/// exception it raises stops the work and is re-raised as is.
-fn with_progress<T: Send>(
-    py: Python<'_>,
-    progress: Option<Py<PyAny>>,
-    f: impl FnOnce(&mut dyn FnMut(usize, usize) -> Result<()>) -> Result<T> + Send,
-) -> PyResult<T> {
-    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-    let out = run(py, || {
-        let mut cb = |done: usize, total: usize| -> Result<()> {
-            let Some(p) = &progress else { return Ok(()) };
-            IN_CALLBACK.set(true);
-            let called = Python::attach(|py| p.call1(py, (done, total)).map(drop));
-            IN_CALLBACK.set(false);
-            called.map_err(|e| {
-                if let Ok(mut slot) = raised.lock() {
-                    *slot = Some(e);
-                }
-                Error::Config("prefill stopped by its progress callback".into())
-            })
-        };
-        f(&mut cb)
-    });
-    if let Some(e) = raised.into_inner().ok().flatten() {
-        return Err(e);
-    }
-    out
-}
 
 #[pymethods]
 impl PySession {
@@ -401,50 +367,6 @@ impl PySession {
     }
 }
 
-/// One decode step of several sessions together: session `i` runs `token_ids[i]`; returns
-/// the token each samples next. Equals calling `decode` on each.
-#[pyfunction]
-#[pyo3(name = "decode_batch")]
-pub fn py_decode_batch(
-    py: Python<'_>,
-    sessions: Vec<Py<PySession>>,
-    token_ids: Vec<i64>,
-) -> PyResult<Vec<u32>> {
-    let refs: Vec<&PySession> = sessions.iter().map(|s| s.get()).collect();
-    run(py, || {
-        let ids: Vec<u32> = token_ids
-            .iter()
-            .map(|&t| one_token(t))
-            .collect::<Result<_>>()?;
-        // Lock in address order, so two overlapping batches on two threads cannot deadlock.
-        let mut order: Vec<usize> = (0..refs.len()).collect();
-        order.sort_by_key(|&i| refs[i] as *const PySession as usize);
-        if order
-            .windows(2)
-            .any(|w| std::ptr::eq(refs[w[0]], refs[w[1]]))
-        {
-            return Err(Error::Config(
-                "decode_batch: a session appears twice".into(),
-            ));
-        }
-        let mut guards: Vec<(usize, MutexGuard<'_, SessionState>)> = Vec::new();
-        for &i in &order {
-            guards.push((i, refs[i].lock()?));
-        }
-        guards.sort_by_key(|(i, _)| *i);
-        let mut sessions: Vec<&mut Session> =
-            guards.iter_mut().map(|(_, g)| &mut g.session).collect();
-        decode_batch(&mut sessions, &ids)?;
-        drop(sessions);
-        // Every session ran its token: record them all before sampling, so that a sampling
-        // error on one leaves no history behind its cache.
-        for ((_, st), &id) in guards.iter_mut().zip(&ids) {
-            st.history.push(id);
-        }
-        guards.iter_mut().map(|(_, st)| sample_next(st)).collect()
-    })
-}
-
 fn layer_arrays<'py>(
     py: Python<'py>,
     layers: Vec<crate::model::probs::LayerProbs>,
@@ -479,12 +401,12 @@ fn positions_checked(pos: &[i64]) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn one_token(token_id: i64) -> Result<u32> {
+pub(super) fn one_token(token_id: i64) -> Result<u32> {
     u32::try_from(token_id)
         .map_err(|_| Error::Config(format!("token_id {token_id} is not a valid token id")))
 }
 
-fn sample_next(st: &mut SessionState) -> Result<u32> {
+pub(super) fn sample_next(st: &mut SessionState) -> Result<u32> {
     let SessionState {
         session,
         sampler,
