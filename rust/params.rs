@@ -52,3 +52,26 @@ pub fn integer(
     }
     Ok(v as usize)
 }
+
+/// Takes parameter `name` of `what` as a finite number in `[lo, hi]` (or `[lo, hi)` when
+/// `open_hi`), or `default` when absent.
+pub fn number(
+    p: &mut Params,
+    what: &str,
+    name: &str,
+    default: f64,
+    (lo, hi): (f64, f64),
+    open_hi: bool,
+) -> Result<f64> {
+    let Some(v) = p.take(name) else {
+        return Ok(default);
+    };
+    let ok = v.is_finite() && v >= lo && if open_hi { v < hi } else { v <= hi };
+    if !ok {
+        let close = if open_hi { ")" } else { "]" };
+        return Err(Error::Config(format!(
+            "{what} {name}={v} must be in [{lo}, {hi}{close}"
+        )));
+    }
+    Ok(v)
+}

@@ -315,7 +315,7 @@ def test_eviction_in_a_fork_leaves_the_sibling_intact(llms, block_size, evicting
         try:
             evictor, other = (child, parent) if evicting == "child" else (parent, child)
             # Only one of two sessions that share blocks gets the press: set it on the core.
-            evictor._core.set_press("streaming_llm", [("sink", 2), ("window", 8)])
+            evictor._core.set_press("streaming_window", [("sink", 2), ("window", 8)])
             evictor.step([9, 10, 11])
             assert evictor.kept_positions(1, 1).tolist() == [0, 1, *range(25, 33)]
             check(llm)

@@ -309,7 +309,7 @@ def test_core_set_press_rejects_bad_parameters(models, params):
     llm = models.llm()
     with llm.session() as session:
         with pytest.raises(ConfigError, match="StreamingLLM"):
-            session._core.set_press("streaming_llm", params)
+            session._core.set_press("streaming_window", params)
     assert llm.kv_stats()["live_blocks"] == 0
 
 
@@ -319,10 +319,10 @@ def test_session_set_press_validation(models):
     core = session._core  # set_press is the core's: the Python presses go through it
     try:
         with pytest.raises(ConfigError):
-            core.set_press("streaming_llm", [("sink", 2), ("window", 0)])
+            core.set_press("streaming_window", [("sink", 2), ("window", 0)])
         with pytest.raises(ConfigError, match="no_such_press"):
             core.set_press("no_such_press", [("sink", 2), ("window", 8)])
-        core.set_press("streaming_llm", [("sink", 1), ("window", 4)])
+        core.set_press("streaming_window", [("sink", 1), ("window", 4)])
         session.step(list(range(2, 20)))
         assert session.kept_positions(0, 0).tolist() == [0, 14, 15, 16, 17]
         for layer, head in ((2, 0), (0, 2)):

@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["Engine", "KernelBench", "Session", "__version__", "cpu_features", "decode_batch",
-           "filtered_probs", "registries"]
+           "filtered_probs", "press_plan", "registries"]
 __version__: str
 
 _Progress = Callable[[int, int], object] | None
@@ -54,6 +54,7 @@ class Session:
         seed: int,
     ) -> None: ...
     def set_press(self, kind: str | None, params: list[tuple[str, float]] = ...) -> None: ...
+    def set_scoring(self, stages: list[tuple[str, list[tuple[str, float]]]]) -> None: ...
     def set_attention(self, kind: str, params: list[tuple[str, float]] = ...) -> None: ...
     def set_activations(self, kind: str) -> None: ...
     def prefill(
@@ -114,6 +115,18 @@ class KernelBench:
 
 def decode_batch(sessions: list[Session], token_ids: list[int]) -> list[int]: ...
 def registries() -> tuple[list[str], list[str]]: ...
+def press_plan(
+    kind: str,
+    params: list[tuple[str, float]],
+    heads: list[dict[str, Any]],
+    *,
+    layer: int,
+    num_layers: int,
+    group: int,
+    head_dim: int,
+    inv_freq: list[float],
+    seen: int,
+) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.int64]]]: ...
 def filtered_probs(
     logits: npt.NDArray[np.float32],
     history: list[int],

@@ -48,8 +48,9 @@ class BatchRun:
         """Blocks one sequence of an ``n``-token prompt may hold at its longest."""
         cfg, bs = self.llm.config, self.llm.kv_config.block_size
         tokens = n + self.room(n)
-        if self.press is not None:
-            tokens = min(tokens, self.press.cache_tokens())
+        bound = self.press.cache_tokens() if self.press is not None else None
+        if bound is not None:
+            tokens = min(tokens, bound)
         return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
 
     def run(self) -> list[GenerationOutput]:

@@ -181,13 +181,18 @@ class LLM:
             raise NumericalError(f"non-finite logits at position {row} (NaN/Inf in the model)")
         return out
 
+    @staticmethod
+    def _bounded(press: Any) -> bool:
+        """True when ``press`` bounds the cache, so positions may run past the context."""
+        return isinstance(press, PRESSES) and press.cache_tokens() is not None
+
     def _check_length(self, n: int, press: Any) -> None:
-        if press is None and n >= self.max_context:
+        if not self._bounded(press) and n >= self.max_context:
             raise ConfigError(f"prompt length {n} exceeds the context length {self.max_context} "
                               "(leave room for at least one new token, or use a press)")
 
     def _room(self, n: int, params: SamplingParams, press: Any) -> int:
-        return params.max_new_tokens if press is not None else min(
+        return params.max_new_tokens if self._bounded(press) else min(
             params.max_new_tokens, self.max_context - n)
 
     def _check_params(self, params: SamplingParams) -> None:

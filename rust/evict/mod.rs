@@ -5,12 +5,28 @@
 //! none), returning emptied blocks to the pool. A new policy is one small file implementing
 //! [`EvictionPolicy`] and one entry in [`registry`].
 //!
-//! Policies run before each forward step with the number of tokens about to be appended, so a
-//! cache under a press never exceeds its budget during the step.
+//! Two kinds of press. Step policies ([`EvictionPolicy`]: the windowed StreamingLLM) run
+//! before each forward step with the number of tokens about to be appended, so the cache
+//! never exceeds its budget during the step. Scoring presses ([`press::Scorer`], the kvpress
+//! family) write only a score per slot from what the forward pass recorded; budgets,
+//! protected tokens, the group aggregation and the schedule are shared (`budget.rs`,
+//! `apply.rs`, `scoring.rs`).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod apply;
+pub mod budget;
+pub mod expected;
+pub mod keydiff;
+pub mod knorm;
+pub mod math;
+pub mod observed;
+pub mod press;
+pub mod record;
 pub mod registry;
+pub mod scoring;
+pub mod snapkv;
 pub mod streaming;
+pub mod tova;
 
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;

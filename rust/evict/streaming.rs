@@ -6,6 +6,7 @@
 //! tokens. Keys keep their original RoPE positions (no re-rotation).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use super::press::{Aggregate, HeadInput, Protect, Scorer};
 use super::EvictionPolicy;
 use crate::error::Result;
 use crate::params::{integer, Params};
@@ -77,5 +78,45 @@ mod tests {
             "sinks outrank recency"
         );
         assert!(scores[0] > scores[4] && scores[4] > scores[2] && scores[2] > scores[5]);
+    }
+}
+
+/// StreamingLLM as a scoring press (kvpress `streaming_llm_press.py`): newer tokens score
+/// higher and the `n_sink` oldest positions are protected, so a budget of `n` keeps the
+/// sinks and the `n - n_sink` newest tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamingScore {
+    /// Attention-sink tokens kept.
+    pub n_sink: usize,
+}
+
+/// Builds the scoring StreamingLLM from `n_sink` (default 4).
+pub fn build_scorer(p: &mut Params) -> Result<Box<dyn Scorer>> {
+    let n_sink = integer(p, "StreamingLLM", "n_sink", 4, 0, u32::MAX as usize)?;
+    p.finish("StreamingLLM")?;
+    Ok(Box::new(StreamingScore { n_sink }))
+}
+
+impl Scorer for StreamingScore {
+    fn aggregate(&self) -> Aggregate {
+        Aggregate::KvHead
+    }
+
+    fn protect(&self) -> Protect {
+        Protect {
+            sinks: self.n_sink,
+            recent: 0,
+        }
+    }
+
+    fn score(&self, h: &HeadInput<'_>, out: &mut [f32]) -> Result<()> {
+        for (o, &t) in out.iter_mut().zip(h.tokens) {
+            *o = t as f32;
+        }
+        Ok(())
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Scorer> {
+        Box::new(*self)
     }
 }

@@ -15,6 +15,7 @@ use crate::attention::run::{max_pieces, run_tasks, Task};
 use crate::attention::{Attention, Mask, Query};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::evict::record::Record;
 use crate::kv::paged::SeqCache;
 use crate::model::llama::Layer;
 use crate::model::probs::{gather_probs, LayerProbs};
@@ -65,6 +66,8 @@ pub struct SeqWork<'a> {
     pub logits: Logits,
     /// When set, receives per layer the attention probabilities of this sequence's queries.
     pub probs: Option<&'a mut Vec<LayerProbs>>,
+    /// When set, records what this sequence's scoring press needs (`evict::record`).
+    pub record: Option<&'a mut Record>,
 }
 
 /// Runs the batch `seqs` through the model. `out` receives the requested logits, `(rows,
@@ -193,6 +196,7 @@ fn attention_block(
         n,
         act8,
     );
+    record_queries(li, seqs, &s.q[..n * qd], cfg.head_dim, true);
     for t in 0..n {
         let (c, sn) = (
             &s.cos[t * half..(t + 1) * half],
@@ -201,6 +205,7 @@ fn attention_block(
         rope::apply(&mut s.q[t * qd..(t + 1) * qd], c, sn);
         rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
     }
+    record_queries(li, seqs, &s.q[..n * qd], cfg.head_dim, false);
     append_kv(e, li, seqs, s)?;
     attend(e, li, seqs, s, n)?;
     let att = &s.att[..n * qd];
@@ -216,6 +221,25 @@ fn attention_block(
     );
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
     Ok(())
+}
+
+/// Hands each recording sequence its rows of `q` (`(n, q_dim)`): pre-RoPE (`pre`) for the
+/// query moments, post-RoPE for the window queries.
+fn record_queries(li: usize, seqs: &mut [SeqWork<'_>], q: &[f32], hd: usize, pre: bool) {
+    let qd = q.len() / seqs.iter().map(|w| w.tokens.len()).sum::<usize>().max(1);
+    let mut r0 = 0;
+    for w in seqs.iter_mut() {
+        let nt = w.tokens.len();
+        if let Some(rec) = w.record.as_deref_mut() {
+            let rows = &q[r0 * qd..(r0 + nt) * qd];
+            if pre {
+                rec.add_moments(li, w.positions, rows, hd);
+            } else {
+                rec.add_queries(li, w.first_tok, w.positions, rows);
+            }
+        }
+        r0 += nt;
+    }
 }
 
 /// Appends every row's K/V to its sequence's cache, head by head, so that a step's new
@@ -279,11 +303,12 @@ fn attend(
                     mask,
                     scale,
                 };
+                let sums = w.record.as_ref().is_some_and(|r| r.needs.attention_sums);
                 tasks.push(Task {
                     variant: w.variant,
                     view,
                     query,
-                    probs: w.probs.is_some(),
+                    probs: w.probs.is_some() || sums,
                     split,
                 });
             }
@@ -305,7 +330,40 @@ fn attend(
             let rows = &s.run.probs[first_task..first_task + nt * nkv];
             sink.push(gather_probs(w.cache, store, li, cfg, nt, rows)?);
         }
+        if let Some(rec) = w.record.as_deref_mut() {
+            if rec.needs.attention_sums {
+                let rows = &s.run.probs[first_task..first_task + nt * nkv];
+                record_sums(w.cache, store, li, nkv, w.positions, rows, rec)?;
+            }
+        }
         first_task += nt * nkv;
+    }
+    Ok(())
+}
+
+/// Adds a step's probability rows (task `t * nkv + kh`: `(g, len)` over head `kh`'s slots)
+/// to the recording's attention sums.
+fn record_sums(
+    cache: &SeqCache,
+    store: &crate::kv::store::KvStore,
+    li: usize,
+    nkv: usize,
+    positions: &[u32],
+    rows: &[Vec<f32>],
+    rec: &mut Record,
+) -> Result<()> {
+    let (mut toks, mut pos) = (Vec::new(), Vec::new());
+    for kh in 0..nkv {
+        let index = li * nkv + kh;
+        toks.clear();
+        pos.clear();
+        cache.for_each_slot(store, index, |_, p, t| {
+            pos.push(p);
+            toks.push(t);
+        })?;
+        for (t, &qpos) in positions.iter().enumerate() {
+            rec.add_probs(index, &toks, &pos, qpos, &rows[t * nkv + kh])?;
+        }
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ use crate::attention::dense::Dense;
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::evict::record::Record;
+use crate::evict::scoring::ScoringPress;
 use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
 use crate::model::forward::{forward, Logits, SeqWork};
@@ -28,6 +30,15 @@ pub struct StepOut {
     pub logits: Vec<f32>,
     /// Per layer, the attention probabilities of the new tokens, when asked for.
     pub probs: Option<Vec<LayerProbs>>,
+}
+
+/// What a forward step records beside its logits.
+#[derive(Default)]
+pub(crate) struct Taps<'a> {
+    /// Per layer, the attention probabilities of the step's queries.
+    pub probs: Option<&'a mut Vec<LayerProbs>>,
+    /// What the scoring press needs.
+    pub record: Option<&'a mut Record>,
 }
 
 /// This sequence's share of the pool.
@@ -45,6 +56,7 @@ pub struct Session {
     pub(crate) cache: SeqCache,
     pub(crate) attention: Box<dyn Attention>,
     press: Option<Box<dyn EvictionPolicy>>,
+    pub(crate) scoring: Option<ScoringPress>,
     evict_scratch: EvictScratch,
     pub(crate) num_tokens: u32,
     tree: Option<TreeMask>,
@@ -70,6 +82,7 @@ impl Session {
             cache: SeqCache::new(cfg.num_layers, cfg.num_kv_heads),
             attention: Box::new(Dense),
             press: None,
+            scoring: None,
             evict_scratch: EvictScratch::default(),
             num_tokens: 0,
             tree: None,
@@ -90,6 +103,12 @@ impl Session {
     /// Installs an eviction policy applied before every forward step.
     pub fn set_press(&mut self, press: Option<Box<dyn EvictionPolicy>>) {
         self.press = press;
+    }
+
+    /// Installs a scoring press (the kvpress family); it compresses at the end of the
+    /// prefill that fills this session while it is empty.
+    pub fn set_scoring(&mut self, press: Option<ScoringPress>) {
+        self.scoring = press;
     }
 
     /// Installs the attention variant used by every later step.
@@ -137,6 +156,11 @@ impl Session {
         self.check_step(tokens, None, false)?;
         let start = self.num_tokens;
         let step = self.step_size();
+        let cfg = &self.engine.model.cfg;
+        let mut record = self
+            .scoring
+            .as_ref()
+            .and_then(|p| p.record_for(start, tokens.len(), cfg.num_layers, cfg.num_kv_heads));
         let mut logits = std::mem::take(&mut self.last_logits);
         let mut result = Ok(());
         for (i, chunk) in tokens.chunks(step).enumerate() {
@@ -144,24 +168,45 @@ impl Session {
             let want = if last { Logits::Last } else { Logits::Skip };
             let out = if last { &mut logits[..] } else { &mut [][..] };
             result = self
-                .linear(chunk, None, want, None, out)
+                .linear(
+                    chunk,
+                    None,
+                    want,
+                    Taps {
+                        probs: None,
+                        record: record.as_mut(),
+                    },
+                    out,
+                )
                 .and_then(|()| progress(i * step + chunk.len(), tokens.len()));
             if result.is_err() {
                 break;
             }
         }
         self.last_logits = logits;
+        if let (Ok(()), Some(rec)) = (&result, &record) {
+            result = self.compress(rec);
+        }
         if result.is_err() {
             self.rollback(start);
         }
         result
     }
 
+    /// Runs the scoring press over the cache with what the prefill recorded.
+    fn compress(&mut self, rec: &Record) -> Result<()> {
+        let Some(press) = &self.scoring else {
+            return Ok(());
+        };
+        let engine = Arc::clone(&self.engine);
+        press.compress(&engine, &mut self.cache, rec, self.num_tokens)
+    }
+
     /// Runs one token at the next position, keeping its logits (the decode step).
     pub fn decode(&mut self, token: u32) -> Result<()> {
         self.check_step(&[token], None, false)?;
         let mut logits = std::mem::take(&mut self.last_logits);
-        let result = self.linear(&[token], None, Logits::Last, None, &mut logits);
+        let result = self.linear(&[token], None, Logits::Last, Taps::default(), &mut logits);
         self.last_logits = logits;
         if result.is_err() {
             self.rollback(self.num_tokens);
@@ -227,7 +272,11 @@ impl Session {
         for (i, chunk) in tokens.chunks(step).enumerate() {
             let pos = positions.map(|p| &p[i * step..i * step + chunk.len()]);
             let logits = &mut out.logits[i * step * vocab..(i * step + chunk.len()) * vocab];
-            self.linear(chunk, pos, Logits::All, out.probs.as_mut(), logits)?;
+            let taps = Taps {
+                probs: out.probs.as_mut(),
+                record: None,
+            };
+            self.linear(chunk, pos, Logits::All, taps, logits)?;
         }
         Ok(())
     }
@@ -247,7 +296,10 @@ impl Session {
             pos,
             Some(tree),
             Logits::All,
-            out.probs.as_mut(),
+            Taps {
+                probs: out.probs.as_mut(),
+                record: None,
+            },
             &mut out.logits,
         )
     }
@@ -258,7 +310,7 @@ impl Session {
         tokens: &[u32],
         positions: Option<&[u32]>,
         want: Logits,
-        probs: Option<&mut Vec<LayerProbs>>,
+        taps: Taps<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         let base = self.num_tokens;
@@ -270,7 +322,7 @@ impl Session {
                 &default
             }
         };
-        self.run(tokens, pos, None, want, probs, out)?;
+        self.run(tokens, pos, None, want, taps, out)?;
         self.num_tokens += tokens.len() as u32;
         Ok(())
     }
@@ -282,7 +334,7 @@ impl Session {
         positions: &[u32],
         tree: Option<&TreeMask>,
         want: Logits,
-        probs: Option<&mut Vec<LayerProbs>>,
+        taps: Taps<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         self.prepare(tokens.len())?;
@@ -295,7 +347,8 @@ impl Session {
             first_tok: self.num_tokens,
             tree,
             logits: want,
-            probs,
+            probs: taps.probs,
+            record: taps.record,
         }];
         let int8 = self.int8;
         engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))?

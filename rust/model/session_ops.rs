@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{SeqStats, Session};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::evict::scoring::ScoringPress;
 use crate::evict::EvictScratch;
 use crate::model::forward::{forward, Logits, SeqWork};
 
@@ -169,6 +170,7 @@ impl Session {
             cache,
             attention: self.attention.boxed_clone(),
             press: self.press.as_ref().map(|p| p.boxed_clone()),
+            scoring: self.scoring.as_ref().map(ScoringPress::boxed_clone),
             evict_scratch: EvictScratch::default(),
             num_tokens: self.num_tokens,
             tree: None,
@@ -345,6 +347,7 @@ fn batch_forward(
             tree: None,
             logits: Logits::Last,
             probs: None,
+            record: None,
         })
         .collect();
     let n = work.len();

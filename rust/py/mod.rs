@@ -1,12 +1,13 @@
 //! Python bindings (`kvforge._core`). The only module that knows about PyO3; it mirrors the
 //! core: `model.rs` (Engine), `session.rs` (Session), `batch.rs` (decode_batch),
-//! `progress.rs` (prefill callbacks), `sample.rs` (filters), `bench.rs` (KernelBench),
+//! `progress.rs` (prefill callbacks), `press.rs` (press_plan), `sample.rs` (filters), `bench.rs` (KernelBench),
 //! `errors.rs` (error mapping).
 
 mod batch;
 mod bench;
 mod errors;
 mod model;
+mod press;
 mod progress;
 mod sample;
 mod session;
@@ -18,7 +19,8 @@ use pyo3::prelude::*;
 #[pyo3(name = "registries")]
 fn py_variants() -> (Vec<&'static str>, Vec<&'static str>) {
     let attention = crate::attention::registry::VARIANTS.iter().map(|(n, _)| *n);
-    let presses = crate::evict::registry::PRESSES.iter().map(|(n, _)| *n);
+    let reg = crate::evict::registry::PRESSES.iter().map(|(n, _)| *n);
+    let presses = reg.chain(crate::evict::registry::SCORERS.iter().map(|(n, _)| *n));
     (attention.collect(), presses.collect())
 }
 
@@ -28,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PySession>()?;
     m.add_function(wrap_pyfunction!(batch::py_decode_batch, m)?)?;
     m.add_function(wrap_pyfunction!(py_variants, m)?)?;
+    m.add_function(wrap_pyfunction!(press::press_plan, m)?)?;
     m.add_class::<bench::PyKernelBench>()?;
     m.add_function(wrap_pyfunction!(sample::py_filtered_probs, m)?)?;
     m.add_function(wrap_pyfunction!(sample::py_cpu_features, m)?)?;

@@ -13,6 +13,7 @@ use super::progress::{with_progress, IN_CALLBACK};
 use crate::attention::registry::{self, Params};
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
+use crate::evict::scoring::{build_stage, ScoringPress};
 use crate::model::session::StepOut;
 use crate::model::Session;
 use crate::sample::{Sampler, SamplingConfig};
@@ -110,6 +111,25 @@ impl PySession {
                 .map(|k| presses::build(&k, Params::new(params)))
                 .transpose()?;
             self.lock()?.session.set_press(press);
+            Ok(())
+        })
+    }
+
+    /// Installs a scoring press: `stages`, each `(kind, params)` of the scorer registry with
+    /// the shared budget parameters (`evict::scoring::build_stage`), applied in order; an
+    /// empty list removes it.
+    fn set_scoring(
+        &self,
+        py: Python<'_>,
+        stages: Vec<(String, Vec<(String, f64)>)>,
+    ) -> PyResult<()> {
+        run(py, || {
+            let built = stages
+                .into_iter()
+                .map(|(k, p)| build_stage(&k, p))
+                .collect::<Result<Vec<_>>>()?;
+            let press = (!built.is_empty()).then_some(ScoringPress { stages: built });
+            self.lock()?.session.set_scoring(press);
             Ok(())
         })
     }

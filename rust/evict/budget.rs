@@ -1,0 +1,203 @@
+//! Budgets shared by every press: how many slots each head of a layer keeps, which they
+//! are, given one aggregated score per slot. Protected tokens are kept whatever their
+//! score; ties drop the older position first.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use super::press::Protect;
+use crate::error::{Error, Result};
+
+/// How much of a head a press keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Drop this fraction, in `[0, 1)`: keep `floor(len * (1 - ratio))` (kvpress's
+    /// `int(k_len * (1 - compression_ratio))`).
+    Ratio(f64),
+    /// Keep at most this many.
+    Tokens(usize),
+}
+
+impl Budget {
+    /// Slots kept out of `len`.
+    pub fn kept(self, len: usize) -> usize {
+        match self {
+            Budget::Ratio(r) => ((len as f64) * (1.0 - r)) as usize,
+            Budget::Tokens(b) => b.min(len),
+        }
+    }
+
+    /// The fraction dropped out of `len`.
+    pub fn ratio(self, len: usize) -> f64 {
+        match self {
+            Budget::Ratio(r) => r,
+            Budget::Tokens(b) if len > 0 => 1.0 - (b.min(len) as f64) / (len as f64),
+            Budget::Tokens(_) => 0.0,
+        }
+    }
+}
+
+/// How a layer's budget is spread over its heads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Select {
+    /// Every head keeps its own budget.
+    Uniform,
+    /// Ada-KV: the layer keeps the sum of its heads' budgets, chosen across heads by score;
+    /// each head's top `floor(kept * alpha)` are kept first (the safeguard).
+    Ada {
+        /// Safeguard fraction, in `[0, 1]`.
+        alpha: f64,
+    },
+    /// PyramidKV: lower layers keep more (see [`pyramid_kept`]).
+    Pyramid {
+        /// The observation window kept in every layer.
+        window: usize,
+        /// Ratio of the largest to the smallest layer budget.
+        beta: f64,
+    },
+}
+
+/// One head's aggregated scores, `(len,)`, with its slots' positions and token indices.
+#[derive(Debug, Clone, Default)]
+pub struct HeadScores {
+    /// Score per slot.
+    pub scores: Vec<f32>,
+    /// Original position per slot.
+    pub positions: Vec<u32>,
+    /// Token index per slot.
+    pub tokens: Vec<u32>,
+}
+
+/// Raises the protected slots of `h` (the `p.sinks` oldest positions, the `p.recent` newest
+/// token indices) above every other score.
+pub fn protect(h: &mut HeadScores, p: Protect) {
+    let len = h.scores.len();
+    for (oldest, n) in [(true, p.sinks), (false, p.recent)] {
+        if n == 0 || len == 0 {
+            continue;
+        }
+        let key = if oldest { &h.positions } else { &h.tokens };
+        let mut sorted = key.clone();
+        let n = n.min(len);
+        let (lo, hi) = if oldest {
+            let (_, c, _) = sorted.select_nth_unstable(n - 1);
+            (0, *c)
+        } else {
+            let (_, c, _) = sorted.select_nth_unstable(len - n);
+            (*c, u32::MAX)
+        };
+        for (s, &k) in h.scores.iter_mut().zip(key.iter()) {
+            if (lo..=hi).contains(&k) {
+                *s = f32::INFINITY;
+            }
+        }
+    }
+}
+
+/// PyramidKV's kept tokens of layer `layer` out of `layers`, for heads of `len` slots at
+/// compression `ratio` (kvpress `pyramidkv_press.py`, after KVCache-Factory).
+pub fn pyramid_kept(
+    len: usize,
+    ratio: f64,
+    layer: usize,
+    layers: usize,
+    window: usize,
+    beta: f64,
+) -> usize {
+    let (l, w) = (len as f64, window as f64);
+    let fallback = (l * (1.0 - ratio)).round_ties_even() as usize;
+    let cmax = w + l * (1.0 - ratio);
+    let mut min = (cmax - w) / beta;
+    let mut max = 2.0 * (cmax - w) - min;
+    if max >= l - w {
+        max = l - w;
+        min = 2.0 * (cmax - w) - max;
+    }
+    if !(l >= max && max >= min && min >= w) {
+        return fallback.min(len);
+    }
+    let steps = (layers.max(2) - 1) as f64;
+    // Python's round(): halves to even.
+    let kept = (max - layer as f64 * (max - min) / steps).round_ties_even();
+    (kept.max(0.0) as usize).min(len)
+}
+
+/// Per head of one layer, the slots to drop (sorted), given the slots each keeps under
+/// `select`: `kept[h]` for [`Select::Uniform`] (and the layer total for Ada-KV).
+pub fn drops(heads: &[HeadScores], kept: &[usize], select: Select) -> Result<Vec<Vec<usize>>> {
+    match select {
+        Select::Ada { alpha } => ada(heads, kept, alpha),
+        _ => heads
+            .iter()
+            .zip(kept)
+            .map(|(h, &k)| Ok(lowest(h, h.scores.len().saturating_sub(k))))
+            .collect(),
+    }
+}
+
+/// The `n` lowest-scoring slots of `h` (ties: older position first), sorted by slot.
+fn lowest(h: &HeadScores, n: usize) -> Vec<usize> {
+    let len = h.scores.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..len).collect();
+    let key = |i: usize| {
+        (
+            h.scores.get(i).copied().unwrap_or(f32::INFINITY),
+            h.positions.get(i).copied().unwrap_or(u32::MAX),
+        )
+    };
+    let by = |a: &usize, b: &usize| {
+        let ((sa, pa), (sb, pb)) = (key(*a), key(*b));
+        sa.total_cmp(&sb).then(pa.cmp(&pb))
+    };
+    if n < len {
+        order.select_nth_unstable_by(n, by);
+    }
+    let mut out: Vec<usize> = order.into_iter().take(n).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Ada-KV: each head's top `floor(kept * alpha)` are safe; the layer then drops its
+/// globally lowest scores until it holds `sum(kept)` slots.
+fn ada(heads: &[HeadScores], kept: &[usize], alpha: f64) -> Result<Vec<Vec<usize>>> {
+    let mut all: Vec<(f32, u32, usize, usize)> = Vec::new();
+    for (hi, (h, &k)) in heads.iter().zip(kept).enumerate() {
+        let safe = ((k as f64) * alpha) as usize;
+        let top = lowest(h, h.scores.len().saturating_sub(safe));
+        let mut is_low = vec![false; h.scores.len()];
+        for &s in &top {
+            if let Some(x) = is_low.get_mut(s) {
+                *x = true;
+            }
+        }
+        for (slot, (&s, &p)) in h.scores.iter().zip(&h.positions).enumerate() {
+            let s = if is_low.get(slot).copied().unwrap_or(false) {
+                s
+            } else {
+                f32::INFINITY
+            };
+            all.push((s, p, hi, slot));
+        }
+    }
+    let total: usize = kept.iter().sum();
+    let n_drop = all
+        .len()
+        .checked_sub(total)
+        .ok_or_else(|| Error::Internal(format!("keeping {total} of {} slots", all.len())))?;
+    if n_drop > 0 && n_drop < all.len() {
+        all.select_nth_unstable_by(n_drop, |a, b| {
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        });
+    }
+    let mut out = vec![Vec::new(); heads.len()];
+    for &(_, _, hi, slot) in all.iter().take(n_drop) {
+        if let Some(v) = out.get_mut(hi) {
+            v.push(slot);
+        }
+    }
+    for v in &mut out {
+        v.sort_unstable();
+    }
+    Ok(out)
+}

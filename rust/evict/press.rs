@@ -1,0 +1,146 @@
+//! The scorer side of a press: what a policy reads for one (layer, KV head) and the one
+//! function it writes. Budgets, protected tokens, the group aggregation and the schedule are
+//! shared code (`budget.rs`, `apply.rs`); a policy only scores.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use crate::error::Result;
+
+/// What a policy asks the forward pass to record while the context is prefilled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Post-RoPE queries of the last `window` context tokens (SnapKV's observation window,
+    /// TOVA's last token).
+    pub window: usize,
+    /// Sum over the context's query rows (and the query group) of each key's attention
+    /// probability (ObservedAttention, H2O).
+    pub attention_sums: bool,
+    /// Mean and covariance of the pre-RoPE queries, per query head, over the context
+    /// tokens at positions `>= stats_from` (Expected Attention).
+    pub query_stats: Option<u32>,
+}
+
+impl Needs {
+    /// Everything either of `self` and `o` needs.
+    pub fn union(self, o: Needs) -> Needs {
+        Needs {
+            window: self.window.max(o.window),
+            attention_sums: self.attention_sums || o.attention_sums,
+            query_stats: match (self.query_stats, o.query_stats) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
+/// How the scores a policy writes become one score per slot of the KV head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// The policy writes `(group, len)`, one row per query head; shared code averages them.
+    GroupMean,
+    /// The policy writes `(len,)` for the KV head itself (query-free scores).
+    KvHead,
+    /// The policy writes `(group, len)`; shared code averages over every query head of the
+    /// layer, so all KV heads of a layer rank their tokens alike (TOVA).
+    LayerMean,
+}
+
+/// Tokens shared code keeps whatever their score: the `sinks` oldest positions and the
+/// `recent` newest tokens of each head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Protect {
+    /// Oldest positions kept.
+    pub sinks: usize,
+    /// Newest tokens kept.
+    pub recent: usize,
+}
+
+/// Pre-RoPE query statistics of one query head.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryStats<'a> {
+    /// `(head_dim,)` mean.
+    pub mean: &'a [f64],
+    /// `(head_dim, head_dim)` covariance (divided by the count).
+    pub cov: &'a [f64],
+}
+
+/// What a policy reads for one (layer, KV head): every slot's data in slot order.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadInput<'a> {
+    /// Layer index.
+    pub layer: usize,
+    /// KV head index within the layer.
+    pub kv_head: usize,
+    /// Layers of the model.
+    pub num_layers: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Width of a key.
+    pub head_dim: usize,
+    /// Original positions of the slots, `(len,)`.
+    pub positions: &'a [u32],
+    /// Token indices (order in the sequence) of the slots, `(len,)`.
+    pub tokens: &'a [u32],
+    /// Post-RoPE keys, `(len, head_dim)`.
+    pub keys: &'a [f32],
+    /// Values, `(len, head_dim)`.
+    pub values: &'a [f32],
+    /// Accumulated attention of each slot (sum over query rows and the group), `(len,)`;
+    /// empty unless [`Needs::attention_sums`].
+    pub attention_sums: &'a [f32],
+    /// Query rows that could see each slot, `(len,)`; empty unless `attention_sums`.
+    pub attention_rows: &'a [f32],
+    /// Post-RoPE window queries of the group, `(group, w, head_dim)`; `w = 0` unless
+    /// [`Needs::window`].
+    pub queries: &'a [f32],
+    /// Positions of the window queries, `(w,)`.
+    pub query_positions: &'a [u32],
+    /// Per query head of the group, its statistics; empty unless [`Needs::query_stats`].
+    pub query_stats: &'a [QueryStats<'a>],
+    /// RoPE inverse frequencies, `(head_dim / 2,)`.
+    pub inv_freq: &'a [f64],
+    /// Tokens the sequence has seen (the next position).
+    pub seen: u32,
+}
+
+impl HeadInput<'_> {
+    /// Cached slots.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// True when the head holds no slot.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Window queries recorded.
+    pub fn window(&self) -> usize {
+        self.query_positions.len()
+    }
+}
+
+/// A scoring policy. Higher scores are kept first.
+pub trait Scorer: Send + Sync {
+    /// What the forward pass must record for it.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+
+    /// How its scores are aggregated over the query group.
+    fn aggregate(&self) -> Aggregate {
+        Aggregate::GroupMean
+    }
+
+    /// Tokens kept whatever their score.
+    fn protect(&self) -> Protect {
+        Protect::default()
+    }
+
+    /// Writes the scores of `h`'s slots into `out`: `(group, len)`, or `(len,)` for
+    /// [`Aggregate::KvHead`].
+    fn score(&self, h: &HeadInput<'_>, out: &mut [f32]) -> Result<()>;
+
+    /// A copy for a forked sequence.
+    fn boxed_clone(&self) -> Box<dyn Scorer>;
+}
