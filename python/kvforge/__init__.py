@@ -1,6 +1,6 @@
 """kvforge: CPU LLM inference with a paged, evictable KV cache and a Rust core."""
 
-from . import attention, presses
+from . import attention, eval, presses
 from .config import KVCacheConfig, SamplingParams
 from .engine import LLM
 from .errors import (
@@ -34,5 +34,6 @@ __all__ = [
     "SamplingParams",
     "Session",
     "attention",
+    "eval",
     "presses",
 ]

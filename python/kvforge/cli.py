@@ -1,4 +1,4 @@
-"""The ``kvforge`` command line: generate, chat, inspect, convert, bench.
+"""The ``kvforge`` command line: generate, chat, inspect, convert, bench, eval.
 
 Exit codes: 0 success, 1 model or runtime error (one-line message; ``--debug`` shows the
 traceback), 2 usage error.
@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import Error
+from .errors import ConfigError, Error
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,20 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--streaming-llm", nargs=2, type=int, metavar=("SINK", "WINDOW"),
                    help="evict with StreamingLLM: keep SINK first tokens and a WINDOW")
+    _press_args(p)
+
+
+def _press_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--press", default=None, metavar="NAME",
+                   help="compress the prompt's KV cache with a press: streaming_llm, knorm, "
+                        "snapkv, tova, expected_attention, observed_attention, keydiff, "
+                        "pyramidkv, or adakv-NAME")
+    p.add_argument("--compression-ratio", type=float, default=None,
+                   help="fraction of the prompt's KV cache the press drops, in [0, 1)")
+    p.add_argument("--budget-tokens", type=int, default=None,
+                   help="tokens per head the press keeps (instead of --compression-ratio)")
+    p.add_argument("--press-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a press argument, e.g. window_size=32 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time batched decode of SEQS sequences at each context")
     b.add_argument("--tree", type=int, nargs="*", default=[], metavar="NODES",
                    help="also time verifying a speculation tree of NODES tokens at each context")
+    e = sub.add_parser("eval", help="fidelity of presses against dense on real text")
+    _model_args(e)
+    e.add_argument("--press", action="append", default=[], metavar="NAME",
+                   help="a press to evaluate (repeatable; default: every press by name)")
+    e.add_argument("--press-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for every evaluated press (repeatable)")
+    e.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
+    e.add_argument("--context", type=int, default=1024, help="teacher-forcing context tokens")
+    e.add_argument("--continuation", type=int, default=128, help="teacher-forced tokens")
+    e.add_argument("--passkey", type=int, nargs="*", default=[2048, 4096, 8192],
+                   help="passkey context lengths (none to skip)")
+    e.add_argument("--trials", type=int, default=3, help="passkeys per length")
+    e.add_argument("--out", default="kvforge-eval", help="folder for eval.json/csv/png")
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -90,7 +117,43 @@ def _params(args: argparse.Namespace) -> Any:
 def _press(args: argparse.Namespace) -> Any:
     from .presses import StreamingLLM
 
-    return StreamingLLM(*args.streaming_llm) if args.streaming_llm else None
+    if args.streaming_llm and args.press:
+        raise ConfigError("give either --streaming-llm or --press")
+    if args.streaming_llm:
+        return StreamingLLM(*args.streaming_llm)
+    return press_from_args(args)
+
+
+def press_from_args(args: argparse.Namespace) -> Any:
+    """The press of ``--press NAME --compression-ratio R --press-arg K=V ...``, or None."""
+    from .presses import by_name
+
+    if args.press is None:
+        if args.compression_ratio is not None or args.budget_tokens is not None or args.press_arg:
+            raise ConfigError("--compression-ratio, --budget-tokens and --press-arg need --press")
+        return None
+    kwargs: dict[str, Any] = {}
+    if args.compression_ratio is not None:
+        kwargs["compression_ratio"] = args.compression_ratio
+    if args.budget_tokens is not None:
+        kwargs["budget_tokens"] = args.budget_tokens
+    for item in args.press_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--press-arg {item!r}: expected KEY=VALUE")
+        kwargs[key] = _number(value)
+    return by_name(args.press, **kwargs)
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise ConfigError(f"press argument value {text!r} is not a number")
 
 
 class _PrefillBar:
@@ -206,6 +269,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import eval as ev
+    from .presses import BY_NAME, by_name
+
+    kwargs = {}
+    for item in args.press_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--press-arg {item!r}: expected KEY=VALUE")
+        kwargs[key] = _number(value)
+    names = args.press or [n for n in BY_NAME if n != "streaming_llm"] + [
+        "streaming_llm", "adakv-expected_attention"]
+
+    def maker(name: str) -> Any:
+        return lambda r: by_name(name, compression_ratio=r, **kwargs)
+
+    for name in names:
+        maker(name)(0.5)  # a bad name or argument fails before any work
+    llm = _llm(args)
+    rows = ev.evaluate(llm, [ev.Config(n, maker(n)) for n in names], args.ratios,
+                       context=args.context, continuation=args.continuation,
+                       passkey_lengths=args.passkey, trials=args.trials)
+    print(ev.table(rows))
+    for kind, path in ev.write(rows, args.out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loader.convert import convert_to_hf
 
@@ -215,7 +306,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
-            "convert": cmd_convert, "bench": cmd_bench}
+            "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -277,8 +277,34 @@ class ComposedPress:
         return None
 
 
+# Command-line and eval names of the presses that take keyword arguments directly.
+BY_NAME: dict[str, type] = {
+    "streaming_llm": StreamingLLM, "knorm": KNorm, "snapkv": SnapKV, "tova": TOVA,
+    "expected_attention": ExpectedAttention, "observed_attention": ObservedAttention,
+    "keydiff": KeyDiff, "pyramidkv": PyramidKV,
+}
+
+
+def by_name(name: str, **kwargs: Any) -> Any:
+    """A press from its name (``snapkv``, ``adakv-expected_attention``, ...) and keyword
+    arguments (``compression_ratio=0.5``, ``window_size=32``, ...)."""
+    if not isinstance(name, str):
+        raise InputTypeError(f"press name must be a string, got {name!r}")
+    key = name.lower().replace("-", "_")
+    ada = key.startswith("adakv_")
+    cls = BY_NAME.get(key[len("adakv_"):] if ada else key)
+    if cls is None:
+        known = sorted(BY_NAME) + [f"adakv-{k}" for k in sorted(BY_NAME) if k != "pyramidkv"]
+        raise ConfigError(f"unknown press {name!r}; known: {', '.join(known)}")
+    try:
+        inner = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"press {name!r}: {e}") from None
+    return AdaKV(inner) if ada else inner
+
+
 PRESSES = (StreamingLLM, KNorm, SnapKV, TOVA, ExpectedAttention, ObservedAttention, KeyDiff,
            PyramidKV, AdaKV, ComposedPress)
 
 __all__ = ["StreamingLLM", "KNorm", "SnapKV", "TOVA", "ExpectedAttention", "ObservedAttention",
-           "KeyDiff", "PyramidKV", "AdaKV", "ComposedPress", "PRESSES"]
+           "KeyDiff", "PyramidKV", "AdaKV", "ComposedPress", "PRESSES", "BY_NAME", "by_name"]
