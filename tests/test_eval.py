@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 
+import kvforge
 import numpy as np
 import pytest
-from tiny_models import random_weights, tiny_config, write_gguf
-
-import kvforge
 from kvforge import eval as ev
 from kvforge import presses as P
 from kvforge.cli import main
 from kvforge.errors import ConfigError
+from tiny_models import random_weights, tiny_config, write_gguf
 
 
 @pytest.fixture(scope="module")
