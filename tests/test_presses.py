@@ -70,6 +70,8 @@ def make_heads(rng, nkv, group, hd, lens, window, seen):
             "rows": rng.integers(1, 20, size=n).astype(np.float32),
             "mean": rng.normal(size=(group, hd)),
             "cov": np.einsum("gij,gkj->gik", a, a) / hd,
+            "state": np.stack([np.where(rng.random(n) < 0.2, 0, rng.integers(1, seen + 1, n)),
+                               rng.integers(0, 6, n)], axis=1).astype(np.float32),
         })
     return heads
 
@@ -86,6 +88,10 @@ def params_for(kind, draw_ratio, tokens, select, window, kernel):
         p += [("n_sink", 2.0)]
     if kind == "expected_attention":
         p += [("n_future_positions", 16.0)]
+    if kind == "h2o":
+        p += [("recent_size", float(window))]
+    if kind == "lazy_eviction":
+        p += [("window", float(window)), ("alpha", 0.01)]
     if select == "ada":
         p += [("adakv", 1.0), ("alpha_safeguard", 0.2)]
     if select == "pyramid":
@@ -118,6 +124,9 @@ def test_press_plan_equals_reference(kind, seed, nkv, group, hd, length, ragged,
     seen = max(lens) + int(rng.integers(0, 20))
     heads = make_heads(rng, nkv, group, hd, lens, window if kind in ("snapkv", "tova") else 0,
                        seen)
+    if kind == "h2o":  # one float per slot
+        for h in heads:
+            h["state"] = h["state"][:, :1] * 0.1
     inv_freq = 1.0 / (10000.0 ** (np.arange(hd // 2) * 2.0 / hd))
     params = params_for(kind, ratio, tokens, select, window, kernel)
     facts = dict(layer=layer, num_layers=4, group=group, inv_freq=inv_freq, seen=seen)
@@ -257,4 +266,110 @@ def test_generate_with_a_scoring_press(models):
     out = llm.generate(list(range(3, 40)), kvforge.SamplingParams(max_new_tokens=5),
                        press=P.SnapKV(0.5, window_size=4))
     assert len(out.token_ids) == 5
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def accumulated(attn, cfg):
+    """Per (layer, KV head), token index -> summed probability over rows and the group, from
+    `output_attentions` (columns are the cached tokens in entry order)."""
+    g = cfg.num_heads // cfg.num_kv_heads
+    out = {}
+    for li, la in enumerate(attn):
+        for kh in range(cfg.num_kv_heads):
+            col = la.probs[kh * g:(kh + 1) * g].sum(axis=(0, 1))
+            out[li, kh] = col[la.positions[kh] >= 0]
+    return out
+
+
+def test_h2o_state_is_the_accumulated_attention_and_bounds_the_cache(models):
+    llm = models.llm()
+    cfg = llm.config
+    ids = list(range(3, 40))
+    with llm.session(press=P.H2O(heavy_size=200, recent_size=200)) as s:
+        total = {}
+        for chunk in (ids[:20], ids[20:30], ids[30:31], ids[31:]):
+            _, attn = s.step(chunk, output_attentions=True)
+            for key, col in accumulated(attn, cfg).items():
+                prev = total.get(key, np.zeros(0))
+                col[:len(prev)] += prev
+                total[key] = col
+        for (li, kh), want in total.items():
+            toks, vals = s.slot_column("h2o.accumulated", li, kh)
+            np.testing.assert_array_equal(toks, np.arange(len(ids)))
+            np.testing.assert_allclose(vals[:, 0], want, rtol=1e-5, atol=1e-6)
+    with llm.session(press=P.H2O(heavy_size=6, recent_size=4)) as s:
+        s.prefill(ids)
+        assert len(s.kept_positions(0, 0)) == 10  # compressed right after the prefill
+        for t in range(5):
+            s.step([t + 3])
+            for li in range(cfg.num_layers):
+                kept = s.kept_positions(li, 1)
+                assert len(kept) == 10 and set(range(len(ids) + t - 3, len(ids) + t + 1)) <= set(
+                    kept.tolist())
+        t = s.fork()  # the fork's next step copies the shared blocks before writing state
+        t.step([9])
+        s.step([9])
+        np.testing.assert_array_equal(t.slot_column("h2o.accumulated", 1, 0)[1],
+                                      s.slot_column("h2o.accumulated", 1, 0)[1])
+        t.check()
+        s.check()
+        t.release()
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_lazy_eviction_follows_the_reference_state(models):
+    llm = models.llm()
+    cfg = llm.config
+    g = cfg.num_heads // cfg.num_kv_heads
+    ids = list(range(3, 30))
+    press = P.LazyEviction(budget_tokens=12, window=4, alpha=0.02)
+    with llm.session(press=press) as s:
+        s.prefill(ids)
+        state = {(li, kh): np.zeros((len(ids), 2)) for li in range(cfg.num_layers)
+                 for kh in range(cfg.num_kv_heads)}
+        for t in range(3):  # no eviction before `window` steps
+            _, attn = s.step([t + 5], output_attentions=True)
+            clock = len(ids) + t
+            for li, la in enumerate(attn):
+                for kh in range(cfg.num_kv_heads):
+                    st = np.vstack([state[li, kh], np.zeros((1, 2))])
+                    probs = la.probs[kh * g:(kh + 1) * g, 0, :][:, la.positions[kh] >= 0]
+                    state[li, kh] = ref.lazy_observe(st, probs, clock, 0.02)
+        for (li, kh), want in state.items():
+            _, vals = s.slot_column("lazy.recurrence", li, kh)
+            np.testing.assert_allclose(vals, want, rtol=1e-6)
+        assert len(s.kept_positions(0, 0)) == len(ids) + 3
+        s.step([1])  # the 4th step: every head over the budget is cut to it
+        for li in range(cfg.num_layers):
+            assert len(s.kept_positions(li, 0)) == 12
+        s.check()
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_decoding_press_compresses_every_interval_to_the_target(models):
+    llm = models.llm()
+    press = P.DecodingPress(P.SnapKV(window_size=4), compression_interval=3, target_size=16)
+    with llm.session(press=press) as s:
+        s.prefill(list(range(3, 40)))
+        assert len(s.kept_positions(0, 0)) == 37  # the context is left alone
+        lens = []
+        for t in range(7):
+            s.step([t + 3])
+            lens.append(len(s.kept_positions(0, 0)))
+        assert lens == [38, 39, 16, 17, 18, 16, 17]
+        s.check()
+    with pytest.raises(InputTypeError, match="DecodingPress"):
+        P.DecodingPress(P.StreamingLLM())
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_batched_generation_under_decode_time_presses_equals_one_by_one(models):
+    llm = models.llm()
+    prompts = [list(range(3, 3 + n)) for n in (20, 33, 27)]
+    params = kvforge.SamplingParams(max_new_tokens=12)
+    for press in (P.H2O(heavy_size=8, recent_size=8), P.LazyEviction(16, window=4),
+                  P.DecodingPress(P.KNorm(), compression_interval=4, target_size=12)):
+        alone = [llm.generate(p, params, press=press).token_ids for p in prompts]
+        together = [o.token_ids for o in llm.generate(prompts, params, press=press)]
+        assert together == alone, type(press).__name__
     assert llm.kv_stats()["live_blocks"] == 0

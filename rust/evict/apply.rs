@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::budget::{drops, protect, pyramid_kept, Budget, HeadScores, Select};
-use super::press::{Aggregate, HeadInput, QueryStats, Scorer};
+use super::press::{Aggregate, HeadInput, QueryStats, Schedule, Scorer};
 use super::record::Record;
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
@@ -22,6 +22,8 @@ pub struct Stage {
     pub budget: Budget,
     /// How the budget is spread over a layer's heads.
     pub select: Select,
+    /// When it compresses (the scorer's own, or `DecodingPress`'s interval).
+    pub schedule: Schedule,
 }
 
 impl Stage {
@@ -31,6 +33,7 @@ impl Stage {
             scorer: self.scorer.boxed_clone(),
             budget: self.budget,
             select: self.select,
+            schedule: self.schedule,
         }
     }
 }
@@ -88,7 +91,16 @@ fn plan_layer(
         let slots = Slots::gather(&cache.view(store, index)?)?;
         let sums = gathered_sums(rec, index, &slots.tokens);
         let queries = window_queries(rec, layer, kh, sh, want);
-        owned.push((slots, sums, queries));
+        let state = match stage.scorer.state() {
+            Some(st) => {
+                let col = store.columns().find(st.name).ok_or_else(|| {
+                    Error::Internal(format!("column {:?} not registered", st.name))
+                })?;
+                cache.column(store, index, col)?
+            }
+            None => Vec::new(),
+        };
+        owned.push((slots, sums, queries, state));
     }
     let st: Vec<QueryStats<'_>> = stats
         .iter()
@@ -97,24 +109,27 @@ fn plan_layer(
     let inputs: Vec<HeadInput<'_>> = owned
         .iter()
         .enumerate()
-        .map(|(kh, (slots, (sums, rows), (queries, qpos)))| HeadInput {
-            layer,
-            kv_head: kh,
-            num_layers: sh.layers,
-            group: sh.group,
-            head_dim: sh.head_dim,
-            positions: &slots.positions,
-            tokens: &slots.tokens,
-            keys: &slots.keys,
-            values: &slots.values,
-            attention_sums: sums,
-            attention_rows: rows,
-            queries,
-            query_positions: qpos,
-            query_stats: st.get(kh * sh.group..(kh + 1) * sh.group).unwrap_or(&[]),
-            inv_freq: sh.inv_freq,
-            seen: sh.seen,
-        })
+        .map(
+            |(kh, (slots, (sums, rows), (queries, qpos), state))| HeadInput {
+                layer,
+                kv_head: kh,
+                num_layers: sh.layers,
+                group: sh.group,
+                head_dim: sh.head_dim,
+                positions: &slots.positions,
+                tokens: &slots.tokens,
+                keys: &slots.keys,
+                values: &slots.values,
+                attention_sums: sums,
+                attention_rows: rows,
+                queries,
+                query_positions: qpos,
+                query_stats: st.get(kh * sh.group..(kh + 1) * sh.group).unwrap_or(&[]),
+                state,
+                inv_freq: sh.inv_freq,
+                seen: sh.seen,
+            },
+        )
         .collect();
     Ok(score_layer(stage, &inputs)?.1)
 }

@@ -16,8 +16,10 @@
 pub mod apply;
 pub mod budget;
 pub mod expected;
+pub mod h2o;
 pub mod keydiff;
 pub mod knorm;
+pub mod lazy;
 pub mod math;
 pub mod observed;
 pub mod press;

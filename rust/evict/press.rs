@@ -55,6 +55,30 @@ pub struct Protect {
     pub recent: usize,
 }
 
+/// When a stage compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Once, after the prefill that fills an empty session (kvpress's context compression).
+    Context,
+    /// After every forward call once the prefill has filled the session (H2O).
+    EveryStep,
+    /// Every `steps` forward calls after the prefill (LazyEviction's window,
+    /// `DecodingPress`'s compression interval).
+    Interval {
+        /// Forward calls between compressions.
+        steps: usize,
+    },
+}
+
+/// Per-slot state a decode-time press keeps beside each token: one KV column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    /// Column name (per engine).
+    pub name: &'static str,
+    /// Floats per slot.
+    pub width: usize,
+}
+
 /// Pre-RoPE query statistics of one query head.
 #[derive(Debug, Clone, Copy)]
 pub struct QueryStats<'a> {
@@ -97,6 +121,8 @@ pub struct HeadInput<'a> {
     pub query_positions: &'a [u32],
     /// Per query head of the group, its statistics; empty unless [`Needs::query_stats`].
     pub query_stats: &'a [QueryStats<'a>],
+    /// The press's per-slot state ([`Scorer::state`]), `(len, width)`; empty without.
+    pub state: &'a [f32],
     /// RoPE inverse frequencies, `(head_dim / 2,)`.
     pub inv_freq: &'a [f64],
     /// Tokens the sequence has seen (the next position).
@@ -136,6 +162,21 @@ pub trait Scorer: Send + Sync {
     fn protect(&self) -> Protect {
         Protect::default()
     }
+
+    /// When it compresses.
+    fn schedule(&self) -> Schedule {
+        Schedule::Context
+    }
+
+    /// The per-slot state it keeps, updated by [`Scorer::observe`].
+    fn state(&self) -> Option<State> {
+        None
+    }
+
+    /// Updates one slot's `state` from one query row of the forward pass: `probs` is the
+    /// slot's attention probability from each query head of the group (`(group,)`; 0 when
+    /// masked); `clock` the query's token index; `prefill` tells prefill rows from steps.
+    fn observe(&self, _clock: u32, _prefill: bool, _probs: &[f32], _state: &mut [f32]) {}
 
     /// Writes the scores of `h`'s slots into `out`: `(group, len)`, or `(len,)` for
     /// [`Aggregate::KvHead`].

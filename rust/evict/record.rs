@@ -37,6 +37,8 @@ pub struct Record {
     pub rows: Vec<Vec<f32>>,
     /// Per layer, the pre-RoPE query moments.
     pub moments: Vec<Moments>,
+    /// Most query rows kept per layer (the oldest go first); `None`: all from the window.
+    pub cap: Option<usize>,
 }
 
 impl Record {
@@ -51,6 +53,7 @@ impl Record {
             sums: vec![Vec::new(); layers * kv_heads],
             rows: vec![Vec::new(); layers * kv_heads],
             moments: vec![Moments::default(); layers],
+            cap: None,
         }
     }
 
@@ -70,6 +73,16 @@ impl Record {
                 if layer == 0 {
                     self.query_positions.push(pos);
                 }
+            }
+        }
+        if let Some(cap) = self.cap {
+            let rows = dst.len() / qd;
+            if rows > cap {
+                dst.drain(..(rows - cap) * qd);
+            }
+            if layer == 0 && self.query_positions.len() > cap {
+                let extra = self.query_positions.len() - cap;
+                self.query_positions.drain(..extra);
             }
         }
     }

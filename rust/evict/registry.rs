@@ -25,6 +25,8 @@ pub const SCORERS: &[(&str, ScorerBuilder)] = &[
     ("tova", super::tova::build),
     ("observed_attention", super::observed::build),
     ("expected_attention", super::expected::build),
+    ("h2o", super::h2o::build),
+    ("lazy_eviction", super::lazy::build),
 ];
 
 /// Builds the step policy `name` from `params`.

@@ -1,16 +1,19 @@
 //! A scoring press installed on a session: its stages (one per press of a `ComposedPress`),
-//! the recording the forward pass makes for them, and the schedule. As in kvpress, the press
-//! compresses once, at the end of the prefill that fills an empty session (the context);
-//! later prefills and steps are not compressed.
+//! what the forward pass records for them, and when each compresses. As in kvpress, a
+//! context stage compresses once, at the end of the prefill that fills an empty session;
+//! decode-time stages (H2O, LazyEviction, `DecodingPress`) compress after forward calls by
+//! their own schedule, from per-slot state the forward keeps (`observe`) or from the queries
+//! of the recent steps.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use super::apply::{plan, Shape, Stage};
 use super::budget::{Budget, Select};
-use super::press::Needs;
+use super::press::{Needs, Schedule, Scorer};
 use super::record::Record;
 use super::registry::build_scorer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::kv::columns::ColumnId;
 use crate::kv::paged::SeqCache;
 use crate::params::{integer, number, Params};
 
@@ -18,25 +21,78 @@ use crate::params::{integer, number, Params};
 pub struct ScoringPress {
     /// Its stages.
     pub stages: Vec<Stage>,
+    /// Per stage, forward calls since it last compressed.
+    counters: Vec<usize>,
+    /// The queries of the recent steps, for decode-time stages that read them.
+    pub(crate) recent: Option<Record>,
+    /// The stage that keeps per-slot state, with its column.
+    observer: Option<(usize, ColumnId)>,
 }
 
+/// Queries a decode-time stage keeps from the recent steps (kvpress's
+/// `hidden_states_buffer_size`).
+const RECENT_ROWS: usize = 256;
+
 impl ScoringPress {
-    /// What the forward pass records for every stage.
+    /// The press of `stages`, registering the state columns they keep in `e`'s store. At
+    /// most one stage may keep state.
+    pub fn new(e: &Engine, stages: Vec<Stage>) -> Result<Self> {
+        let mut observer = None;
+        for (i, s) in stages.iter().enumerate() {
+            if let Some(st) = s.scorer.state() {
+                if observer.is_some() {
+                    return Err(Error::Config(
+                        "at most one press of a ComposedPress may keep per-token state".into(),
+                    ));
+                }
+                observer = Some((i, e.store().columns().register(st.name, st.width)?));
+            }
+        }
+        let decode_needs = stages
+            .iter()
+            .filter(|s| s.schedule != Schedule::Context)
+            .fold(Needs::default(), |n, s| n.union(s.scorer.needs()));
+        let cfg = &e.model.cfg;
+        let recent = (decode_needs != Needs::default()).then(|| {
+            let mut r = Record::new(decode_needs, cfg.num_layers, cfg.num_kv_heads, 0);
+            r.needs.window = r.needs.window.max(RECENT_ROWS);
+            r.cap = Some(RECENT_ROWS);
+            r
+        });
+        Ok(Self {
+            counters: vec![0; stages.len()],
+            stages,
+            recent,
+            observer,
+        })
+    }
+
+    /// What the forward pass records while the context is prefilled.
     pub fn needs(&self) -> Needs {
         self.stages
             .iter()
+            .filter(|s| s.schedule == Schedule::Context)
             .fold(Needs::default(), |n, s| n.union(s.scorer.needs()))
+    }
+
+    /// The scorer that observes each forward row, with its column.
+    pub fn observer(&self) -> Option<(&dyn Scorer, ColumnId)> {
+        let (i, col) = self.observer?;
+        self.stages.get(i).map(|s| (s.scorer.as_ref(), col))
     }
 
     /// A copy for a forked sequence.
     pub fn boxed_clone(&self) -> ScoringPress {
         ScoringPress {
             stages: self.stages.iter().map(Stage::boxed_clone).collect(),
+            counters: self.counters.clone(),
+            recent: self.recent.clone(),
+            observer: self.observer,
         }
     }
 
     /// The recording for a prefill of `n` tokens starting at token index `start`, when this
-    /// prefill is the one the press compresses (the session was empty).
+    /// prefill is the one the context stages compress (the session was empty).
     pub fn record_for(
         &self,
         start: u32,
@@ -44,24 +100,96 @@ impl ScoringPress {
         layers: usize,
         kv_heads: usize,
     ) -> Option<Record> {
-        if start != 0 || n == 0 {
+        let needs = self.needs();
+        if start != 0 || n == 0 || !self.stages.iter().any(|s| s.schedule == Schedule::Context) {
             return None;
         }
-        let needs = self.needs();
         let from = (n.saturating_sub(needs.window)) as u32;
         Some(Record::new(needs, layers, kv_heads, start + from))
     }
 
-    /// Runs every stage over `cache` with what `rec` recorded; each stage's drops are
-    /// removed (all heads or none) before the next stage scores. `pool` is locked only to
-    /// remove.
-    pub fn compress(
+    /// After a prefill. The one that filled an empty session (`first`) runs the context
+    /// stages with what it recorded (`rec`) and the every-step ones (H2O compresses the
+    /// context too); interval stages count only later forward calls, as kvpress's
+    /// `DecodingPress` leaves the context alone. A later prefill is one more forward call.
+    pub fn after_prefill(
+        &mut self,
+        e: &Engine,
+        cache: &mut SeqCache,
+        rec: Option<&Record>,
+        seen: u32,
+        first: bool,
+    ) -> Result<()> {
+        if !first {
+            return self.after_step(e, cache, seen);
+        }
+        let empty = Record::default();
+        for i in 0..self.stages.len() {
+            if self.stage_is(i, Schedule::Context) {
+                self.run_stage(e, cache, i, rec.unwrap_or(&empty), seen)?;
+            } else if self.stage_is(i, Schedule::EveryStep) {
+                self.run_stage(e, cache, i, &empty, seen)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a forward call: every decode-time stage whose schedule is due.
+    pub fn after_step(&mut self, e: &Engine, cache: &mut SeqCache, seen: u32) -> Result<()> {
+        let empty = Record::default();
+        for i in 0..self.stages.len() {
+            let due = match self.stages.get(i).map(|s| s.schedule) {
+                Some(Schedule::EveryStep) => true,
+                Some(Schedule::Interval { steps }) => {
+                    let c = self
+                        .counters
+                        .get_mut(i)
+                        .ok_or_else(|| Error::Internal("counter".into()))?;
+                    *c += 1;
+                    *c >= steps
+                }
+                _ => false,
+            };
+            if due {
+                let rec = self.recent.take().unwrap_or_default();
+                let r = self.run_stage(
+                    e,
+                    cache,
+                    i,
+                    if rec.needs == Needs::default() {
+                        &empty
+                    } else {
+                        &rec
+                    },
+                    seen,
+                );
+                self.recent = (rec.needs != Needs::default()).then_some(rec);
+                r?;
+                if let Some(c) = self.counters.get_mut(i) {
+                    *c = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_is(&self, i: usize, s: Schedule) -> bool {
+        self.stages.get(i).is_some_and(|st| st.schedule == s)
+    }
+
+    /// Runs stage `i` over `cache`; its drops are removed (all heads or none) under the
+    /// pool lock, which is not held while scoring.
+    fn run_stage(
         &self,
         e: &Engine,
         cache: &mut SeqCache,
+        i: usize,
         rec: &Record,
         seen: u32,
     ) -> Result<()> {
+        let Some(stage) = self.stages.get(i) else {
+            return Ok(());
+        };
         let cfg = &e.model.cfg;
         let sh = Shape {
             layers: cfg.num_layers,
@@ -72,11 +200,16 @@ impl ScoringPress {
             seen,
         };
         let store = e.store();
-        for stage in &self.stages {
-            let drops = e.install(|| plan(stage, cache, store, rec, sh))?;
-            if drops.iter().any(|d| !d.is_empty()) {
-                cache.remove_slots_all(&mut *e.pool()?, store, &drops)?;
-            }
+        if !cache
+            .heads()
+            .iter()
+            .any(|h| stage.budget.kept(h.len) < h.len)
+        {
+            return Ok(());
+        }
+        let drops = e.install(|| plan(stage, cache, store, rec, sh))?;
+        if drops.iter().any(|d| !d.is_empty()) {
+            cache.remove_slots_all(&mut *e.pool()?, store, &drops)?;
         }
         Ok(())
     }
@@ -84,43 +217,13 @@ impl ScoringPress {
 
 /// Builds one stage: the scorer `kind` of the registry with its own parameters, and the
 /// shared ones: `compression_ratio` in `[0, 1)` or `budget_tokens` (exclusive; neither
-/// means ratio 0, which keeps everything), `adakv_alpha` (Ada-KV budgets across the heads
-/// of a layer) or `pyramid_beta` with `pyramid_window` (PyramidKV layer budgets).
+/// means ratio 0, which keeps everything), `adakv` with `alpha_safeguard` (Ada-KV budgets
+/// across the heads of a layer) or `pyramid` with `pyramid_window` and `beta` (PyramidKV
+/// layer budgets), `decoding_interval` with `decoding_target` (`DecodingPress`: compress to
+/// the target every that many forward calls after the context).
 pub fn build_stage(kind: &str, params: Vec<(String, f64)>) -> Result<Stage> {
     let mut p = Params::new(params);
-    let what = "press";
-    let ratio = p.take("compression_ratio");
-    let tokens = p.take("budget_tokens");
-    let budget = match (ratio, tokens) {
-        (Some(_), Some(_)) => {
-            return Err(Error::Config(
-                "compression_ratio and budget_tokens are exclusive; give one".into(),
-            ))
-        }
-        (Some(r), None) => {
-            let mut q = Params::new(vec![("compression_ratio".into(), r)]);
-            Budget::Ratio(number(
-                &mut q,
-                what,
-                "compression_ratio",
-                0.0,
-                (0.0, 1.0),
-                true,
-            )?)
-        }
-        (None, Some(t)) => {
-            let mut q = Params::new(vec![("budget_tokens".into(), t)]);
-            Budget::Tokens(integer(
-                &mut q,
-                what,
-                "budget_tokens",
-                0,
-                1,
-                u32::MAX as usize,
-            )?)
-        }
-        (None, None) => Budget::Ratio(0.0),
-    };
+    let mut budget = take_budget(&mut p)?;
     let select = if p.take("adakv").is_some() {
         Select::Ada {
             alpha: number(&mut p, "AdaKV", "alpha_safeguard", 0.2, (0.0, 1.0), false)?,
@@ -133,10 +236,72 @@ pub fn build_stage(kind: &str, params: Vec<(String, f64)>) -> Result<Stage> {
     } else {
         Select::Uniform
     };
+    let decoding = match p.take("decoding_interval") {
+        Some(v) => {
+            let mut q = Params::new(vec![("compression_interval".into(), v)]);
+            let steps = integer(
+                &mut q,
+                "DecodingPress",
+                "compression_interval",
+                512,
+                1,
+                1 << 30,
+            )?;
+            let target = integer(
+                &mut p,
+                "DecodingPress",
+                "decoding_target",
+                2048,
+                1,
+                u32::MAX as usize,
+            )?;
+            budget = Budget::Tokens(target);
+            Some(Schedule::Interval { steps })
+        }
+        None => None,
+    };
     let scorer = build_scorer(kind, &mut p)?;
+    let schedule = decoding.unwrap_or_else(|| scorer.schedule());
     Ok(Stage {
+        schedule,
         scorer,
         budget,
         select,
+    })
+}
+
+fn take_budget(p: &mut Params) -> Result<Budget> {
+    let what = "press";
+    let ratio = p.take("compression_ratio");
+    let tokens = p.take("budget_tokens");
+    Ok(match (ratio, tokens) {
+        (Some(r), Some(_)) if r != 0.0 => {
+            return Err(Error::Config(
+                "compression_ratio and budget_tokens are exclusive; give one".into(),
+            ))
+        }
+        (_, Some(t)) => {
+            let mut q = Params::new(vec![("budget_tokens".into(), t)]);
+            Budget::Tokens(integer(
+                &mut q,
+                what,
+                "budget_tokens",
+                0,
+                1,
+                u32::MAX as usize,
+            )?)
+        }
+        (Some(r), None) => {
+            let mut q = Params::new(vec![("compression_ratio".into(), r)]);
+            Budget::Ratio(number(
+                &mut q,
+                what,
+                "compression_ratio",
+                0.0,
+                (0.0, 1.0),
+                true,
+            )?)
+        }
+        (None, None) => Budget::Ratio(0.0),
     })
 }

@@ -15,6 +15,7 @@
 
 pub mod columns;
 mod compact;
+mod observe;
 pub mod paged;
 pub mod pool;
 pub mod raw;

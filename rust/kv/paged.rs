@@ -32,6 +32,8 @@ pub struct HeadCache {
 pub struct SeqCache {
     num_kv_heads: usize,
     pub(crate) heads: Vec<HeadCache>,
+    /// Every block is exclusive to this sequence (`observe.rs`); cleared by `fork`.
+    pub(crate) owns_all: bool,
 }
 
 impl SeqCache {
@@ -40,6 +42,7 @@ impl SeqCache {
         Self {
             num_kv_heads,
             heads: vec![HeadCache::default(); num_layers * num_kv_heads],
+            owns_all: true,
         }
     }
 
@@ -173,9 +176,11 @@ impl SeqCache {
                 pool.incref(b)?;
             }
         }
+        self.owns_all = false;
         Ok(Self {
             num_kv_heads: self.num_kv_heads,
             heads: self.heads.clone(),
+            owns_all: false,
         })
     }
 

@@ -15,7 +15,9 @@ use crate::attention::run::{max_pieces, run_tasks, Task};
 use crate::attention::{Attention, Mask, Query};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::evict::press::Scorer;
 use crate::evict::record::Record;
+use crate::kv::columns::ColumnId;
 use crate::kv::paged::SeqCache;
 use crate::model::llama::Layer;
 use crate::model::probs::{gather_probs, LayerProbs};
@@ -68,6 +70,19 @@ pub struct SeqWork<'a> {
     pub probs: Option<&'a mut Vec<LayerProbs>>,
     /// When set, records what this sequence's scoring press needs (`evict::record`).
     pub record: Option<&'a mut Record>,
+    /// When set, the press that updates per-slot state from every query row.
+    pub observe: Option<Observe<'a>>,
+}
+
+/// A press observing a sequence's attention (`evict::press::Scorer::observe`).
+#[derive(Clone, Copy)]
+pub struct Observe<'a> {
+    /// The observing scorer.
+    pub scorer: &'a dyn Scorer,
+    /// Its state column.
+    pub col: ColumnId,
+    /// The rows are a prefill's.
+    pub prefill: bool,
 }
 
 /// Runs the batch `seqs` through the model. `out` receives the requested logits, `(rows,
@@ -308,7 +323,7 @@ fn attend(
                     variant: w.variant,
                     view,
                     query,
-                    probs: w.probs.is_some() || sums,
+                    probs: w.probs.is_some() || sums || w.observe.is_some(),
                     split,
                 });
             }
@@ -335,6 +350,10 @@ fn attend(
                 let rows = &s.run.probs[first_task..first_task + nt * nkv];
                 record_sums(w.cache, store, li, nkv, w.positions, rows, rec)?;
             }
+        }
+        if let Some(obs) = w.observe {
+            let rows = &s.run.probs[first_task..first_task + nt * nkv];
+            observe_rows(w.cache, store, li, nkv, g, w.first_tok, rows, obs)?;
         }
         first_task += nt * nkv;
     }
@@ -363,6 +382,37 @@ fn record_sums(
         })?;
         for (t, &qpos) in positions.iter().enumerate() {
             rec.add_probs(index, &toks, &pos, qpos, &rows[t * nkv + kh])?;
+        }
+    }
+    Ok(())
+}
+
+/// Lets the observing press update each slot's state from each of a step's query rows
+/// (task `t * nkv + kh`: `(g, len)` probabilities over head `kh`'s slots).
+#[allow(clippy::too_many_arguments)]
+fn observe_rows(
+    cache: &mut SeqCache,
+    store: &crate::kv::store::KvStore,
+    li: usize,
+    nkv: usize,
+    g: usize,
+    first_tok: u32,
+    rows: &[Vec<f32>],
+    obs: Observe<'_>,
+) -> Result<()> {
+    let nt = rows.len() / nkv.max(1);
+    let mut probs = vec![0.0f32; g];
+    for t in 0..nt {
+        for kh in 0..nkv {
+            let row = &rows[t * nkv + kh];
+            let len = row.len() / g.max(1);
+            let clock = first_tok + t as u32;
+            cache.for_each_column_mut(store, li * nkv + kh, obs.col, |slot, _, _, vals| {
+                for (gi, p) in probs.iter_mut().enumerate() {
+                    *p = row.get(gi * len + slot).copied().unwrap_or(0.0);
+                }
+                obs.scorer.observe(clock, obs.prefill, &probs, vals);
+            })?;
         }
     }
     Ok(())

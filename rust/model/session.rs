@@ -19,7 +19,7 @@ use crate::evict::record::Record;
 use crate::evict::scoring::ScoringPress;
 use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
-use crate::model::forward::{forward, Logits, SeqWork};
+use crate::model::forward::{forward, Logits, Observe, SeqWork};
 use crate::model::probs::LayerProbs;
 use crate::model::tree::TreeMask;
 
@@ -39,6 +39,8 @@ pub(crate) struct Taps<'a> {
     pub probs: Option<&'a mut Vec<LayerProbs>>,
     /// What the scoring press needs.
     pub record: Option<&'a mut Record>,
+    /// The step is a prefill chunk.
+    pub prefill: bool,
 }
 
 /// This sequence's share of the pool.
@@ -175,6 +177,7 @@ impl Session {
                     Taps {
                         probs: None,
                         record: record.as_mut(),
+                        prefill: true,
                     },
                     out,
                 )
@@ -184,8 +187,8 @@ impl Session {
             }
         }
         self.last_logits = logits;
-        if let (Ok(()), Some(rec)) = (&result, &record) {
-            result = self.compress(rec);
+        if result.is_ok() {
+            result = self.after_prefill(record.as_ref(), start == 0);
         }
         if result.is_err() {
             self.rollback(start);
@@ -193,20 +196,53 @@ impl Session {
         result
     }
 
-    /// Runs the scoring press over the cache with what the prefill recorded.
-    fn compress(&mut self, rec: &Record) -> Result<()> {
-        let Some(press) = &self.scoring else {
+    /// Runs the scoring press after a prefill, with what it recorded.
+    fn after_prefill(&mut self, rec: Option<&Record>, first: bool) -> Result<()> {
+        let Some(press) = self.scoring.as_mut() else {
             return Ok(());
         };
         let engine = Arc::clone(&self.engine);
-        press.compress(&engine, &mut self.cache, rec, self.num_tokens)
+        press.after_prefill(&engine, &mut self.cache, rec, self.num_tokens, first)
+    }
+
+    /// Runs the scoring press's decode-time stages after a step.
+    pub(crate) fn after_step(&mut self) -> Result<()> {
+        let Some(press) = self.scoring.as_mut() else {
+            return Ok(());
+        };
+        let engine = Arc::clone(&self.engine);
+        press.after_step(&engine, &mut self.cache, self.num_tokens)
+    }
+
+    /// A linear step's forward with the press's recent-query recording, then its
+    /// decode-time stages.
+    fn decode_linear(
+        &mut self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        want: Logits,
+        probs: Option<&mut Vec<LayerProbs>>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let mut recent = self.scoring.as_mut().and_then(|p| p.recent.take());
+        let taps = Taps {
+            probs,
+            record: recent.as_mut(),
+            prefill: false,
+        };
+        let r = self.linear(tokens, positions, want, taps, out);
+        if let (Some(p), Some(rec)) = (self.scoring.as_mut(), recent) {
+            p.recent = Some(rec);
+        }
+        r?;
+        self.after_step()
     }
 
     /// Runs one token at the next position, keeping its logits (the decode step).
     pub fn decode(&mut self, token: u32) -> Result<()> {
         self.check_step(&[token], None, false)?;
         let mut logits = std::mem::take(&mut self.last_logits);
-        let result = self.linear(&[token], None, Logits::Last, Taps::default(), &mut logits);
+        let result = self.decode_linear(&[token], None, Logits::Last, None, &mut logits);
         self.last_logits = logits;
         if result.is_err() {
             self.rollback(self.num_tokens);
@@ -272,11 +308,7 @@ impl Session {
         for (i, chunk) in tokens.chunks(step).enumerate() {
             let pos = positions.map(|p| &p[i * step..i * step + chunk.len()]);
             let logits = &mut out.logits[i * step * vocab..(i * step + chunk.len()) * vocab];
-            let taps = Taps {
-                probs: out.probs.as_mut(),
-                record: None,
-            };
-            self.linear(chunk, pos, Logits::All, taps, logits)?;
+            self.decode_linear(chunk, pos, Logits::All, out.probs.as_mut(), logits)?;
         }
         Ok(())
     }
@@ -299,6 +331,7 @@ impl Session {
             Taps {
                 probs: out.probs.as_mut(),
                 record: None,
+                prefill: false,
             },
             &mut out.logits,
         )
@@ -349,6 +382,17 @@ impl Session {
             logits: want,
             probs: taps.probs,
             record: taps.record,
+            // A speculation tree's rows may be rolled back: they leave no per-token state.
+            observe: self
+                .scoring
+                .as_ref()
+                .and_then(|p| p.observer())
+                .filter(|_| tree.is_none())
+                .map(|(scorer, col)| Observe {
+                    scorer,
+                    col,
+                    prefill: taps.prefill,
+                }),
         }];
         let int8 = self.int8;
         engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))?
@@ -371,6 +415,13 @@ impl Session {
         }
         if self.attention.needs_summaries() {
             self.cache.ensure_summaries(&mut pool, engine.store())?;
+        }
+        if self
+            .scoring
+            .as_ref()
+            .is_some_and(|p| p.observer().is_some())
+        {
+            self.cache.own_all(&mut pool, engine.store())?;
         }
         self.cache.reserve(&mut pool, engine.store(), n)
     }

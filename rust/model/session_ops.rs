@@ -8,7 +8,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::scoring::ScoringPress;
 use crate::evict::EvictScratch;
-use crate::model::forward::{forward, Logits, SeqWork};
+use crate::model::forward::{forward, Logits, Observe, SeqWork};
 
 impl Session {
     /// Checks a step's inputs before anything runs. `single`: the step must fit one forward
@@ -314,13 +314,21 @@ pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<()>
     }
     let starts: Vec<u32> = sessions.iter().map(|s| s.num_tokens).collect();
     let result = batch_forward(&engine, sessions, tokens, int8);
+    let ok = result.is_ok();
+    let mut out = result;
     for (s, &start) in sessions.iter_mut().zip(&starts) {
-        match result {
-            Ok(()) => s.num_tokens = start + 1,
-            Err(_) => s.rollback(start),
+        let done = if ok {
+            s.num_tokens = start + 1;
+            s.after_step()
+        } else {
+            Ok(())
+        };
+        if !ok || done.is_err() {
+            s.rollback(start);
         }
+        out = out.and(done);
     }
-    result
+    out
 }
 
 fn batch_forward(
@@ -348,6 +356,15 @@ fn batch_forward(
             logits: Logits::Last,
             probs: None,
             record: None,
+            observe: s
+                .scoring
+                .as_ref()
+                .and_then(|p| p.observer())
+                .map(|(scorer, col)| Observe {
+                    scorer,
+                    col,
+                    prefill: false,
+                }),
         })
         .collect();
     let n = work.len();

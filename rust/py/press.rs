@@ -24,6 +24,7 @@ struct HeadArrays {
     rows: Vec<f32>,
     mean: Vec<f64>,
     cov: Vec<f64>,
+    state: Vec<f32>,
 }
 
 /// `d[key]` as float64 values (empty when absent), converted by `conv`.
@@ -57,6 +58,7 @@ impl HeadArrays {
             rows: item(d, "rows", f32_of)?,
             mean: item(d, "mean", f64_of)?,
             cov: item(d, "cov", f64_of)?,
+            state: item(d, "state", f32_of)?,
         })
     }
 }
@@ -86,7 +88,7 @@ fn check(h: &HeadArrays, f: LayerFacts<'_>) -> Result<()> {
 
 /// Runs stage `(kind, params)` over `heads` (dicts of 1-D arrays: `positions`, `tokens`,
 /// `keys`, `values`, optional `queries` `(g*w*hd)`, `query_positions`, `sums`, `rows`,
-/// `mean` `(g*hd)`, `cov` `(g*hd*hd)`); returns per head its final scores and dropped slots.
+/// `mean` `(g*hd)`, `cov` `(g*hd*hd)`, `state` `(len*width)`); returns per head its final scores and dropped slots.
 #[pyfunction]
 #[pyo3(signature = (kind, params, heads, *, layer, num_layers, group, head_dim, inv_freq, seen))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -136,6 +138,7 @@ pub fn press_plan(
                 queries: &h.queries,
                 query_positions: &h.query_positions,
                 query_stats: st,
+                state: &h.state,
                 inv_freq: &inv_freq,
                 seen,
             })

@@ -128,8 +128,13 @@ impl PySession {
                 .into_iter()
                 .map(|(k, p)| build_stage(&k, p))
                 .collect::<Result<Vec<_>>>()?;
-            let press = (!built.is_empty()).then_some(ScoringPress { stages: built });
-            self.lock()?.session.set_scoring(press);
+            let mut state = self.lock()?;
+            let press = if built.is_empty() {
+                None
+            } else {
+                Some(ScoringPress::new(state.session.engine(), built)?)
+            };
+            state.session.set_scoring(press);
             Ok(())
         })
     }

@@ -114,6 +114,39 @@ def expected_attention(h: dict, inv_freq: np.ndarray, seen: int, n_future_positi
     return (m + epsilon) * np.linalg.norm(vals, axis=1) if use_vnorm else m
 
 
+def h2o(h: dict) -> np.ndarray:
+    """The accumulated attention kept in the state column."""
+    return np.asarray(h["state"], np.float64).reshape(-1)
+
+
+def lazy_eviction(h: dict, seen: int) -> np.ndarray:
+    """The recurrence-aware score from the state ``(L, 2)``: ``last + 1`` (0: unobserved)
+    and the maximum recurrence interval, at step ``t = seen - 1``."""
+    st = np.asarray(h["state"], np.float64).reshape(-1, 2)
+    t = float(seen - 1)
+    last = np.where(st[:, 0] > 0, st[:, 0] - 1, t)
+    mri = st[:, 1]
+    with np.errstate(over="ignore"):  # exp overflows to inf: the term is then exactly 0
+        fresh = 2 / (1 + np.exp(1 + (t - last) / (mri + 1e-5)))
+        return fresh + np.where(mri == 0, 0.0, 2 / (1 + np.exp(mri - 1)))
+
+
+def h2o_observe(state: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """One query row: ``probs`` ``(g, L)`` over a head's slots -> the new ``(L,)`` sums."""
+    return state + probs.sum(axis=0)
+
+
+def lazy_observe(state: np.ndarray, probs: np.ndarray, clock: int, alpha: float) -> np.ndarray:
+    """One decode row: ``state`` ``(L, 2)``, ``probs`` ``(g, L)``."""
+    st = state.copy()
+    st[st[:, 0] == 0, 0] = clock
+    hit = (probs >= alpha).any(axis=0)
+    period = clock - (st[:, 0] - 1)
+    st[hit, 1] = np.maximum(st[hit, 1], period[hit])
+    st[hit, 0] = clock + 1
+    return st
+
+
 # kind -> (score function, aggregate: "group" | "kv" | "layer", protect(params) -> (sinks, recent))
 SCORERS = {
     "knorm": (lambda h, p, f: knorm(h), "kv", lambda p: (0, 0)),
@@ -132,6 +165,9 @@ SCORERS = {
             int(p.get("n_sink", 4)), bool(p.get("use_covariance", 1)), bool(p.get("use_vnorm", 1)),
             float(p.get("epsilon", 0.0))),
         "kv", lambda p: (int(p.get("n_sink", 4)), 0)),
+    "h2o": (lambda h, p, f: h2o(h), "kv", lambda p: (0, int(p.get("recent_size", 512)))),
+    "lazy_eviction": (lambda h, p, f: lazy_eviction(h, f["seen"]), "kv",
+                      lambda p: (0, int(p.get("window", 128)))),
 }
 
 
