@@ -169,7 +169,8 @@ def scoring_presses(ratio):
     return [P.KNorm(ratio), P.SnapKV(ratio, window_size=8), P.TOVA(ratio),
             P.ExpectedAttention(ratio), P.ObservedAttention(ratio), P.KeyDiff(ratio),
             P.StreamingLLM(compression_ratio=ratio), P.PyramidKV(ratio, window_size=8),
-            P.AdaKV(P.KNorm(ratio)), P.ComposedPress([P.KNorm(ratio), P.TOVA(ratio)])]
+            P.AdaKV(P.KNorm(ratio)), P.ComposedPress([P.KNorm(ratio), P.TOVA(ratio)]),
+            P.KVzip(ratio), P.KVzip(ratio, layerwise=True)]
 
 
 @pytest.mark.parametrize("press", scoring_presses(0.0), ids=lambda p: type(p).__name__)
@@ -200,6 +201,8 @@ def test_presses_free_memory_and_keep_the_budget(models, press):
             assert total == cfg.num_layers * cfg.num_kv_heads * int(int(len(ids) * 0.5) * 0.5)
         elif isinstance(press, P.PyramidKV):
             assert lens[0][0] >= lens[-1][0]
+        elif isinstance(press, P.KVzip) and press.layerwise:
+            assert [sum(x) for x in lens] == [cfg.num_kv_heads * 32] * cfg.num_layers
         else:
             assert total == full // 2
         assert s.kv_stats()["live_bytes"] < dense.kv_stats()["live_bytes"]
@@ -372,4 +375,49 @@ def test_batched_generation_under_decode_time_presses_equals_one_by_one(models):
         alone = [llm.generate(p, params, press=press).token_ids for p in prompts]
         together = [o.token_ids for o in llm.generate(prompts, params, press=press)]
         assert together == alone, type(press).__name__
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_kvzip_scores_equal_the_renormalised_reconstruction_attention(models):
+    llm = models.llm()
+    cfg = llm.config
+    g = cfg.num_heads // cfg.num_kv_heads
+    ctx = list(range(3, 43))
+    press = P.KVzip(0.5, n_sink=2)
+    with llm.session(press=press) as s, llm.session() as dense:
+        s.prefill(ctx)
+        dense.prefill(ctx)
+        tok = llm.tokenizer
+
+        def ids(text):
+            return tok.encode(text, add_special_tokens=False).ids
+
+        suffix = "\n"
+        try:
+            sep = "#" * 13
+            suffix = llm.apply_chat_template([{"role": "user", "content": "dummy context\n" + sep}]
+                                             ).split(sep, 1)[1]
+        except ConfigError:
+            pass
+        repeat = ids(P.KVzip.FIRST) + ids(suffix) + ctx
+        _, attn = dense.step(repeat, output_attentions=True)
+        heads = []
+        for la in attn:
+            for kh in range(cfg.num_kv_heads):
+                probs = la.probs[kh * g:(kh + 1) * g]
+                tokens = np.arange(probs.shape[-1])  # entry order = token index here
+                m = ref.kvzip_maxima(probs, tokens, 0, 0, len(ctx), len(ctx))
+                heads.append(np.where(np.arange(len(ctx)) < 2, 1.0, m))
+        allv = np.concatenate(heads)
+        cut = np.sort(allv)[len(allv) - len(allv) // 2 - 1:][:2]
+        i = 0
+        for li in range(cfg.num_layers):
+            for kh in range(cfg.num_kv_heads):
+                kept = s.kept_positions(li, kh)
+                want = np.flatnonzero(heads[i] > cut.mean())
+                close = np.abs(heads[i] - cut.mean()) < 1e-5
+                assert set(kept.tolist()) ^ set(want.tolist()) <= set(np.flatnonzero(close))
+                i += 1
+        assert sum(len(s.kept_positions(li, kh)) for li in range(cfg.num_layers)
+                   for kh in range(cfg.num_kv_heads)) == len(allv) - len(allv) // 2
     assert llm.kv_stats()["live_blocks"] == 0

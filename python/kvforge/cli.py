@@ -271,7 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import eval as ev
-    from .presses import BY_NAME, by_name
+    from .presses import BY_NAME
 
     kwargs = {}
     for item in args.press_arg:
@@ -283,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "streaming_llm", "adakv-expected_attention"]
 
     def maker(name: str) -> Any:
-        return lambda r: by_name(name, compression_ratio=r, **kwargs)
+        return lambda r: ev.ratio_press(name, r, args.context, **kwargs)
 
     for name in names:
         maker(name)(0.5)  # a bad name or argument fails before any work

@@ -160,6 +160,8 @@ class LLM:
         session = self._core_engine().session(max_context=self.max_context)
         if press is not None:
             press._apply(session)
+            if hasattr(press, "_bind"):  # presses that need the model's tokenizer (KVzip)
+                press._bind(session, self)
         if attention is not None:
             attention._apply(session)
         if self.activations != "float32":

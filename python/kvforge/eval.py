@@ -10,7 +10,8 @@ For each configuration (a press, an attention variant, or both) and each compres
 - **passkey retrieval** at each ``passkey`` length: a five-digit key hidden at a random depth
   in filler text, the context compressed, then the question fed and the answer decoded
   greedily; accuracy over ``trials`` keys;
-- **KV bytes**: the session's live bytes after the context (the compressed cache).
+- **KV bytes**: the session's live bytes after the context (the compressed cache) and at
+  the end of the fed tokens (decode-time presses compress while tokens are fed).
 
 :func:`evaluate` returns rows (dicts); :func:`write` saves them as JSON, CSV and a PNG plot
 (one line per configuration, x = KV bytes, y = top-1 agreement).
@@ -72,7 +73,7 @@ def teacher_forcing(llm: Any, ids: list[int], context: int, press: Any, attentio
                     dense: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """Metrics of ``press``/``attention`` on ``ids`` (``context`` prefilled, the rest fed in
     one step) against ``dense`` (its log-probabilities; computed when ``None``)."""
-    logp, kv = _forced(llm, ids, context, press, attention)
+    logp, kv, kv_end = _forced(llm, ids, context, press, attention)
     if dense is None:
         dense = logp
     # Row i (the prefill's last logits, then one per fed token) predicts ids[context + i].
@@ -86,17 +87,38 @@ def teacher_forcing(llm: Any, ids: list[int], context: int, press: Any, attentio
         "ppl": float(np.exp(nll.mean())),
         "ppl_delta": float(np.exp(nll.mean()) - np.exp(nll_dense.mean())),
         "kv_bytes": kv,
+        "kv_bytes_end": kv_end,
     }, dense
 
 
 def _forced(llm: Any, ids: list[int], context: int, press: Any,
-            attention: Any) -> tuple[np.ndarray, int]:
+            attention: Any) -> tuple[np.ndarray, int, int]:
+    """Log-probabilities after the context and after each fed token, one token per step (as
+    decoding runs, so decode-time presses act between tokens), and the KV bytes after the
+    context and at the end."""
     with llm.session(press=press, attention=attention) as s:
-        last = s.prefill(ids[:context])
+        rows = [s.prefill(ids[:context])]
         kv = int(s.kv_stats()["live_bytes"])
-        rest = np.asarray(s.step(ids[context:-1])) if len(ids) - context > 1 else np.zeros((0,))
-        logits = np.vstack([last[None, :], rest]) if rest.size else last[None, :]
-    return _log_softmax(logits), kv
+        for t in ids[context:-1]:
+            rows.append(s.step([t])[0])
+        kv_end = int(s.kv_stats()["live_bytes"])
+    return _log_softmax(np.vstack(rows)), kv, kv_end
+
+
+def ratio_press(name: str, ratio: float, context: int, **kwargs: Any) -> Any:
+    """The press ``name`` keeping about ``1 - ratio`` of a ``context``-token context: the
+    kvpress presses take ``compression_ratio``; H2O and LazyEviction (decode-time budgets)
+    get ``floor(context * (1 - ratio))`` tokens (H2O half heavy, half recent)."""
+    from .presses import H2O, LazyEviction, by_name
+
+    key = name.lower().replace("-", "_")
+    keep = max(int(context * (1 - ratio)), 2)
+    if key == "h2o":
+        return H2O(heavy_size=keep // 2, recent_size=keep - keep // 2, **kwargs)
+    if key == "lazy_eviction":
+        window = int(kwargs.pop("window", max(min(128, keep // 4), 1)))
+        return LazyEviction(budget_tokens=max(keep, window + 1), window=window, **kwargs)
+    return by_name(name, compression_ratio=ratio, **kwargs)
 
 
 def passkey_prompt(tokenizer: Any, length: int, key: int, depth: float) -> tuple[list, list]:

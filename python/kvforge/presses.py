@@ -316,6 +316,67 @@ class DecodingPress:
 
 
 @dataclass(frozen=True)
+class KVzip:
+    """kvpress ``KVzipPress``: after the context's prefill the model is asked to repeat the
+    context (``"\n\nRepeat the previous context exactly."``, later chunks quoting the last 8
+    tokens of the previous one, then the chat template's assistant prefix and the context
+    again, 2048 tokens per pass); a key's score is the largest attention a reconstruction query
+    gives it (over the group, the softmax renormalised over the sinks, the chunk and the pass).
+    ``layerwise=False`` drops the lowest scores across every layer and head at once, so layers
+    keep different amounts. Costs about two prefills; the passes' own KV is discarded (the
+    pool must hold the context plus one pass)."""
+
+    _kinds: ClassVar[tuple[str, ...]] = ("kvzip",)
+
+    compression_ratio: float = 0.0
+    layerwise: bool = False
+    n_sink: int = 4
+
+    FIRST: ClassVar[str] = "\n\nRepeat the previous context exactly."
+    LATER: ClassVar[str] = "\n\nRepeat the part of the previous context exactly, starting with"
+    CHUNK: ClassVar[int] = 2048
+    TAIL: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        v.compression_ratio("KVzip compression_ratio", self.compression_ratio)
+        v.integer("KVzip n_sink", self.n_sink, lo=0)
+        if not isinstance(self.layerwise, bool):
+            raise InputTypeError(f"KVzip layerwise must be a bool, got {self.layerwise!r}")
+
+    def _stages(self) -> list[Stage]:
+        spread = [("adakv", 1.0), ("alpha_safeguard", 0.0)] if self.layerwise else [
+            ("global", 1.0)]
+        return [("kvzip", [("compression_ratio", float(self.compression_ratio)),
+                           ("n_sink", float(self.n_sink))] + spread)]
+
+    def _check(self, context: int) -> None:
+        pass
+
+    def _apply(self, session: Any) -> None:
+        session.set_scoring(self._stages())
+
+    def _bind(self, session: Any, llm: Any) -> None:
+        """Gives the session the reconstruction prompts, tokenized for ``llm``."""
+        tok = llm.tokenizer
+
+        def ids(text: str) -> list[int]:
+            return tok.encode(text, add_special_tokens=False).ids
+
+        suffix = "\n"
+        try:
+            sep = "#" * 13
+            text = llm.apply_chat_template([{"role": "user", "content": "dummy context\n" + sep}])
+            suffix = text.split(sep, 1)[1]
+        except (ConfigError, IndexError):
+            pass  # no chat template: kvpress's plain "\n"
+        session.set_reconstruction(ids(self.FIRST), ids(self.LATER), ids(suffix), self.CHUNK,
+                                   self.TAIL, self.n_sink)
+
+    def cache_tokens(self) -> int | None:
+        return None
+
+
+@dataclass(frozen=True)
 class AdaKV:
     """kvpress ``AdaKVPress``: the inner press's scores, with the budget spread over the heads
     of each layer (each head's top ``alpha_safeguard`` share kept first, then the layer's
@@ -363,7 +424,7 @@ class ComposedPress:
             raise ConfigError("ComposedPress needs at least one press")
         for p in self.presses:
             if not hasattr(p, "_stages") or p.cache_tokens() is not None or isinstance(
-                    p, AdaKV | ComposedPress):
+                    p, AdaKV | ComposedPress | KVzip):
                 raise InputTypeError(f"ComposedPress takes scoring presses, got {p!r}")
 
     def _stages(self) -> list[Stage]:
@@ -385,6 +446,7 @@ BY_NAME: dict[str, type] = {
     "streaming_llm": StreamingLLM, "knorm": KNorm, "snapkv": SnapKV, "tova": TOVA,
     "expected_attention": ExpectedAttention, "observed_attention": ObservedAttention,
     "keydiff": KeyDiff, "pyramidkv": PyramidKV, "h2o": H2O, "lazy_eviction": LazyEviction,
+    "kvzip": KVzip,
 }
 
 
@@ -407,8 +469,8 @@ def by_name(name: str, **kwargs: Any) -> Any:
 
 
 PRESSES = (StreamingLLM, KNorm, SnapKV, TOVA, ExpectedAttention, ObservedAttention, KeyDiff,
-           PyramidKV, H2O, LazyEviction, DecodingPress, AdaKV, ComposedPress)
+           PyramidKV, H2O, LazyEviction, KVzip, DecodingPress, AdaKV, ComposedPress)
 
 __all__ = ["StreamingLLM", "KNorm", "SnapKV", "TOVA", "ExpectedAttention", "ObservedAttention",
-           "KeyDiff", "PyramidKV", "H2O", "LazyEviction", "DecodingPress", "AdaKV",
+           "KeyDiff", "PyramidKV", "H2O", "LazyEviction", "KVzip", "DecodingPress", "AdaKV",
            "ComposedPress", "PRESSES", "BY_NAME", "by_name"]

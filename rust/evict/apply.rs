@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::budget::{drops, protect, pyramid_kept, Budget, HeadScores, Select};
+use super::budget::{drops, global, protect, pyramid_kept, Budget, HeadScores, Select};
 use super::press::{Aggregate, HeadInput, QueryStats, Schedule, Scorer};
 use super::record::Record;
 use crate::error::{Error, Result};
@@ -55,6 +55,9 @@ pub struct Shape<'a> {
     pub seen: u32,
 }
 
+/// One layer's heads: their final scores and the slots each drops.
+pub type LayerPlan = (Vec<HeadScores>, Vec<Vec<usize>>);
+
 /// Per head (`layer * kv_heads + kv_head`), the slots `stage` drops from `cache`.
 pub fn plan(
     stage: &Stage,
@@ -63,15 +66,28 @@ pub fn plan(
     rec: &Record,
     sh: Shape<'_>,
 ) -> Result<Vec<Vec<usize>>> {
-    let layers: Vec<Result<Vec<Vec<usize>>>> = (0..sh.layers)
+    let layers: Vec<Result<LayerPlan>> = (0..sh.layers)
         .into_par_iter()
         .map(|layer| plan_layer(stage, cache, store, rec, sh, layer))
         .collect();
-    let mut out = Vec::with_capacity(sh.layers * sh.kv_heads);
+    let (mut heads, mut out) = (Vec::new(), Vec::with_capacity(sh.layers * sh.kv_heads));
     for l in layers {
-        out.extend(l?);
+        let (h, d) = l?;
+        heads.extend(h);
+        out.extend(d);
     }
-    Ok(out)
+    if stage.select != Select::Global {
+        return Ok(out);
+    }
+    let total: usize = heads.iter().map(|h| h.scores.len()).sum();
+    let keep = match stage.budget {
+        Budget::Ratio(r) => total - ((total as f64) * r) as usize,
+        Budget::Tokens(_) => heads
+            .iter()
+            .map(|h| stage.budget.kept(h.scores.len()))
+            .sum(),
+    };
+    global(&heads, keep)
 }
 
 /// The drops of one layer's heads.
@@ -82,7 +98,7 @@ fn plan_layer(
     rec: &Record,
     sh: Shape<'_>,
     layer: usize,
-) -> Result<Vec<Vec<usize>>> {
+) -> Result<LayerPlan> {
     let stats = layer_stats(rec, layer, sh);
     let want = stage.scorer.needs().window;
     let mut owned = Vec::with_capacity(sh.kv_heads);
@@ -131,15 +147,12 @@ fn plan_layer(
             },
         )
         .collect();
-    Ok(score_layer(stage, &inputs)?.1)
+    score_layer(stage, &inputs)
 }
 
 /// Scores, aggregates, protects and budgets one layer's heads (`inputs`, in KV head
 /// order): each head's final scores (`+inf` where protected) and the slots it drops.
-pub fn score_layer(
-    stage: &Stage,
-    inputs: &[HeadInput<'_>],
-) -> Result<(Vec<HeadScores>, Vec<Vec<usize>>)> {
+pub fn score_layer(stage: &Stage, inputs: &[HeadInput<'_>]) -> Result<LayerPlan> {
     let mut heads = Vec::with_capacity(inputs.len());
     let mut raw = Vec::with_capacity(inputs.len());
     let (mut group, mut seen, mut layer, mut layers) = (1, 0, 0, 1);
@@ -286,6 +299,13 @@ impl Slots {
 
 /// The recorded attention sums and row counts of head `index`'s slots.
 pub(crate) fn gathered_sums(rec: &Record, index: usize, tokens: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    if rec.needs.reconstruction {
+        let m = rec.maxima.get(index);
+        let pick = tokens
+            .iter()
+            .map(|&t| m.and_then(|m| m.get(t as usize)).copied().unwrap_or(0.0));
+        return (pick.collect(), vec![1.0; tokens.len()]);
+    }
     if !rec.needs.attention_sums {
         return (Vec::new(), Vec::new());
     }

@@ -46,6 +46,9 @@ pub enum Select {
         /// Safeguard fraction, in `[0, 1]`.
         alpha: f64,
     },
+    /// KVzip's global selection: the layers' budgets summed, chosen across every layer and
+    /// head by score (layers and heads keep different numbers of tokens).
+    Global,
     /// PyramidKV: lower layers keep more (see [`pyramid_kept`]).
     Pyramid {
         /// The observation window kept in every layer.
@@ -125,6 +128,8 @@ pub fn pyramid_kept(
 pub fn drops(heads: &[HeadScores], kept: &[usize], select: Select) -> Result<Vec<Vec<usize>>> {
     match select {
         Select::Ada { alpha } => ada(heads, kept, alpha),
+        // Chosen across layers by the caller (`apply::plan`).
+        Select::Global => Ok(vec![Vec::new(); heads.len()]),
         _ => heads
             .iter()
             .zip(kept)
@@ -156,6 +161,31 @@ fn lowest(h: &HeadScores, n: usize) -> Vec<usize> {
     let mut out: Vec<usize> = order.into_iter().take(n).collect();
     out.sort_unstable();
     out
+}
+
+/// Across `heads` (every head of every layer), the globally lowest scores until `total`
+/// slots remain (ties: older position, then earlier head).
+pub fn global(heads: &[HeadScores], total: usize) -> Result<Vec<Vec<usize>>> {
+    let mut out = vec![Vec::new(); heads.len()];
+    let mut all: Vec<(f32, u32, usize, usize)> = Vec::new();
+    for (hi, h) in heads.iter().enumerate() {
+        for (slot, (&s, &p)) in h.scores.iter().zip(&h.positions).enumerate() {
+            all.push((s, p, hi, slot));
+        }
+    }
+    let n_drop = all.len().saturating_sub(total);
+    if n_drop > 0 && n_drop < all.len() {
+        all.select_nth_unstable_by(n_drop, |a, b| {
+            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        });
+    }
+    for &(_, _, hi, slot) in all.iter().take(n_drop) {
+        if let Some(v) = out.get_mut(hi) {
+            v.push(slot);
+        }
+    }
+    out.iter_mut().for_each(|v| v.sort_unstable());
+    Ok(out)
 }
 
 /// Ada-KV: each head's top `floor(kept * alpha)` are safe; the layer then drops its

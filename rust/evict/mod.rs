@@ -19,6 +19,7 @@ pub mod expected;
 pub mod h2o;
 pub mod keydiff;
 pub mod knorm;
+pub mod kvzip;
 pub mod lazy;
 pub mod math;
 pub mod observed;

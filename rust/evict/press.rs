@@ -17,6 +17,8 @@ pub struct Needs {
     /// Mean and covariance of the pre-RoPE queries, per query head, over the context
     /// tokens at positions `>= stats_from` (Expected Attention).
     pub query_stats: Option<u32>,
+    /// The largest attention of KVzip's context-reconstruction queries on each key.
+    pub reconstruction: bool,
 }
 
 impl Needs {
@@ -29,6 +31,7 @@ impl Needs {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
+            reconstruction: self.reconstruction || o.reconstruction,
         }
     }
 }
@@ -110,7 +113,8 @@ pub struct HeadInput<'a> {
     /// Values, `(len, head_dim)`.
     pub values: &'a [f32],
     /// Accumulated attention of each slot (sum over query rows and the group), `(len,)`;
-    /// empty unless [`Needs::attention_sums`].
+    /// empty unless [`Needs::attention_sums`]; with [`Needs::reconstruction`], the KVzip
+    /// maxima instead.
     pub attention_sums: &'a [f32],
     /// Query rows that could see each slot, `(len,)`; empty unless `attention_sums`.
     pub attention_rows: &'a [f32],

@@ -19,6 +19,21 @@ pub struct Moments {
     pub count: usize,
 }
 
+/// The key ranges of one KVzip reconstruction pass (token indices): the attention of its
+/// queries is renormalised over the sinks `..sink`, the chunk `start..end` and the pass's
+/// own tokens `repeat_from..`, and each chunk key keeps its largest such probability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Sink tokens `0..sink` take part in the softmax.
+    pub sink: u32,
+    /// First context token of the chunk.
+    pub start: u32,
+    /// One past its last.
+    pub end: u32,
+    /// First token of the pass itself.
+    pub repeat_from: u32,
+}
+
 /// Recordings of one sequence's context, for its press.
 #[derive(Debug, Clone, Default)]
 pub struct Record {
@@ -39,6 +54,10 @@ pub struct Record {
     pub moments: Vec<Moments>,
     /// Most query rows kept per layer (the oldest go first); `None`: all from the window.
     pub cap: Option<usize>,
+    /// The reconstruction pass running, if any.
+    pub pass: Option<Pass>,
+    /// Per head, by token index: the largest renormalised probability of any pass query.
+    pub maxima: Vec<Vec<f32>>,
 }
 
 impl Record {
@@ -54,6 +73,8 @@ impl Record {
             rows: vec![Vec::new(); layers * kv_heads],
             moments: vec![Moments::default(); layers],
             cap: None,
+            pass: None,
+            maxima: vec![Vec::new(); layers * kv_heads],
         }
     }
 
@@ -149,6 +170,44 @@ impl Record {
             *s += p;
             if pos <= query_pos {
                 *r += 1.0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Record {
+    /// Adds one pass query row's probabilities `probs` (`(group, len)`, slot order) over
+    /// head `index`'s slots (token indices `tokens`) to the maxima.
+    pub fn add_pass(&mut self, index: usize, tokens: &[u32], probs: &[f32]) -> Result<()> {
+        let Some(p) = self.pass else {
+            return Ok(());
+        };
+        let m = self
+            .maxima
+            .get_mut(index)
+            .ok_or_else(|| Error::Internal(format!("no head {index} to record")))?;
+        if m.len() < p.end as usize {
+            m.resize(p.end as usize, 0.0);
+        }
+        let len = tokens.len();
+        let inside = |t: u32| t < p.sink || (p.start..p.end).contains(&t) || t >= p.repeat_from;
+        for row in probs.chunks_exact(len.max(1)) {
+            let total: f32 = row
+                .iter()
+                .zip(tokens)
+                .filter(|(_, &t)| inside(t))
+                .map(|(x, _)| x)
+                .sum();
+            if total <= 0.0 {
+                continue;
+            }
+            for (&x, &t) in row.iter().zip(tokens) {
+                if (p.start..p.end).contains(&t) {
+                    if let Some(v) = m.get_mut(t as usize) {
+                        *v = v.max(x / total);
+                    }
+                }
             }
         }
         Ok(())

@@ -27,6 +27,7 @@ pub const SCORERS: &[(&str, ScorerBuilder)] = &[
     ("expected_attention", super::expected::build),
     ("h2o", super::h2o::build),
     ("lazy_eviction", super::lazy::build),
+    ("kvzip", super::kvzip::build),
 ];
 
 /// Builds the step policy `name` from `params`.

@@ -27,6 +27,53 @@ pub struct ScoringPress {
     pub(crate) recent: Option<Record>,
     /// The stage that keeps per-slot state, with its column.
     observer: Option<(usize, ColumnId)>,
+    /// KVzip's reconstruction prompts, when a stage needs them.
+    pub reconstruction: Option<Reconstruction>,
+}
+
+/// The token ids of KVzip's reconstruction passes: pass `i` feeds `first` (`i == 0`) or
+/// `later` plus the last `tail` tokens of the previous chunk, then `suffix`, then chunk `i`
+/// of the context (`chunk` tokens each).
+#[derive(Debug, Clone, Default)]
+pub struct Reconstruction {
+    /// The first pass's request.
+    pub first: Vec<u32>,
+    /// Later passes' request.
+    pub later: Vec<u32>,
+    /// The chat template's assistant prefix.
+    pub suffix: Vec<u32>,
+    /// Context tokens per pass.
+    pub chunk: usize,
+    /// Previous-chunk tokens quoted in later requests.
+    pub tail: usize,
+    /// Leading context tokens in every pass's softmax.
+    pub sink: u32,
+}
+
+impl Reconstruction {
+    /// The passes over a context `ctx`: each pass's ids and its chunk `start..end`.
+    pub fn passes(&self, ctx: &[u32]) -> Vec<(Vec<u32>, u32, u32)> {
+        let step = self.chunk.max(1);
+        (0..ctx.len())
+            .step_by(step)
+            .map(|start| {
+                let end = (start + step).min(ctx.len());
+                let mut ids = if start == 0 {
+                    self.first.clone()
+                } else {
+                    let mut v = self.later.clone();
+                    v.extend_from_slice(
+                        ctx.get(start.saturating_sub(self.tail)..start)
+                            .unwrap_or(&[]),
+                    );
+                    v
+                };
+                ids.extend_from_slice(&self.suffix);
+                ids.extend_from_slice(ctx.get(start..end).unwrap_or(&[]));
+                (ids, start as u32, end as u32)
+            })
+            .collect()
+    }
 }
 
 /// Queries a decode-time stage keeps from the recent steps (kvpress's
@@ -64,6 +111,7 @@ impl ScoringPress {
             stages,
             recent,
             observer,
+            reconstruction: None,
         })
     }
 
@@ -88,7 +136,15 @@ impl ScoringPress {
             counters: self.counters.clone(),
             recent: self.recent.clone(),
             observer: self.observer,
+            reconstruction: self.reconstruction.clone(),
         }
+    }
+
+    /// True when a context stage needs KVzip's reconstruction passes.
+    pub fn needs_reconstruction(&self) -> bool {
+        self.stages
+            .iter()
+            .any(|s| s.schedule == Schedule::Context && s.scorer.needs().reconstruction)
     }
 
     /// The recording for a prefill of `n` tokens starting at token index `start`, when this
@@ -218,7 +274,7 @@ impl ScoringPress {
 /// Builds one stage: the scorer `kind` of the registry with its own parameters, and the
 /// shared ones: `compression_ratio` in `[0, 1)` or `budget_tokens` (exclusive; neither
 /// means ratio 0, which keeps everything), `adakv` with `alpha_safeguard` (Ada-KV budgets
-/// across the heads of a layer) or `pyramid` with `pyramid_window` and `beta` (PyramidKV
+/// across the heads of a layer), `global` (across every layer and head), or `pyramid` with `pyramid_window` and `beta` (PyramidKV
 /// layer budgets), `decoding_interval` with `decoding_target` (`DecodingPress`: compress to
 /// the target every that many forward calls after the context).
 pub fn build_stage(kind: &str, params: Vec<(String, f64)>) -> Result<Stage> {
@@ -228,6 +284,8 @@ pub fn build_stage(kind: &str, params: Vec<(String, f64)>) -> Result<Stage> {
         Select::Ada {
             alpha: number(&mut p, "AdaKV", "alpha_safeguard", 0.2, (0.0, 1.0), false)?,
         }
+    } else if p.take("global").is_some() {
+        Select::Global
     } else if p.take("pyramid").is_some() {
         Select::Pyramid {
             window: integer(&mut p, "PyramidKV", "pyramid_window", 64, 0, 1 << 20)?,

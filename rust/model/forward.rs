@@ -318,7 +318,10 @@ fn attend(
                     mask,
                     scale,
                 };
-                let sums = w.record.as_ref().is_some_and(|r| r.needs.attention_sums);
+                let sums = w
+                    .record
+                    .as_ref()
+                    .is_some_and(|r| r.needs.attention_sums || r.pass.is_some());
                 tasks.push(Task {
                     variant: w.variant,
                     view,
@@ -346,8 +349,10 @@ fn attend(
             sink.push(gather_probs(w.cache, store, li, cfg, nt, rows)?);
         }
         if let Some(rec) = w.record.as_deref_mut() {
-            if rec.needs.attention_sums {
-                let rows = &s.run.probs[first_task..first_task + nt * nkv];
+            let rows = &s.run.probs[first_task..first_task + nt * nkv];
+            if rec.pass.is_some() {
+                record_pass(w.cache, store, li, nkv, rows, rec)?;
+            } else if rec.needs.attention_sums {
                 record_sums(w.cache, store, li, nkv, w.positions, rows, rec)?;
             }
         }
@@ -382,6 +387,28 @@ fn record_sums(
         })?;
         for (t, &qpos) in positions.iter().enumerate() {
             rec.add_probs(index, &toks, &pos, qpos, &rows[t * nkv + kh])?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds a reconstruction pass's probability rows to the recording's maxima.
+fn record_pass(
+    cache: &SeqCache,
+    store: &crate::kv::store::KvStore,
+    li: usize,
+    nkv: usize,
+    rows: &[Vec<f32>],
+    rec: &mut Record,
+) -> Result<()> {
+    let mut toks = Vec::new();
+    let nt = rows.len() / nkv.max(1);
+    for kh in 0..nkv {
+        let index = li * nkv + kh;
+        toks.clear();
+        cache.for_each_slot(store, index, |_, _, t| toks.push(t))?;
+        for t in 0..nt {
+            rec.add_pass(index, &toks, &rows[t * nkv + kh])?;
         }
     }
     Ok(())

@@ -15,7 +15,8 @@ use crate::attention::dense::Dense;
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::evict::record::Record;
+use crate::evict::press::Needs;
+use crate::evict::record::{Pass, Record};
 use crate::evict::scoring::ScoringPress;
 use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
@@ -187,6 +188,18 @@ impl Session {
             }
         }
         self.last_logits = logits;
+        if result.is_ok()
+            && start == 0
+            && self
+                .scoring
+                .as_ref()
+                .is_some_and(|p| p.needs_reconstruction())
+        {
+            match self.reconstruct(tokens) {
+                Ok(r) => record = Some(r),
+                Err(e) => result = Err(e),
+            }
+        }
         if result.is_ok() {
             result = self.after_prefill(record.as_ref(), start == 0);
         }
@@ -194,6 +207,47 @@ impl Session {
             self.rollback(start);
         }
         result
+    }
+
+    /// KVzip's reconstruction passes over the context `ctx` just prefilled: each pass runs
+    /// through the cache recording its attention maxima, then is truncated away.
+    fn reconstruct(&mut self, ctx: &[u32]) -> Result<Record> {
+        let recon = self
+            .scoring
+            .as_ref()
+            .and_then(|p| p.reconstruction.clone())
+            .ok_or_else(|| Error::Config("KVzip: the reconstruction prompts are not set".into()))?;
+        let cfg = &self.engine.model.cfg;
+        let needs = Needs {
+            reconstruction: true,
+            ..Needs::default()
+        };
+        let mut rec = Record::new(needs, cfg.num_layers, cfg.num_kv_heads, u32::MAX);
+        let (base, step) = (self.num_tokens, self.step_size());
+        for (ids, start, end) in recon.passes(ctx) {
+            rec.pass = Some(Pass {
+                sink: recon.sink.min(start),
+                start,
+                end,
+                repeat_from: base,
+            });
+            let mut run = Ok(());
+            for chunk in ids.chunks(step) {
+                let taps = Taps {
+                    probs: None,
+                    record: Some(&mut rec),
+                    prefill: true,
+                };
+                run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
+                if run.is_err() {
+                    break;
+                }
+            }
+            self.rollback(base);
+            run?;
+        }
+        rec.pass = None;
+        Ok(rec)
     }
 
     /// Runs the scoring press after a prefill, with what it recorded.

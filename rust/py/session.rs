@@ -13,7 +13,7 @@ use super::progress::{with_progress, IN_CALLBACK};
 use crate::attention::registry::{self, Params};
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
-use crate::evict::scoring::{build_stage, ScoringPress};
+use crate::evict::scoring::{build_stage, Reconstruction, ScoringPress};
 use crate::model::session::StepOut;
 use crate::model::Session;
 use crate::sample::{Sampler, SamplingConfig};
@@ -136,6 +136,61 @@ impl PySession {
             };
             state.session.set_scoring(press);
             Ok(())
+        })
+    }
+
+    /// KVzip's reconstruction prompts for the installed scoring press: `first` and `later`
+    /// request ids, the chat template's assistant `suffix`, `chunk` context tokens per pass,
+    /// `tail` quoted tokens, `sink` leading tokens in every softmax.
+    #[pyo3(signature = (first, later, suffix, chunk = 2048, tail = 8, sink = 4))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_reconstruction(
+        &self,
+        py: Python<'_>,
+        first: Vec<i64>,
+        later: Vec<i64>,
+        suffix: Vec<i64>,
+        chunk: usize,
+        tail: usize,
+        sink: u32,
+    ) -> PyResult<()> {
+        run(py, || {
+            let mut state = self.lock()?;
+            let vocab = state.session.engine().model.cfg.vocab_size;
+            let ids = |v: Vec<i64>| -> Result<Vec<u32>> {
+                v.into_iter()
+                    .map(|t| {
+                        u32::try_from(t)
+                            .ok()
+                            .filter(|&t| (t as usize) < vocab)
+                            .ok_or_else(|| {
+                                Error::Config(format!(
+                                    "reconstruction token id {t} out of [0, {vocab})"
+                                ))
+                            })
+                    })
+                    .collect()
+            };
+            if chunk == 0 {
+                return Err(Error::Config("reconstruction chunk must be >= 1".into()));
+            }
+            let r = Reconstruction {
+                first: ids(first)?,
+                later: ids(later)?,
+                suffix: ids(suffix)?,
+                chunk,
+                tail,
+                sink,
+            };
+            match state.session.scoring.as_mut() {
+                Some(p) => {
+                    p.reconstruction = Some(r);
+                    Ok(())
+                }
+                None => Err(Error::Config(
+                    "set_reconstruction: no scoring press installed".into(),
+                )),
+            }
         })
     }
 

@@ -131,6 +131,26 @@ def lazy_eviction(h: dict, seen: int) -> np.ndarray:
         return fresh + np.where(mri == 0, 0.0, 2 / (1 + np.exp(mri - 1)))
 
 
+def kvzip(h: dict, n_sink: int = 4) -> np.ndarray:
+    """The reconstruction maxima (in ``sums``); the first ``n_sink`` tokens score 1."""
+    return np.where(np.asarray(h["tokens"]) < n_sink, 1.0, np.asarray(h["sums"], np.float64))
+
+
+def kvzip_maxima(probs: np.ndarray, tokens: np.ndarray, sink: int, start: int, end: int,
+                 repeat_from: int) -> np.ndarray:
+    """One pass over one KV head: ``probs`` ``(g, q, L)`` of the pass queries over the cached
+    tokens ``tokens`` ``(L,)`` -> per chunk token ``start..end``, the largest probability
+    renormalised over the sinks, the chunk and the pass."""
+    inside = (tokens < sink) | ((tokens >= start) & (tokens < end)) | (tokens >= repeat_from)
+    p = probs / probs[..., inside].sum(axis=-1, keepdims=True)
+    best = p.max(axis=(0, 1))
+    out = np.zeros(end - start)
+    for j, t in enumerate(tokens):
+        if start <= t < end:
+            out[t - start] = best[j]
+    return out
+
+
 def h2o_observe(state: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """One query row: ``probs`` ``(g, L)`` over a head's slots -> the new ``(L,)`` sums."""
     return state + probs.sum(axis=0)
@@ -168,6 +188,7 @@ SCORERS = {
     "h2o": (lambda h, p, f: h2o(h), "kv", lambda p: (0, int(p.get("recent_size", 512)))),
     "lazy_eviction": (lambda h, p, f: lazy_eviction(h, f["seen"]), "kv",
                       lambda p: (0, int(p.get("window", 128)))),
+    "kvzip": (lambda h, p, f: kvzip(h, int(p.get("n_sink", 4))), "kv", lambda p: (0, 0)),
 }
 
 
