@@ -21,6 +21,11 @@ impl Params {
         Some(self.items.remove(at).1)
     }
 
+    /// True when parameter `name` is (still) given.
+    pub fn take_peek(&self, name: &str) -> bool {
+        self.items.iter().any(|(n, _)| n == name)
+    }
+
     /// Fails when a parameter was given that `variant` does not take.
     pub fn finish(&self, variant: &str) -> Result<()> {
         match self.items.first() {

@@ -45,8 +45,9 @@ def models(tmp_path_factory):
 
 
 def test_reference_covers_every_registered_scorer():
+    """DuoAttention selects by head, not by score: its test checks the kept sets directly."""
     _, registered = _core.registries()
-    assert set(registered) - {"streaming_window"} == set(SCORERS)
+    assert set(registered) - {"streaming_window", "duo_attention"} == set(SCORERS)
 
 
 def make_heads(rng, nkv, group, hd, lens, window, seen):
@@ -170,7 +171,8 @@ def scoring_presses(ratio):
             P.ExpectedAttention(ratio), P.ObservedAttention(ratio), P.KeyDiff(ratio),
             P.StreamingLLM(compression_ratio=ratio), P.PyramidKV(ratio, window_size=8),
             P.AdaKV(P.KNorm(ratio)), P.ComposedPress([P.KNorm(ratio), P.TOVA(ratio)]),
-            P.KVzip(ratio), P.KVzip(ratio, layerwise=True)]
+            P.KVzip(ratio), P.KVzip(ratio, layerwise=True),
+            P.DuoAttention(ratio, sink_size=4, recent_size=8, samples=2, sample_tokens=64)]
 
 
 @pytest.mark.parametrize("press", scoring_presses(0.0), ids=lambda p: type(p).__name__)
@@ -201,6 +203,9 @@ def test_presses_free_memory_and_keep_the_budget(models, press):
             assert total == cfg.num_layers * cfg.num_kv_heads * int(int(len(ids) * 0.5) * 0.5)
         elif isinstance(press, P.PyramidKV):
             assert lens[0][0] >= lens[-1][0]
+        elif isinstance(press, P.DuoAttention):
+            streaming = sorted(x for row in lens for x in row if x < len(ids))
+            assert streaming == [12] * round(0.5 * cfg.num_layers * cfg.num_kv_heads)
         elif isinstance(press, P.KVzip) and press.layerwise:
             assert [sum(x) for x in lens] == [cfg.num_kv_heads * 32] * cfg.num_layers
         else:
@@ -420,4 +425,33 @@ def test_kvzip_scores_equal_the_renormalised_reconstruction_attention(models):
                 i += 1
         assert sum(len(s.kept_positions(li, kh)) for li in range(cfg.num_layers)
                    for kh in range(cfg.num_kv_heads)) == len(allv) - len(allv) // 2
+    assert llm.kv_stats()["live_blocks"] == 0
+
+
+def test_duo_attention_streams_the_lowest_heads_of_a_pattern(models, tmp_path):
+    llm = models.llm()
+    cfg = llm.config
+    gates = np.arange(cfg.num_layers * cfg.num_kv_heads, dtype=float).reshape(
+        cfg.num_layers, cfg.num_kv_heads)[::-1] / 10
+    path = tmp_path / "full_attention_heads.tsv"
+    np.savetxt(path, gates, delimiter="\t")
+    ids = list(range(3, 53))
+    press = P.DuoAttention(0.5, sink_size=3, recent_size=5, pattern=str(path))
+    with llm.session(press=press) as s:
+        s.prefill(ids)
+        order = np.argsort(gates.ravel(), kind="stable")[:3]
+        for li in range(cfg.num_layers):
+            for kh in range(cfg.num_kv_heads):
+                kept = s.kept_positions(li, kh).tolist()
+                if li * cfg.num_kv_heads + kh in order:
+                    assert kept == [0, 1, 2, 45, 46, 47, 48, 49]
+                else:
+                    assert kept == list(range(len(ids)))
+    scores = P.DuoAttention(samples=2, sample_tokens=32).head_scores(llm)
+    assert scores.shape == (cfg.num_layers, cfg.num_kv_heads)
+    assert np.all((scores > 0) & (scores <= 1))
+    bad = tmp_path / "bad.tsv"
+    np.savetxt(bad, np.ones((2, 5)))
+    with pytest.raises(ConfigError, match="shape"):
+        llm.session(press=P.DuoAttention(0.5, pattern=str(bad)))
     assert llm.kv_stats()["live_blocks"] == 0

@@ -115,6 +115,8 @@ def ratio_press(name: str, ratio: float, context: int, **kwargs: Any) -> Any:
     keep = max(int(context * (1 - ratio)), 2)
     if key == "h2o":
         return H2O(heavy_size=keep // 2, recent_size=keep - keep // 2, **kwargs)
+    if key == "duo_attention":
+        return by_name(name, head_compression_ratio=ratio, **kwargs)
     if key == "lazy_eviction":
         window = int(kwargs.pop("window", max(min(128, keep // 4), 1)))
         return LazyEviction(budget_tokens=max(keep, window + 1), window=window, **kwargs)

@@ -46,6 +46,8 @@ pub enum Select {
         /// Safeguard fraction, in `[0, 1]`.
         alpha: f64,
     },
+    /// Drop exactly the slots the scorer marked with `-inf` (DuoAttention's streaming heads).
+    Marked,
     /// KVzip's global selection: the layers' budgets summed, chosen across every layer and
     /// head by score (layers and heads keep different numbers of tokens).
     Global,
@@ -130,6 +132,16 @@ pub fn drops(heads: &[HeadScores], kept: &[usize], select: Select) -> Result<Vec
         Select::Ada { alpha } => ada(heads, kept, alpha),
         // Chosen across layers by the caller (`apply::plan`).
         Select::Global => Ok(vec![Vec::new(); heads.len()]),
+        Select::Marked => Ok(heads
+            .iter()
+            .map(|h| {
+                let marked = h.scores.iter().enumerate();
+                marked
+                    .filter(|(_, s)| **s == f32::NEG_INFINITY)
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect()),
         _ => heads
             .iter()
             .zip(kept)

@@ -15,6 +15,7 @@
 
 pub mod apply;
 pub mod budget;
+pub mod duo;
 pub mod expected;
 pub mod h2o;
 pub mod keydiff;

@@ -19,6 +19,8 @@ pub struct Needs {
     pub query_stats: Option<u32>,
     /// The largest attention of KVzip's context-reconstruction queries on each key.
     pub reconstruction: bool,
+    /// Sums of the pre-RoPE keys, per layer (DuoAttention's calibration).
+    pub key_sums: bool,
 }
 
 impl Needs {
@@ -32,6 +34,7 @@ impl Needs {
                 (a, b) => a.or(b),
             },
             reconstruction: self.reconstruction || o.reconstruction,
+            key_sums: self.key_sums || o.key_sums,
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct Record {
     pub pass: Option<Pass>,
     /// Per head, by token index: the largest renormalised probability of any pass query.
     pub maxima: Vec<Vec<f32>>,
+    /// Per layer, the sum of the pre-RoPE key rows `(kv_dim,)`, with [`Needs::key_sums`].
+    pub key_sums: Vec<Vec<f64>>,
+    /// Key rows summed (per layer).
+    pub key_count: usize,
 }
 
 impl Record {
@@ -75,6 +79,8 @@ impl Record {
             cap: None,
             pass: None,
             maxima: vec![Vec::new(); layers * kv_heads],
+            key_sums: vec![Vec::new(); layers],
+            key_count: 0,
         }
     }
 
@@ -177,6 +183,28 @@ impl Record {
 }
 
 impl Record {
+    /// Adds the pre-RoPE key rows `k` (`(n, kv_dim)`) of `layer` to its key sums.
+    pub fn add_keys(&mut self, layer: usize, n: usize, k: &[f32]) {
+        if !self.needs.key_sums || n == 0 {
+            return;
+        }
+        let Some(dst) = self.key_sums.get_mut(layer) else {
+            return;
+        };
+        let kvd = k.len() / n;
+        if dst.is_empty() {
+            *dst = vec![0.0; kvd];
+        }
+        for row in k.chunks_exact(kvd) {
+            for (d, &x) in dst.iter_mut().zip(row) {
+                *d += f64::from(x);
+            }
+        }
+        if layer == 0 {
+            self.key_count += n;
+        }
+    }
+
     /// Adds one pass query row's probabilities `probs` (`(group, len)`, slot order) over
     /// head `index`'s slots (token indices `tokens`) to the maxima.
     pub fn add_pass(&mut self, index: usize, tokens: &[u32], probs: &[f32]) -> Result<()> {

@@ -28,6 +28,7 @@ pub const SCORERS: &[(&str, ScorerBuilder)] = &[
     ("h2o", super::h2o::build),
     ("lazy_eviction", super::lazy::build),
     ("kvzip", super::kvzip::build),
+    ("duo_attention", super::duo::build),
 ];
 
 /// Builds the step policy `name` from `params`.

@@ -256,12 +256,14 @@ impl ScoringPress {
             seen,
         };
         let store = e.store();
-        if !cache
-            .heads()
-            .iter()
-            .any(|h| stage.budget.kept(h.len) < h.len)
+        let uniform = stage.select == Select::Uniform;
+        if uniform
+            && !cache
+                .heads()
+                .iter()
+                .any(|h| stage.budget.kept(h.len) < h.len)
         {
-            return Ok(());
+            return Ok(()); // nothing to drop: skip the scoring
         }
         let drops = e.install(|| plan(stage, cache, store, rec, sh))?;
         if drops.iter().any(|d| !d.is_empty()) {
@@ -286,6 +288,8 @@ pub fn build_stage(kind: &str, params: Vec<(String, f64)>) -> Result<Stage> {
         }
     } else if p.take("global").is_some() {
         Select::Global
+    } else if p.take("marked").is_some() {
+        Select::Marked
     } else if p.take("pyramid").is_some() {
         Select::Pyramid {
             window: integer(&mut p, "PyramidKV", "pyramid_window", 64, 0, 1 << 20)?,

@@ -212,6 +212,7 @@ fn attention_block(
         act8,
     );
     record_queries(li, seqs, &s.q[..n * qd], cfg.head_dim, true);
+    record_keys(li, seqs, &s.k[..n * kvd]);
     for t in 0..n {
         let (c, sn) = (
             &s.cos[t * half..(t + 1) * half],
@@ -236,25 +237,6 @@ fn attention_block(
     );
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
     Ok(())
-}
-
-/// Hands each recording sequence its rows of `q` (`(n, q_dim)`): pre-RoPE (`pre`) for the
-/// query moments, post-RoPE for the window queries.
-fn record_queries(li: usize, seqs: &mut [SeqWork<'_>], q: &[f32], hd: usize, pre: bool) {
-    let qd = q.len() / seqs.iter().map(|w| w.tokens.len()).sum::<usize>().max(1);
-    let mut r0 = 0;
-    for w in seqs.iter_mut() {
-        let nt = w.tokens.len();
-        if let Some(rec) = w.record.as_deref_mut() {
-            let rows = &q[r0 * qd..(r0 + nt) * qd];
-            if pre {
-                rec.add_moments(li, w.positions, rows, hd);
-            } else {
-                rec.add_queries(li, w.first_tok, w.positions, rows);
-            }
-        }
-        r0 += nt;
-    }
 }
 
 /// Appends every row's K/V to its sequence's cache, head by head, so that a step's new
@@ -365,86 +347,6 @@ fn attend(
     Ok(())
 }
 
-/// Adds a step's probability rows (task `t * nkv + kh`: `(g, len)` over head `kh`'s slots)
-/// to the recording's attention sums.
-fn record_sums(
-    cache: &SeqCache,
-    store: &crate::kv::store::KvStore,
-    li: usize,
-    nkv: usize,
-    positions: &[u32],
-    rows: &[Vec<f32>],
-    rec: &mut Record,
-) -> Result<()> {
-    let (mut toks, mut pos) = (Vec::new(), Vec::new());
-    for kh in 0..nkv {
-        let index = li * nkv + kh;
-        toks.clear();
-        pos.clear();
-        cache.for_each_slot(store, index, |_, p, t| {
-            pos.push(p);
-            toks.push(t);
-        })?;
-        for (t, &qpos) in positions.iter().enumerate() {
-            rec.add_probs(index, &toks, &pos, qpos, &rows[t * nkv + kh])?;
-        }
-    }
-    Ok(())
-}
-
-/// Adds a reconstruction pass's probability rows to the recording's maxima.
-fn record_pass(
-    cache: &SeqCache,
-    store: &crate::kv::store::KvStore,
-    li: usize,
-    nkv: usize,
-    rows: &[Vec<f32>],
-    rec: &mut Record,
-) -> Result<()> {
-    let mut toks = Vec::new();
-    let nt = rows.len() / nkv.max(1);
-    for kh in 0..nkv {
-        let index = li * nkv + kh;
-        toks.clear();
-        cache.for_each_slot(store, index, |_, _, t| toks.push(t))?;
-        for t in 0..nt {
-            rec.add_pass(index, &toks, &rows[t * nkv + kh])?;
-        }
-    }
-    Ok(())
-}
-
-/// Lets the observing press update each slot's state from each of a step's query rows
-/// (task `t * nkv + kh`: `(g, len)` probabilities over head `kh`'s slots).
-#[allow(clippy::too_many_arguments)]
-fn observe_rows(
-    cache: &mut SeqCache,
-    store: &crate::kv::store::KvStore,
-    li: usize,
-    nkv: usize,
-    g: usize,
-    first_tok: u32,
-    rows: &[Vec<f32>],
-    obs: Observe<'_>,
-) -> Result<()> {
-    let nt = rows.len() / nkv.max(1);
-    let mut probs = vec![0.0f32; g];
-    for t in 0..nt {
-        for kh in 0..nkv {
-            let row = &rows[t * nkv + kh];
-            let len = row.len() / g.max(1);
-            let clock = first_tok + t as u32;
-            cache.for_each_column_mut(store, li * nkv + kh, obs.col, |slot, _, _, vals| {
-                for (gi, p) in probs.iter_mut().enumerate() {
-                    *p = row.get(gi * len + slot).copied().unwrap_or(0.0);
-                }
-                obs.scorer.observe(clock, obs.prefill, &probs, vals);
-            })?;
-        }
-    }
-    Ok(())
-}
-
 fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize, act8: bool) {
     let h = layer.attn_norm.len();
     let f = layer.w_gate.rows();
@@ -516,3 +418,7 @@ fn final_logits(
     }
     Ok(())
 }
+
+#[path = "forward_record.rs"]
+mod record;
+use record::{observe_rows, record_keys, record_pass, record_queries, record_sums};

@@ -15,8 +15,7 @@ use crate::attention::dense::Dense;
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::evict::press::Needs;
-use crate::evict::record::{Pass, Record};
+use crate::evict::record::Record;
 use crate::evict::scoring::ScoringPress;
 use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
@@ -207,89 +206,6 @@ impl Session {
             self.rollback(start);
         }
         result
-    }
-
-    /// KVzip's reconstruction passes over the context `ctx` just prefilled: each pass runs
-    /// through the cache recording its attention maxima, then is truncated away.
-    fn reconstruct(&mut self, ctx: &[u32]) -> Result<Record> {
-        let recon = self
-            .scoring
-            .as_ref()
-            .and_then(|p| p.reconstruction.clone())
-            .ok_or_else(|| Error::Config("KVzip: the reconstruction prompts are not set".into()))?;
-        let cfg = &self.engine.model.cfg;
-        let needs = Needs {
-            reconstruction: true,
-            ..Needs::default()
-        };
-        let mut rec = Record::new(needs, cfg.num_layers, cfg.num_kv_heads, u32::MAX);
-        let (base, step) = (self.num_tokens, self.step_size());
-        for (ids, start, end) in recon.passes(ctx) {
-            rec.pass = Some(Pass {
-                sink: recon.sink.min(start),
-                start,
-                end,
-                repeat_from: base,
-            });
-            let mut run = Ok(());
-            for chunk in ids.chunks(step) {
-                let taps = Taps {
-                    probs: None,
-                    record: Some(&mut rec),
-                    prefill: true,
-                };
-                run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
-                if run.is_err() {
-                    break;
-                }
-            }
-            self.rollback(base);
-            run?;
-        }
-        rec.pass = None;
-        Ok(rec)
-    }
-
-    /// Runs the scoring press after a prefill, with what it recorded.
-    fn after_prefill(&mut self, rec: Option<&Record>, first: bool) -> Result<()> {
-        let Some(press) = self.scoring.as_mut() else {
-            return Ok(());
-        };
-        let engine = Arc::clone(&self.engine);
-        press.after_prefill(&engine, &mut self.cache, rec, self.num_tokens, first)
-    }
-
-    /// Runs the scoring press's decode-time stages after a step.
-    pub(crate) fn after_step(&mut self) -> Result<()> {
-        let Some(press) = self.scoring.as_mut() else {
-            return Ok(());
-        };
-        let engine = Arc::clone(&self.engine);
-        press.after_step(&engine, &mut self.cache, self.num_tokens)
-    }
-
-    /// A linear step's forward with the press's recent-query recording, then its
-    /// decode-time stages.
-    fn decode_linear(
-        &mut self,
-        tokens: &[u32],
-        positions: Option<&[u32]>,
-        want: Logits,
-        probs: Option<&mut Vec<LayerProbs>>,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let mut recent = self.scoring.as_mut().and_then(|p| p.recent.take());
-        let taps = Taps {
-            probs,
-            record: recent.as_mut(),
-            prefill: false,
-        };
-        let r = self.linear(tokens, positions, want, taps, out);
-        if let (Some(p), Some(rec)) = (self.scoring.as_mut(), recent) {
-            p.recent = Some(rec);
-        }
-        r?;
-        self.after_step()
     }
 
     /// Runs one token at the next position, keeping its logits (the decode step).
@@ -509,3 +425,6 @@ impl Drop for Session {
 #[path = "session_ops.rs"]
 mod ops;
 pub use ops::decode_batch;
+
+#[path = "session_press.rs"]
+mod press;

@@ -13,7 +13,6 @@ use super::progress::{with_progress, IN_CALLBACK};
 use crate::attention::registry::{self, Params};
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
-use crate::evict::scoring::{build_stage, Reconstruction, ScoringPress};
 use crate::model::session::StepOut;
 use crate::model::Session;
 use crate::sample::{Sampler, SamplingConfig};
@@ -123,20 +122,21 @@ impl PySession {
         py: Python<'_>,
         stages: Vec<(String, Vec<(String, f64)>)>,
     ) -> PyResult<()> {
-        run(py, || {
-            let built = stages
-                .into_iter()
-                .map(|(k, p)| build_stage(&k, p))
-                .collect::<Result<Vec<_>>>()?;
-            let mut state = self.lock()?;
-            let press = if built.is_empty() {
-                None
-            } else {
-                Some(ScoringPress::new(state.session.engine(), built)?)
-            };
-            state.session.set_scoring(press);
-            Ok(())
-        })
+        run(py, || press::set_scoring(self, stages))
+    }
+
+    /// Means of every layer's pre-RoPE queries `(layers, num_heads, head_dim)` and keys
+    /// `(layers, num_kv_heads, head_dim)` over `token_ids` (run, then rolled back).
+    #[allow(clippy::type_complexity)]
+    fn activation_means<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+    ) -> PyResult<(Bound<'py, PyArray3<f64>>, Bound<'py, PyArray3<f64>>)> {
+        let (q, k, (l, h, kv, hd)) = run(py, || press::activation_means(self, &token_ids))?;
+        let q = q.into_pyarray(py).reshape([l, h, hd])?;
+        let k = k.into_pyarray(py).reshape([l, kv, hd])?;
+        Ok((q, k))
     }
 
     /// KVzip's reconstruction prompts for the installed scoring press: `first` and `later`
@@ -155,42 +155,8 @@ impl PySession {
         sink: u32,
     ) -> PyResult<()> {
         run(py, || {
-            let mut state = self.lock()?;
-            let vocab = state.session.engine().model.cfg.vocab_size;
-            let ids = |v: Vec<i64>| -> Result<Vec<u32>> {
-                v.into_iter()
-                    .map(|t| {
-                        u32::try_from(t)
-                            .ok()
-                            .filter(|&t| (t as usize) < vocab)
-                            .ok_or_else(|| {
-                                Error::Config(format!(
-                                    "reconstruction token id {t} out of [0, {vocab})"
-                                ))
-                            })
-                    })
-                    .collect()
-            };
-            if chunk == 0 {
-                return Err(Error::Config("reconstruction chunk must be >= 1".into()));
-            }
-            let r = Reconstruction {
-                first: ids(first)?,
-                later: ids(later)?,
-                suffix: ids(suffix)?,
-                chunk,
-                tail,
-                sink,
-            };
-            match state.session.scoring.as_mut() {
-                Some(p) => {
-                    p.reconstruction = Some(r);
-                    Ok(())
-                }
-                None => Err(Error::Config(
-                    "set_reconstruction: no scoring press installed".into(),
-                )),
-            }
+            let prompts = (first, later, suffix);
+            press::set_reconstruction(self, prompts, chunk, tail, sink)
         })
     }
 
@@ -495,3 +461,6 @@ pub(super) fn sample_next(st: &mut SessionState) -> Result<u32> {
     } = st;
     sampler.sample(session.last_logits(), history)
 }
+
+#[path = "session_press.rs"]
+mod press;

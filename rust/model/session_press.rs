@@ -1,0 +1,138 @@
+//! The press side of a session: its scoring press's hooks after prefills and steps, KVzip's
+//! reconstruction passes and DuoAttention's calibration means.
+
+use std::sync::Arc;
+
+use super::{Session, Taps};
+use crate::error::{Error, Result};
+use crate::evict::press::Needs;
+use crate::evict::record::{Pass, Record};
+use crate::model::forward::Logits;
+use crate::model::probs::LayerProbs;
+
+impl Session {
+    /// The means over `tokens` (run at the next positions, then rolled back) of every
+    /// layer's pre-RoPE queries `(layers, q_dim)` and keys `(layers, kv_dim)`: the
+    /// calibration DuoAttention's head scores read.
+    pub fn activation_means(&mut self, tokens: &[u32]) -> Result<(Vec<f64>, Vec<f64>)> {
+        self.check_step(tokens, None, false)?;
+        let cfg = &self.engine.model.cfg;
+        let (layers, qd, kvd) = (cfg.num_layers, cfg.q_dim(), cfg.kv_dim());
+        let needs = Needs {
+            query_stats: Some(0),
+            key_sums: true,
+            ..Needs::default()
+        };
+        let mut rec = Record::new(needs, layers, cfg.num_kv_heads, u32::MAX);
+        let (base, step) = (self.num_tokens, self.step_size());
+        let mut run = Ok(());
+        for chunk in tokens.chunks(step) {
+            let taps = Taps {
+                probs: None,
+                record: Some(&mut rec),
+                prefill: true,
+            };
+            run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
+            if run.is_err() {
+                break;
+            }
+        }
+        self.rollback(base);
+        run?;
+        let n = tokens.len().max(1) as f64;
+        let mut q = vec![0.0; layers * qd];
+        let mut k = vec![0.0; layers * kvd];
+        for l in 0..layers {
+            for (d, x) in q[l * qd..(l + 1) * qd].iter_mut().zip(&rec.moments[l].sum) {
+                *d = x / n;
+            }
+            for (d, x) in k[l * kvd..(l + 1) * kvd].iter_mut().zip(&rec.key_sums[l]) {
+                *d = x / n;
+            }
+        }
+        Ok((q, k))
+    }
+
+    /// KVzip's reconstruction passes over the context `ctx` just prefilled: each pass runs
+    /// through the cache recording its attention maxima, then is truncated away.
+    pub(crate) fn reconstruct(&mut self, ctx: &[u32]) -> Result<Record> {
+        let recon = self
+            .scoring
+            .as_ref()
+            .and_then(|p| p.reconstruction.clone())
+            .ok_or_else(|| Error::Config("KVzip: the reconstruction prompts are not set".into()))?;
+        let cfg = &self.engine.model.cfg;
+        let needs = Needs {
+            reconstruction: true,
+            ..Needs::default()
+        };
+        let mut rec = Record::new(needs, cfg.num_layers, cfg.num_kv_heads, u32::MAX);
+        let (base, step) = (self.num_tokens, self.step_size());
+        for (ids, start, end) in recon.passes(ctx) {
+            rec.pass = Some(Pass {
+                sink: recon.sink.min(start),
+                start,
+                end,
+                repeat_from: base,
+            });
+            let mut run = Ok(());
+            for chunk in ids.chunks(step) {
+                let taps = Taps {
+                    probs: None,
+                    record: Some(&mut rec),
+                    prefill: true,
+                };
+                run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
+                if run.is_err() {
+                    break;
+                }
+            }
+            self.rollback(base);
+            run?;
+        }
+        rec.pass = None;
+        Ok(rec)
+    }
+
+    /// Runs the scoring press after a prefill, with what it recorded.
+    pub(crate) fn after_prefill(&mut self, rec: Option<&Record>, first: bool) -> Result<()> {
+        let Some(press) = self.scoring.as_mut() else {
+            return Ok(());
+        };
+        let engine = Arc::clone(&self.engine);
+        press.after_prefill(&engine, &mut self.cache, rec, self.num_tokens, first)
+    }
+
+    /// Runs the scoring press's decode-time stages after a step.
+    pub(crate) fn after_step(&mut self) -> Result<()> {
+        let Some(press) = self.scoring.as_mut() else {
+            return Ok(());
+        };
+        let engine = Arc::clone(&self.engine);
+        press.after_step(&engine, &mut self.cache, self.num_tokens)
+    }
+
+    /// A linear step's forward with the press's recent-query recording, then its
+    /// decode-time stages.
+    pub(crate) fn decode_linear(
+        &mut self,
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        want: Logits,
+        probs: Option<&mut Vec<LayerProbs>>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let mut recent = self.scoring.as_mut().and_then(|p| p.recent.take());
+        let taps = Taps {
+            probs,
+            record: recent.as_mut(),
+            prefill: false,
+        };
+        let r = self.linear(tokens, positions, want, taps, out);
+        if let (Some(p), Some(rec)) = (self.scoring.as_mut(), recent) {
+            p.recent = Some(rec);
+        }
+        r?;
+        self.after_step()
+    }
+}
