@@ -58,3 +58,20 @@ def test_bench_batch_and_tree_rows(tiny_gguf, capsys):
     ratios = [float(line.split()[-1]) for line in out.splitlines()
               if line.startswith(("batch x3", "tree 4"))]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
+
+
+def test_bench_press_rows_report_peak_kv(tiny_gguf, capsys):
+    code = cli.main(["bench", "--model", str(tiny_gguf), "--prefill", "--contexts", "60",
+                     "--steps", "2", "--press", "streaming_llm", "--press-arg", "sink=2",
+                     "--press-arg", "window=14"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "press: StreamingLLM(sink=2, window=14" in out and "\npress " in out
+    import kvforge
+    from kvforge import bench
+    from kvforge.presses import StreamingLLM
+
+    with kvforge.LLM(tiny_gguf) as llm:
+        dense = bench.decode_row(llm, 60, 2)
+        press = bench.press_row(llm, StreamingLLM(2, 14), 60, 2)
+    assert press.kv_bytes < dense.kv_bytes / 2  # the window bounds the peak

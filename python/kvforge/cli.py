@@ -40,9 +40,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _press_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--press", default=None, metavar="NAME",
-                   help="compress the prompt's KV cache with a press: streaming_llm, knorm, "
-                        "snapkv, tova, expected_attention, observed_attention, keydiff, "
-                        "pyramidkv, or adakv-NAME")
+                   help="compress the KV cache with a press: streaming_llm, knorm, snapkv, "
+                        "tova, expected_attention, observed_attention, keydiff, pyramidkv, "
+                        "h2o, lazy_eviction, kvzip, duo_attention, or adakv-NAME")
     p.add_argument("--compression-ratio", type=float, default=None,
                    help="fraction of the prompt's KV cache the press drops, in [0, 1)")
     p.add_argument("--budget-tokens", type=int, default=None,
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time batched decode of SEQS sequences at each context")
     b.add_argument("--tree", type=int, nargs="*", default=[], metavar="NODES",
                    help="also time verifying a speculation tree of NODES tokens at each context")
+    _press_args(b)
     e = sub.add_parser("eval", help="fidelity of presses against dense on real text")
     _model_args(e)
     e.add_argument("--press", action="append", default=[], metavar="NAME",
@@ -253,12 +254,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg, longest = llm.config, max(args.contexts, default=0) + args.steps
         per_seq = cfg.num_layers * cfg.num_kv_heads * (-(-longest // args.block_size) + 1)
         llm = _llm(args, num_blocks=max(per_seq * max(args.batch), llm.kv_stats()["total_blocks"]))
-    rows = bench.run(llm, args.prefill, args.contexts, args.steps)
+    press = press_from_args(args)
+    rows = bench.run(llm, args.prefill, args.contexts, args.steps, press)
     fits = [c for c in args.contexts if c + args.steps < llm.max_context]
     rows += [bench.batch_row(llm, n, c, args.steps) for c in fits for n in args.batch]
     rows += [bench.tree_row(llm, n, c) for c in fits for n in args.tree]
     print(f"model: {llm._loaded.path}  threads: {llm.n_threads}  "
-          f"KV: {llm.kv_config.dtype}")
+          f"KV: {llm.kv_config.dtype}" + (f"  press: {press}" if press is not None else ""))
     print(bench.table(rows))
     if args.plot:
         try:
