@@ -2,7 +2,7 @@
 //! group, normalisation, the log-sum-exp merge of split pieces, and the conversion of
 //! recorded scores into the probabilities the forward pass used.
 
-use super::kernels::{self, Isa};
+use super::kernels::Isa;
 use super::MAX_GROUP;
 
 /// Running softmax state of one query group: per head the max score and the sum of
@@ -89,7 +89,7 @@ pub fn probabilities(state: &Online, scores: &mut [f32], len: usize) {
             continue;
         }
         // SAFETY: `isa` comes from `Isa::detect`.
-        unsafe { kernels::exp_shift(isa, row, state.max[gi]) };
+        unsafe { super::kernels_entry::exp_shift(isa, row, state.max[gi]) };
         let inv = inverse(state.sum[gi]);
         row.iter_mut().for_each(|p| *p *= inv);
     }

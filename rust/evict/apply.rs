@@ -104,7 +104,7 @@ fn plan_layer(
     let mut owned = Vec::with_capacity(sh.kv_heads);
     for kh in 0..sh.kv_heads {
         let index = layer * sh.kv_heads + kh;
-        let slots = Slots::gather(&cache.view(store, index)?)?;
+        let slots = Slots::gather(&cache.view(store, index)?, stage.scorer.reads_rows())?;
         let sums = gathered_sums(rec, index, &slots.tokens);
         let queries = window_queries(rec, layer, kh, sh, want);
         let state = match stage.scorer.state() {
@@ -262,13 +262,23 @@ struct Slots {
 }
 
 impl Slots {
-    fn gather(view: &HeadView<'_>) -> Result<Slots> {
+    /// The head's slots; keys and values only when `rows` (scorers of positions or state
+    /// alone skip the copy, which would dominate a per-step press).
+    fn gather(view: &HeadView<'_>, rows: bool) -> Result<Slots> {
         let mut s = Slots {
             positions: Vec::with_capacity(view.len()),
             tokens: Vec::with_capacity(view.len()),
-            keys: Vec::with_capacity(view.len() * view.head_dim()),
-            values: Vec::with_capacity(view.len() * view.head_dim()),
+            keys: Vec::new(),
+            values: Vec::new(),
         };
+        if !rows {
+            for bi in 0..view.num_blocks() {
+                let (pos, tok) = view.meta(bi)?;
+                s.positions.extend_from_slice(pos);
+                s.tokens.extend_from_slice(tok);
+            }
+            return Ok(s);
+        }
         match view.data() {
             HeadData::F32(t) => s.rows(view, t)?,
             HeadData::F16(t) => s.rows(view, t)?,
@@ -278,6 +288,8 @@ impl Slots {
 
     fn rows<T: Stored + Copy>(&mut self, view: &HeadView<'_>, t: TypedHead<'_, T>) -> Result<()> {
         let (bs, hd) = (view.block_size(), view.head_dim());
+        self.keys.reserve(view.len() * hd);
+        self.values.reserve(view.len() * hd);
         for bi in 0..view.num_blocks() {
             let (k, v) = t.block(bi)?;
             let (pos, tok) = view.meta(bi)?;

@@ -49,6 +49,10 @@ impl Scorer for Duo {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn score(&self, h: &HeadInput<'_>, out: &mut [f32]) -> Result<()> {
         let index = h.layer * self.kv_heads + h.kv_head;
         if self.streaming.binary_search(&index).is_err() {

@@ -36,6 +36,10 @@ impl Scorer for H2o {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn protect(&self) -> Protect {
         Protect {
             sinks: 0,

@@ -40,6 +40,10 @@ impl Scorer for Kvzip {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn protect(&self) -> Protect {
         Protect::default()
     }

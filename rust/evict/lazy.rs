@@ -43,6 +43,10 @@ impl Scorer for Lazy {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn protect(&self) -> Protect {
         Protect {
             sinks: 0,

@@ -31,6 +31,10 @@ impl Scorer for ObservedAttention {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn score(&self, h: &HeadInput<'_>, out: &mut [f32]) -> Result<()> {
         let g = h.group as f32;
         for ((o, &s), &r) in out.iter_mut().zip(h.attention_sums).zip(h.attention_rows) {

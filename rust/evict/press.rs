@@ -170,6 +170,12 @@ pub trait Scorer: Send + Sync {
         Protect::default()
     }
 
+    /// True when it reads keys or values ([`HeadInput::keys`], [`HeadInput::values`]);
+    /// otherwise they are left empty.
+    fn reads_rows(&self) -> bool {
+        true
+    }
+
     /// When it compresses.
     fn schedule(&self) -> Schedule {
         Schedule::Context

@@ -102,6 +102,10 @@ impl Scorer for StreamingScore {
         Aggregate::KvHead
     }
 
+    fn reads_rows(&self) -> bool {
+        false
+    }
+
     fn protect(&self) -> Protect {
         Protect {
             sinks: self.n_sink,
