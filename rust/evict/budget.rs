@@ -243,3 +243,59 @@ fn ada(heads: &[HeadScores], kept: &[usize], alpha: f64) -> Result<Vec<Vec<usize
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(scores: &[f32]) -> HeadScores {
+        HeadScores {
+            scores: scores.to_vec(),
+            positions: (0..scores.len() as u32).collect(),
+            tokens: (0..scores.len() as u32).collect(),
+        }
+    }
+
+    #[test]
+    fn pyramid_budgets_shrink_with_depth_and_average_the_ratio() {
+        let kept: Vec<usize> = (0..30)
+            .map(|l| pyramid_kept(1024, 0.5, l, 30, 64, 20.0))
+            .collect();
+        assert!(kept.windows(2).all(|w| w[0] >= w[1]));
+        assert_eq!((kept[0], kept[29]), (960, 64));
+        let mean = kept.iter().sum::<usize>() as f64 / 30.0;
+        assert!((mean - 512.0).abs() < 2.0);
+        // Out of range: the SnapKV budget.
+        assert_eq!(pyramid_kept(100, 0.1, 3, 30, 64, 20.0), 90);
+    }
+
+    #[test]
+    fn protect_lifts_sinks_and_recent_tokens() {
+        let mut h = head(&[5.0, 1.0, 0.0, 3.0, 2.0]);
+        protect(
+            &mut h,
+            Protect {
+                sinks: 1,
+                recent: 2,
+            },
+        );
+        assert_eq!(
+            h.scores,
+            [f32::INFINITY, 1.0, 0.0, f32::INFINITY, f32::INFINITY]
+        );
+    }
+
+    #[test]
+    fn global_and_marked_selections() {
+        let heads = [head(&[0.1, 0.9, 0.5]), head(&[0.8, 0.2, 0.3])];
+        assert_eq!(global(&heads, 3).unwrap(), vec![vec![0], vec![1, 2]]);
+        let marked = [head(&[f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY])];
+        assert_eq!(
+            drops(&marked, &[3], Select::Marked).unwrap(),
+            vec![vec![0, 2]]
+        );
+        // Ada-KV: each head keeps its safeguard, the rest is chosen across heads.
+        let ada = drops(&heads, &[2, 1], Select::Ada { alpha: 0.5 }).unwrap();
+        assert_eq!(ada, vec![vec![0], vec![1, 2]]);
+    }
+}
