@@ -245,6 +245,7 @@ fn ada(heads: &[HeadScores], kept: &[usize], alpha: f64) -> Result<Vec<Vec<usize
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
