@@ -108,11 +108,19 @@ def _forced(llm: Any, ids: list[int], context: int, press: Any,
 def ratio_press(name: str, ratio: float, context: int, **kwargs: Any) -> Any:
     """The press ``name`` keeping about ``1 - ratio`` of a ``context``-token context: the
     kvpress presses take ``compression_ratio``; H2O and LazyEviction (decode-time budgets)
-    get ``floor(context * (1 - ratio))`` tokens (H2O half heavy, half recent)."""
-    from .presses import H2O, LazyEviction, by_name
+    get ``floor(context * (1 - ratio))`` tokens (H2O half heavy, half recent);
+    ``decoding-NAME`` is ``DecodingPress(NAME, 32, that budget)`` and ``composed`` is KNorm
+    then TOVA, each dropping ``1 - sqrt(1 - ratio)``."""
+    from .presses import H2O, TOVA, ComposedPress, DecodingPress, KNorm, LazyEviction, by_name
 
     key = name.lower().replace("-", "_")
     keep = max(int(context * (1 - ratio)), 2)
+    if key.startswith("decoding_"):  # the press every 32 steps, to the budget
+        inner = by_name(key[len("decoding_"):], **kwargs)
+        return DecodingPress(inner, compression_interval=32, target_size=keep)
+    if key == "composed":  # KNorm then TOVA, each dropping the same share
+        each = 1 - (1 - ratio) ** 0.5
+        return ComposedPress([KNorm(each), TOVA(each)])
     if key == "h2o":
         return H2O(heavy_size=keep // 2, recent_size=keep - keep // 2, **kwargs)
     if key == "duo_attention":
