@@ -138,12 +138,19 @@ def press_from_args(args: argparse.Namespace) -> Any:
         kwargs["compression_ratio"] = args.compression_ratio
     if args.budget_tokens is not None:
         kwargs["budget_tokens"] = args.budget_tokens
-    for item in args.press_arg:
+    kwargs.update(_press_arg_kwargs(args.press_arg))
+    return by_name(args.press, **kwargs)
+
+
+def _press_arg_kwargs(items: list[str]) -> dict[str, Any]:
+    """``--press-arg KEY=VALUE`` items as keyword arguments."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--press-arg {item!r}: expected KEY=VALUE")
         kwargs[key] = _number(value)
-    return by_name(args.press, **kwargs)
+    return kwargs
 
 
 def _number(text: str) -> Any:
@@ -275,12 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import eval as ev
     from .presses import BY_NAME
 
-    kwargs = {}
-    for item in args.press_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--press-arg {item!r}: expected KEY=VALUE")
-        kwargs[key] = _number(value)
+    kwargs = _press_arg_kwargs(args.press_arg)
     names = args.press or [n for n in BY_NAME if n != "streaming_llm"] + [
         "streaming_llm", "adakv-expected_attention"]
 

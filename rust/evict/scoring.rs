@@ -207,20 +207,7 @@ impl ScoringPress {
                 _ => false,
             };
             if due {
-                let rec = self.recent.take().unwrap_or_default();
-                let r = self.run_stage(
-                    e,
-                    cache,
-                    i,
-                    if rec.needs == Needs::default() {
-                        &empty
-                    } else {
-                        &rec
-                    },
-                    seen,
-                );
-                self.recent = (rec.needs != Needs::default()).then_some(rec);
-                r?;
+                self.run_stage(e, cache, i, self.recent.as_ref().unwrap_or(&empty), seen)?;
                 if let Some(c) = self.counters.get_mut(i) {
                     *c = 0;
                 }

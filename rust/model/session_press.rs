@@ -24,21 +24,7 @@ impl Session {
             ..Needs::default()
         };
         let mut rec = Record::new(needs, layers, cfg.num_kv_heads, u32::MAX);
-        let (base, step) = (self.num_tokens, self.step_size());
-        let mut run = Ok(());
-        for chunk in tokens.chunks(step) {
-            let taps = Taps {
-                probs: None,
-                record: Some(&mut rec),
-                prefill: true,
-            };
-            run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
-            if run.is_err() {
-                break;
-            }
-        }
-        self.rollback(base);
-        run?;
+        self.run_recorded(tokens, &mut rec)?;
         let n = tokens.len().max(1) as f64;
         let mut q = vec![0.0; layers * qd];
         let mut k = vec![0.0; layers * kvd];
@@ -67,7 +53,7 @@ impl Session {
             ..Needs::default()
         };
         let mut rec = Record::new(needs, cfg.num_layers, cfg.num_kv_heads, u32::MAX);
-        let (base, step) = (self.num_tokens, self.step_size());
+        let base = self.num_tokens;
         for (ids, start, end) in recon.passes(ctx) {
             rec.pass = Some(Pass {
                 sink: recon.sink.min(start),
@@ -75,23 +61,30 @@ impl Session {
                 end,
                 repeat_from: base,
             });
-            let mut run = Ok(());
-            for chunk in ids.chunks(step) {
-                let taps = Taps {
-                    probs: None,
-                    record: Some(&mut rec),
-                    prefill: true,
-                };
-                run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
-                if run.is_err() {
-                    break;
-                }
-            }
-            self.rollback(base);
-            run?;
+            self.run_recorded(&ids, &mut rec)?;
         }
         rec.pass = None;
         Ok(rec)
+    }
+
+    /// Runs `tokens` at the next positions in prefill chunks into `rec`, then rolls them
+    /// back (also after a failure): the session keeps only what it had.
+    fn run_recorded(&mut self, tokens: &[u32], rec: &mut Record) -> Result<()> {
+        let (base, step) = (self.num_tokens, self.step_size());
+        let mut run = Ok(());
+        for chunk in tokens.chunks(step) {
+            let taps = Taps {
+                probs: None,
+                record: Some(&mut *rec),
+                prefill: true,
+            };
+            run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
+            if run.is_err() {
+                break;
+            }
+        }
+        self.rollback(base);
+        run
     }
 
     /// Runs the scoring press after a prefill, with what it recorded.

@@ -112,22 +112,3 @@ class _Scorer:
     def cache_tokens(self) -> int | None:
         """Scoring presses compress the context once; the cache is not bounded."""
         return None
-
-
-def _scorer(kind: str, name: str, doc: str) -> type:
-    """A parameterless scoring press class."""
-    cls = type(name, (_Scorer,), {"__doc__": doc, "_kinds": (kind,), "_name": name,
-                                  "__module__": __name__})
-    return dataclass(frozen=True)(cls)
-
-
-KNorm = _scorer("knorm", "KNorm", """kvpress ``KnormPress``: keep the keys of smallest L2 norm
-    (``score = -||k||``); query-free, per KV head.""")
-TOVA = _scorer("tova", "TOVA", """kvpress ``TOVAPress``: the last context token's attention
-    averaged over every query head of the layer; every KV head of a layer keeps the same
-    tokens, and the last token is always kept.""")
-ObservedAttention = _scorer("observed_attention", "ObservedAttention", """kvpress
-    ``ObservedAttentionPress``: the mean attention each key received from the context's
-    queries (summed, divided by the queries that saw it), averaged over the query group.""")
-KeyDiff = _scorer("keydiff", "KeyDiff", """kvpress ``KeyDiffPress``: keep the keys least similar
-    (cosine) to the head's mean unit key; query-free, per KV head.""")
