@@ -123,6 +123,8 @@ fn bench_attention(c: &mut Criterion) {
                 pos: ctx as u32,
                 mask: Mask::Causal,
                 scale: 0.125,
+                layer: 0,
+                prefill: false,
             };
             group.throughput(Throughput::Elements(ctx as u64));
             let id = BenchmarkId::new(dtype.name(), ctx);

@@ -8,6 +8,7 @@ with the engine's own sequential decoding within the tolerance of a reordered at
 
 from __future__ import annotations
 
+import kvforge
 import numpy as np
 import pytest
 from hypothesis import given
@@ -458,11 +459,11 @@ def test_every_registered_variant_and_press_has_a_python_class():
     assert sorted(registered_presses) == sorted({k for cls in presses.PRESSES for k in cls._kinds})
 
 
-@pytest.mark.parametrize("variant", [cls() for cls in __import__("kvforge").attention.ATTENTIONS],
-                         ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("variant", __import__("kvforge").attention.EXAMPLES, ids=repr)
 def test_every_attention_variant_runs_trees_and_leaks_nothing(model, llms, variant):
     """Shared checks for every attention variant: a tree step, commit and truncate through
-    it leave a consistent cache and an empty pool (the exact variants also equal dense)."""
+    it leave a consistent cache and an empty pool (the exact variants also equal dense);
+    the certificates have the step's shape and bound nothing below 0."""
     llm = llms[3]
     prefix = tokens(21, 30)
     with llm.session(attention=variant) as s, llm.session() as dense:
@@ -470,8 +471,11 @@ def test_every_attention_variant_runs_trees_and_leaks_nothing(model, llms, varia
         dense.prefill(prefix)
         got = s.step([1, 2, 3], parents=[-1, 0, 0])
         want = dense.step([1, 2, 3], parents=[-1, 0, 0])
-        if type(variant).__name__ == "Dense":
+        if variant in (kvforge.attention.Dense(), kvforge.attention.HSR(eps=0.0)):
             np.testing.assert_array_equal(got, want)
+        certs = s.last_certificates()
+        assert certs.shape == (llm.config.num_layers, 3, llm.config.num_heads)
+        assert (certs >= 0).all()
         s.commit([0, 2])
         s.check()
         s.truncate(10)

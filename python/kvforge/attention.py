@@ -1,32 +1,186 @@
-"""Attention variants, chosen per session: ``llm.session(attention=kvforge.attention.Dense())``.
+"""Attention variants, chosen per session or call: ``llm.session(attention=HSR(eps=1e-3))``.
 
 Each class names one entry of the Rust core's attention registry and carries its parameters;
-the core builds the variant and the session uses it for every step. Dense attention is exact
-and is the oracle every other variant is tested against.
+the core builds the variant and the session uses it for every step, under any press. Dense
+attention is exact and is the oracle every other variant is tested against. The sparse
+variants act on decode-like steps (a few new tokens); prefill chunks attend densely.
+
+- :class:`Dense`: exact softmax attention over every cached token.
+- :class:`TopK`: exact scores, softmax over the ``k`` best keys of each query head.
+- :class:`Quest`: Quest's page selection by the per-block min/max key bounds.
+- :class:`HSR`: the paged blocks as a half-space reporting index: every key above a threshold
+  (no false negatives), the proven top-k, or softmax certified to a relative mass ``eps``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import InputTypeError
+from .errors import ConfigError, InputTypeError
 
 
-@dataclass(frozen=True)
-class Dense:
-    """Exact softmax attention over every cached token (the default)."""
+def _number(name: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputTypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi
+    if not ok:
+        left = "(" if open_lo else "["
+        raise ConfigError(f"{name}={value!r} must be in {left}{lo}, {hi}]")
+    return v
 
-    _kind: ClassVar[str] = "dense"
+
+def _keep(name: str, k: Any) -> tuple[str, float]:
+    """``k`` as the registry's ``("k", count)`` or ``("fraction", f)``: an int >= 1 is a
+    count, a float in (0, 1] a fraction of the visible keys."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise InputTypeError(f"{name} must be an int >= 1 or a float in (0, 1], got {k!r}")
+    if isinstance(k, int):
+        if k < 1:
+            raise ConfigError(f"{name}={k} must be >= 1 (or a fraction in (0, 1])")
+        return "k", float(k)
+    return "fraction", _number(name, k, 0.0, 1.0, open_lo=True)
+
+
+class _Variant:
+    _kind: ClassVar[str]
 
     def _params(self) -> list[tuple[str, float]]:
-        return [(f.name, float(getattr(self, f.name))) for f in fields(self)]
+        return []
 
     def _apply(self, core_session: Any) -> None:
         core_session.set_attention(self._kind, self._params())
 
 
-ATTENTIONS = (Dense,)
+@dataclass(frozen=True)
+class Dense(_Variant):
+    """Exact softmax attention over every cached token (the default)."""
+
+    _kind: ClassVar[str] = "dense"
+
+
+@dataclass(frozen=True)
+class TopK(_Variant):
+    """Exact scores, softmax over the ``k`` best keys of each query head (ties at the k-th
+    score all kept). ``k``: an int >= 1, or a float in (0, 1] (a fraction of the visible keys,
+    rounded up)."""
+
+    k: int | float
+    _kind: ClassVar[str] = "top_k"
+
+    def __post_init__(self) -> None:
+        _keep("TopK k", self.k)
+
+    def _params(self) -> list[tuple[str, float]]:
+        return [_keep("TopK k", self.k)]
+
+
+@dataclass(frozen=True)
+class Quest(_Variant):
+    """Quest: per sealed block the elementwise min/max of its post-RoPE keys bound each
+    query's scores; a decode step attends exactly over the ``token_budget / block_size - 1``
+    blocks of highest bound plus the current block. The first ``skip_layers`` layers attend
+    densely."""
+
+    token_budget: int = 512
+    skip_layers: int = 2
+    _kind: ClassVar[str] = "quest"
+
+    def __post_init__(self) -> None:
+        for name, lo in (("token_budget", 1), ("skip_layers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise InputTypeError(f"Quest {name} must be an int, got {v!r}")
+            if not lo <= v < 2**32:
+                raise ConfigError(f"Quest {name}={v} must be in [{lo}, 2**32)")
+
+    def _params(self) -> list[tuple[str, float]]:
+        return [("token_budget", float(self.token_budget)),
+                ("skip_layers", float(self.skip_layers))]
+
+
+@dataclass(frozen=True)
+class HSR(_Variant):
+    """Half-space reporting over the paged blocks (centroid, radius and min/max box per
+    sealed block bound every key's score). Exactly one mode:
+
+    - ``threshold=b``: attend over every key with ``q.k / sqrt(d) >= b`` (none missed), by
+      softmax or, with ``relu_alpha``, by the normalised ReLU^alpha weights ``(s - b)^alpha``
+      (then exact);
+    - ``top_k=k``: the proven top-k of each query head (``k`` an int, or a fraction);
+    - ``eps=e``: softmax certified to leave out at most a relative mass ``e``; ``eps=0`` is
+      dense.
+
+    Every step certifies ``||o - o_hat||_inf <= 2 * c * max|v|`` per query head with ``c``
+    from :meth:`kvforge.Session.last_certificates`.
+    """
+
+    threshold: float | None = None
+    relu_alpha: float | None = None
+    top_k: int | float | None = None
+    eps: float | None = None
+    _kind: ClassVar[str] = "hsr"
+
+    def __post_init__(self) -> None:
+        self._params()
+
+    def _params(self) -> list[tuple[str, float]]:
+        modes = [m for m in ("threshold", "top_k", "eps") if getattr(self, m) is not None]
+        if len(modes) != 1:
+            got = modes or "none"
+            raise ConfigError(f"HSR takes exactly one of threshold, top_k, eps; got {got}")
+        if self.relu_alpha is not None and self.threshold is None:
+            raise ConfigError("HSR relu_alpha needs threshold")
+        if self.threshold is not None:
+            out = [("threshold", _number("HSR threshold", self.threshold, -1e30, 1e30))]
+            if self.relu_alpha is not None:
+                out.append(("relu_alpha", _number("HSR relu_alpha", self.relu_alpha, 1e-3, 64.0)))
+            return out
+        if self.top_k is not None:
+            name, v = _keep("HSR top_k", self.top_k)
+            return [("top_k" if name == "k" else "top_k_fraction", v)]
+        return [("eps", _number("HSR eps", self.eps, 0.0, 1e30))]
+
+
+ATTENTIONS = (Dense, TopK, Quest, HSR)
+
+# One instance of every variant and mode, for the test suite's shared checks: the exact ones
+# keep everything on short contexts, the others prune.
+EXAMPLES = (Dense(), TopK(8), TopK(0.5), Quest(token_budget=16, skip_layers=1), HSR(eps=0.0),
+            HSR(eps=1e-3), HSR(top_k=8), HSR(threshold=0.0), HSR(threshold=0.0, relu_alpha=2.0))
+
+
+_BY_NAME = {"dense": Dense, "top_k": TopK, "topk": TopK, "quest": Quest, "hsr": HSR}
+
+
+def parse(spec: str) -> Any:
+    """A variant from ``NAME[:KEY=VALUE,...]`` (the command line's ``--attention``):
+    ``dense``, ``top_k:k=0.25``, ``quest:token_budget=1024``, ``hsr:eps=1e-3``,
+    ``hsr:threshold=2,relu_alpha=1``. Integers stay integers (``top_k:k=64`` is a count)."""
+    if not isinstance(spec, str):
+        raise InputTypeError(f"attention spec must be a string, got {spec!r}")
+    name, _, rest = spec.partition(":")
+    cls = _BY_NAME.get(name.strip().lower())
+    if cls is None:
+        raise ConfigError(f"unknown attention {name!r}; known: {sorted(set(_BY_NAME) - {'topk'})}")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"attention {spec!r}: expected KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key.strip()] = int(value)
+        except ValueError:
+            try:
+                kwargs[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"attention {spec!r}: {key}={value!r} is not a number") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"attention {spec!r}: {e}") from None
 
 
 def check(attention: Any) -> Any:
@@ -37,4 +191,4 @@ def check(attention: Any) -> Any:
     return attention
 
 
-__all__ = ["ATTENTIONS", "Dense"]
+__all__ = ["ATTENTIONS", "EXAMPLES", "HSR", "Dense", "Quest", "TopK", "parse"]

@@ -21,6 +21,9 @@ from . import _core
 from .config import SamplingParams
 from .generation import GenerationOutput, SequenceDecoder
 
+# A batch's sessions are fresh: their totals start at zero.
+_NO_TOTALS = {"blocks_visited": 0, "blocks_total": 0, "max_certificate": 0.0}
+
 
 @dataclass
 class _Live:
@@ -116,5 +119,6 @@ class BatchRun:
         return still
 
     def _finish(self, live: _Live) -> None:
+        live.dec.attention_from(live.core, _NO_TOTALS)
         self.outputs[live.index] = live.dec.output()
         live.core.release()

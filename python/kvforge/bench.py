@@ -93,15 +93,16 @@ def tree_row(llm: Any, nodes: int, context: int, repeat: int = 8) -> BenchRow:
                         s.kv_stats()["live_bytes"])
 
 
-def press_row(llm: Any, press: Any, context: int, steps: int) -> BenchRow:
-    """Decode under ``press`` after a ``context``-token prompt; ``kv_bytes`` is the peak of
-    the pool's live bytes over the prefill chunks and the steps (the press's real memory)."""
+def press_row(llm: Any, press: Any, context: int, steps: int, attention: Any = None) -> BenchRow:
+    """Decode under ``press`` and/or ``attention`` after a ``context``-token prompt;
+    ``kv_bytes`` is the peak of the pool's live bytes over the prefill chunks and the steps
+    (the press's real memory). The row is named "press", "attention" or "press+attention"."""
     peak = [0]
 
     def sample(*_: Any) -> None:
         peak[0] = max(peak[0], int(llm.kv_stats()["live_bytes"]))
 
-    with llm.session(press=press) as s:
+    with llm.session(press=press, attention=attention) as s:
         token = s._core.prefill_sample(_ids(llm.config.vocab_size, context), sample)
         sample()
         t0 = time.perf_counter()
@@ -109,18 +110,20 @@ def press_row(llm: Any, press: Any, context: int, steps: int) -> BenchRow:
             token = s._core.decode(token)
             sample()
         rate = steps / (time.perf_counter() - t0)
-    return BenchRow("press", context, rate, peak[0])
+    name = "+".join(n for n, x in (("press", press), ("attention", attention)) if x is not None)
+    return BenchRow(name, context, rate, peak[0])
 
 
 def run(llm: Any, prefill: list[int], contexts: list[int], steps: int = 32,
-        press: Any = None) -> list[BenchRow]:
+        press: Any = None, attention: Any = None) -> list[BenchRow]:
     """Measures every row that fits the model's context (and each decode row under
-    ``press`` too, when given)."""
+    ``press`` and/or ``attention`` too, when given)."""
     limit = llm.max_context
     rows = [prefill_row(llm, n) for n in prefill if n < limit]
     rows += [decode_row(llm, c, steps) for c in contexts if c + steps < limit]
-    if press is not None:
-        rows += [press_row(llm, press, c, steps) for c in contexts if c + steps < limit]
+    if press is not None or attention is not None:
+        rows += [press_row(llm, press, c, steps, attention) for c in contexts
+                 if c + steps < limit]
     return rows
 
 

@@ -49,6 +49,17 @@ def _press_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per head the press keeps (instead of --compression-ratio)")
     p.add_argument("--press-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a press argument, e.g. window_size=32 (repeatable)")
+    p.add_argument("--attention", default=None, metavar="SPEC", help=ATTENTION_HELP)
+
+
+ATTENTION_HELP = ("attention variant NAME[:KEY=VALUE,...]: dense, top_k:k=64, "
+                  "quest:token_budget=512, hsr:eps=1e-3, hsr:top_k=64, hsr:threshold=2")
+
+
+def _attention(args: argparse.Namespace) -> Any:
+    from .attention import parse
+
+    return parse(args.attention) if getattr(args, "attention", None) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a press to evaluate (repeatable; default: every press by name)")
     e.add_argument("--press-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument for every evaluated press (repeatable)")
+    e.add_argument("--attention", action="append", default=[], metavar="SPEC",
+                   help=ATTENTION_HELP + " (repeatable; alone: evaluated without a press; "
+                        "with --press: every press under every variant)")
     e.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
     e.add_argument("--context", type=int, default=1024, help="teacher-forcing context tokens")
     e.add_argument("--continuation", type=int, default=128, help="teacher-forced tokens")
@@ -193,7 +207,8 @@ class _PrefillBar:
 def _stream(llm: Any, prompt: Any, args: argparse.Namespace, session: Any = None) -> str:
     bar = _PrefillBar()
     if session is None:
-        chunks = llm.generate(prompt, _params(args), press=_press(args), stream=True,
+        chunks = llm.generate(prompt, _params(args), press=_press(args),
+                              attention=_attention(args), stream=True,
                               progress=bar)
     else:
         chunks = llm.chat(prompt, _params(args), session=session, stream=True, progress=bar)
@@ -231,7 +246,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Each turn prefills only the new tokens: the session keeps the conversation's cache."""
     llm = _llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    with llm.session(press=_press(args)) as session:
+    with llm.session(press=_press(args), attention=_attention(args)) as session:
         while True:
             try:
                 line = input("> ")
@@ -261,13 +276,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg, longest = llm.config, max(args.contexts, default=0) + args.steps
         per_seq = cfg.num_layers * cfg.num_kv_heads * (-(-longest // args.block_size) + 1)
         llm = _llm(args, num_blocks=max(per_seq * max(args.batch), llm.kv_stats()["total_blocks"]))
-    press = press_from_args(args)
-    rows = bench.run(llm, args.prefill, args.contexts, args.steps, press)
+    press, attention = press_from_args(args), _attention(args)
+    rows = bench.run(llm, args.prefill, args.contexts, args.steps, press, attention)
     fits = [c for c in args.contexts if c + args.steps < llm.max_context]
     rows += [bench.batch_row(llm, n, c, args.steps) for c in fits for n in args.batch]
     rows += [bench.tree_row(llm, n, c) for c in fits for n in args.tree]
     print(f"model: {llm._loaded.path}  threads: {llm.n_threads}  "
-          f"KV: {llm.kv_config.dtype}" + (f"  press: {press}" if press is not None else ""))
+          f"KV: {llm.kv_config.dtype}" + (f"  press: {press}" if press is not None else "")
+          + (f"  attention: {attention}" if attention is not None else ""))
     print(bench.table(rows))
     if args.plot:
         try:
@@ -280,19 +296,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import eval as ev
+    from .attention import parse
     from .presses import BY_NAME
 
     kwargs = _press_arg_kwargs(args.press_arg)
-    names = args.press or [n for n in BY_NAME if n != "streaming_llm"] + [
-        "streaming_llm", "adakv-expected_attention"]
+    variants = [(spec, parse(spec)) for spec in args.attention]
+    names = args.press or ([] if variants else [n for n in BY_NAME if n != "streaming_llm"] + [
+        "streaming_llm", "adakv-expected_attention"])
 
     def maker(name: str) -> Any:
         return lambda r: ev.ratio_press(name, r, args.context, **kwargs)
 
     for name in names:
         maker(name)(0.5)  # a bad name or argument fails before any work
+    if not names:
+        configs = [ev.Config(spec, lambda r: None, var) for spec, var in variants]
+        ratios = [0.0]
+    else:
+        configs = [ev.Config(f"{n}+{spec}" if spec else n, maker(n), var)
+                   for n in names for spec, var in (variants or [("", None)])]
+        ratios = args.ratios
     llm = _llm(args)
-    rows = ev.evaluate(llm, [ev.Config(n, maker(n)) for n in names], args.ratios,
+    rows = ev.evaluate(llm, configs, ratios,
                        context=args.context, continuation=args.continuation,
                        passkey_lengths=args.passkey, trials=args.trials)
     print(ev.table(rows))

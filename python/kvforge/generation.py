@@ -22,6 +22,18 @@ class GenerationStats:
     decode_s: float = 0.0
     kv_blocks_peak: int = 0
     kv_bytes_peak: int = 0
+    # Decode steps' attention: KV blocks visited and cached (summed over layers and KV
+    # heads), and the largest certificate of a step (bound of the softmax mass a sparse
+    # variant left out, relative to what it attended; 0 for exact attention).
+    attention_blocks_visited: int = 0
+    attention_blocks_total: int = 0
+    max_certificate: float = 0.0
+
+    @property
+    def attention_visited_fraction(self) -> float:
+        """Blocks visited / blocks cached over the decode steps (1.0 for dense attention)."""
+        t = self.attention_blocks_total
+        return self.attention_blocks_visited / t if t else 1.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -158,6 +170,13 @@ class SequenceDecoder:
         self.stats.kv_bytes_peak = self.stats.kv_blocks_peak * self.block_bytes
         return GenerationChunk("", [], finish_reason=self.reason, stats=self.stats)
 
+    def attention_from(self, session: Any, before: dict[str, Any]) -> None:
+        """Fills the attention figures from the core session's totals since ``before``."""
+        after = session.attention_totals()
+        self.stats.attention_blocks_visited = after["blocks_visited"] - before["blocks_visited"]
+        self.stats.attention_blocks_total = after["blocks_total"] - before["blocks_total"]
+        self.stats.max_certificate = float(after["max_certificate"])
+
     def output(self) -> GenerationOutput:
         return GenerationOutput("".join(self.texts), list(self.token_ids), self.reason or "length",
                                 self.final().stats)
@@ -169,6 +188,7 @@ def run_generation(session: Any, prompt: list[int], params: SamplingParams, toke
     """Yields chunks until a stop condition; the last one carries the reason and stats.
     ``session``: a core session (``kvforge._core.Session``) whose sampler is set."""
     dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
+    before = session.attention_totals()
     t0 = time.perf_counter()
     token = session.prefill_sample(prompt, progress)
     dec.stats.prefill_s = time.perf_counter() - t0
@@ -179,4 +199,5 @@ def run_generation(session: Any, prompt: list[int], params: SamplingParams, toke
         t1 = time.perf_counter()
         token = session.decode(token)
         dec.stats.decode_s += time.perf_counter() - t1
+    dec.attention_from(session, before)
     yield dec.final()

@@ -142,6 +142,46 @@ class Session:
         counts for both), and ``num_tokens``."""
         return dict(self._core.kv_stats()) | {"num_tokens": self.num_tokens}
 
+    def last_certificates(self) -> np.ndarray:
+        """float32 ``(num_layers, n, num_heads)`` for the last step's ``n`` tokens: per query
+        head, the bound ``c`` of the softmax mass the attention variant left out relative to
+        what it attended, so ``||o - o_hat||_inf <= 2 * c * max|v|`` for that head's output.
+        0 where attention was exact (``Dense``, prefill chunks, ReLU thresholds); ``inf`` where
+        a variant can bound nothing."""
+        certs, shape, _, _ = self._core.last_attention()
+        return np.asarray(certs, dtype=np.float32).reshape(shape)
+
+    def attention_stats(self) -> dict[str, Any]:
+        """The last step's ``blocks_visited`` and ``blocks_total`` per layer (int64 arrays,
+        summed over its tokens and KV heads), and totals over the session's decode-like steps:
+        ``total_blocks_visited``, ``total_blocks``, ``max_certificate``, ``steps``."""
+        _, _, visited, blocks = self._core.last_attention()
+        t = self._core.attention_totals()
+        return {"blocks_visited": np.asarray(visited, np.int64),
+                "blocks_total": np.asarray(blocks, np.int64),
+                "total_blocks_visited": t["blocks_visited"], "total_blocks": t["blocks_total"],
+                "max_certificate": t["max_certificate"], "steps": t["steps"]}
+
+    def probe_queries(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 ``(num_layers, n, num_heads, head_dim)``: the post-RoPE queries that
+        ``token_ids`` would have at the next positions (run, then rolled back: the session is
+        left as it was). Real queries to study or benchmark a variant on."""
+        ids = self._ids(token_ids)
+        cfg = self._llm.config
+        q = np.asarray(self._core.probe_queries(ids), np.float32)
+        return q.reshape(cfg.num_layers, len(ids), cfg.num_heads, cfg.head_dim)
+
+    def head_cache(self, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cached ``(keys, values, positions)`` of (``layer``, ``kv_head``) in slot order:
+        float32 ``(n, head_dim)`` keys (post-RoPE, as stored) and values, int64 positions."""
+        cfg = self._llm.config
+        layer = v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1)
+        kv_head = v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1)
+        k, val, pos = self._core.head_rows(layer, kv_head)
+        hd = cfg.head_dim
+        keys = np.asarray(k, np.float32).reshape(-1, hd)
+        return keys, np.asarray(val, np.float32).reshape(-1, hd), np.asarray(pos, np.int64)
+
     def kept_positions(self, layer: int, kv_head: int) -> np.ndarray:
         """int64 original positions still cached for (``layer``, ``kv_head``), sorted."""
         cfg = self._llm.config

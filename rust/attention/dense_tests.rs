@@ -113,6 +113,8 @@ fn check_against_naive(hd: usize, n: usize, q_pos: u32) {
                 pos: q_pos,
                 mask: Mask::Causal,
                 scale,
+                layer: 0,
+                prefill: false,
             };
             attend(&kv, &cache, &query, &mut out);
             let (want, _) = naive(&q, &ks, &vs, &visible, scale);
@@ -189,6 +191,8 @@ fn tree_mask_and_probabilities_equal_naive() {
                 nodes: &nodes,
             },
             scale,
+            layer: 0,
+            prefill: false,
         };
         let tasks = [Task {
             variant: &Dense,

@@ -14,7 +14,9 @@
 //! sees the sequence before the tree plus its own ancestors. Never by slot order otherwise:
 //! slots are reordered by eviction and blocks may hold any subset of the sequence.
 
+pub mod bounds;
 pub mod dense;
+pub mod hsr;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
 mod kernels_avx2;
@@ -22,8 +24,13 @@ mod kernels_avx2;
 mod kernels_avx512;
 pub mod kernels_entry;
 pub mod online;
+pub mod quest;
 pub mod registry;
 pub mod run;
+pub mod scan;
+pub mod stats;
+pub mod sweep;
+pub mod topk;
 
 /// The eight-lane SIMD exp, shared with the elementwise ops (SwiGLU).
 #[cfg(target_arch = "x86_64")]
@@ -91,6 +98,11 @@ pub struct Query<'a> {
     pub mask: Mask<'a>,
     /// Score scale, `1/sqrt(head_dim)`.
     pub scale: f32,
+    /// The model layer (variants that leave the first layers dense).
+    pub layer: usize,
+    /// Part of a prefill chunk (more than a few new tokens): sparse variants attend densely,
+    /// as Quest and Loki do, since the step is compute-bound and its keys are all needed.
+    pub prefill: bool,
 }
 
 /// An attention variant for one KV head and its query group.
@@ -122,6 +134,12 @@ pub trait Attention: Send + Sync + std::fmt::Debug {
 
     /// A copy for a forked sequence.
     fn boxed_clone(&self) -> Box<dyn Attention>;
+
+    /// Whether a long `query` may be split across threads into pieces merged by log-sum-exp
+    /// (false for variants whose selection depends on every block, such as a top-k).
+    fn splits(&self, _query: &Query<'_>) -> bool {
+        true
+    }
 
     /// True when the variant reads block summaries (`kv::summary`).
     fn needs_summaries(&self) -> bool {

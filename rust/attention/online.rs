@@ -6,13 +6,20 @@ use super::kernels::Isa;
 use super::MAX_GROUP;
 
 /// Running softmax state of one query group: per head the max score and the sum of
-/// `exp(score - max)`; the matching accumulator rows live in the caller's buffer.
+/// `exp(score - max)`; the matching accumulator rows live in the caller's buffer. A sparse
+/// variant that skips keys may also bound what it skipped: `rest` is an upper bound of the
+/// skipped keys' `exp(score - max)` sum, so `rest / sum` bounds the softmax mass left out.
 #[derive(Debug, Clone, Copy)]
 pub struct Online {
     /// Largest score seen, per query head.
     pub max: [f32; MAX_GROUP],
     /// Sum of `exp(score - max)`, per query head.
     pub sum: [f32; MAX_GROUP],
+    /// Upper bound of the skipped keys' `exp(score - max)` sum, per query head (0: none
+    /// skipped, or the variant gives no bound; `inf`: unbounded).
+    pub rest: [f32; MAX_GROUP],
+    /// Blocks visited.
+    pub blocks: u32,
 }
 
 impl Default for Online {
@@ -20,6 +27,20 @@ impl Default for Online {
         Self {
             max: [f32::NEG_INFINITY; MAX_GROUP],
             sum: [0.0; MAX_GROUP],
+            rest: [0.0; MAX_GROUP],
+            blocks: 0,
+        }
+    }
+}
+
+impl Online {
+    /// The certificate of query head `gi`: the bound `rest / sum` of the softmax mass the
+    /// variant left out, relative to what it attended (`||o - o_hat||_inf <= 2 * c * max|v|`).
+    pub fn certificate(&self, gi: usize) -> f32 {
+        match (self.rest[gi], self.sum[gi]) {
+            (0.0, _) => 0.0,
+            (r, s) if s > 0.0 => r / s,
+            _ => f32::INFINITY,
         }
     }
 }
@@ -52,6 +73,7 @@ pub fn merge<'a>(
     let g = out.len() / head_dim;
     out.fill(0.0);
     *total = Online::default();
+    total.blocks = parts.clone().map(|(_, st)| st.blocks).sum();
     for gi in 0..g {
         let m = parts
             .clone()
@@ -61,13 +83,18 @@ pub fn merge<'a>(
             continue;
         }
         let o = &mut out[gi * head_dim..(gi + 1) * head_dim];
-        let mut sum = 0.0f32;
+        let (mut sum, mut rest) = (0.0f32, 0.0f32);
         for (acc, st) in parts.clone() {
             if st.sum[gi] == 0.0 {
+                // A bound relative to no attended key bounds nothing.
+                if st.rest[gi] > 0.0 {
+                    rest = f32::INFINITY;
+                }
                 continue;
             }
             let w = (st.max[gi] - m).exp();
             sum += w * st.sum[gi];
+            rest += w * st.rest[gi];
             for (d, &a) in o.iter_mut().zip(&acc[gi * head_dim..(gi + 1) * head_dim]) {
                 *d += w * a;
             }
@@ -75,6 +102,7 @@ pub fn merge<'a>(
         o.iter_mut().for_each(|d| *d /= sum);
         total.max[gi] = m;
         total.sum[gi] = sum;
+        total.rest[gi] = rest;
     }
 }
 

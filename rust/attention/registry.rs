@@ -9,7 +9,12 @@ pub use crate::params::Params;
 pub type Builder = fn(&mut Params) -> Result<Box<dyn Attention>>;
 
 /// Every attention variant, by name.
-pub const VARIANTS: &[(&str, Builder)] = &[("dense", super::dense::build)];
+pub const VARIANTS: &[(&str, Builder)] = &[
+    ("dense", super::dense::build),
+    ("top_k", super::topk::build),
+    ("quest", super::quest::build),
+    ("hsr", super::hsr::build),
+];
 
 /// Builds the variant `name` from `params`.
 pub fn build(name: &str, mut params: Params) -> Result<Box<dyn Attention>> {

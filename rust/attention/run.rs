@@ -41,6 +41,8 @@ pub struct RunScratch {
     part_state: Vec<Online>,
     /// Per task, `(g, view.len())` probabilities when the task asked for them.
     pub probs: Vec<Vec<f32>>,
+    /// Per task, its final softmax state (blocks visited, certificates).
+    pub states: Vec<Online>,
 }
 
 /// The most pieces a task is split into on `threads` threads with `num_kv_heads` heads per
@@ -57,7 +59,7 @@ pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
 /// most `max`), never from what else runs in the step, so a row's result is the same alone or
 /// in a batch; one when its probabilities are recorded or it may not split.
 fn pieces_of(task: &Task<'_>, max: usize) -> usize {
-    if task.probs || !task.split {
+    if task.probs || !task.split || !task.variant.splits(&task.query) {
         1
     } else {
         (task.view.num_blocks() / MIN_SPLIT_BLOCKS).clamp(1, max)
@@ -79,6 +81,8 @@ pub fn run_tasks(
     }
     s.sel.resize_with(tasks.len(), Vec::new);
     s.probs.resize_with(tasks.len(), Vec::new);
+    s.states.clear();
+    s.states.resize(tasks.len(), Online::default());
     let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| t.variant.select(&t.view, &t.query, sel);
     // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
     // more than Dense's selection itself, 30 times per token.
@@ -135,14 +139,15 @@ fn run_split(tasks: &[Task<'_>], gh: usize, s: &mut RunScratch) -> Result<()> {
 
 /// Merges each split task's pieces into its output. A few multiply-adds per piece: serial,
 /// as a parallel region would cost more.
-fn merge_split(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &RunScratch) {
+fn merge_split(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch) {
+    let (acc, part_state, states) = (&s.part_acc, &s.part_state, &mut s.states);
     for (i, (o, &(first, n))) in out.chunks_mut(gh).zip(&s.pieces).enumerate() {
         if n > 1 {
-            let acc_of = |k: usize| &s.part_acc[k * gh..(k + 1) * gh];
+            let acc_of = |k: usize| &acc[k * gh..(k + 1) * gh];
             let parts = (first..first + n)
                 .map(acc_of)
-                .zip(s.part_state[first..first + n].iter());
-            merge(parts, tasks[i].view.head_dim(), o, &mut Online::default());
+                .zip(part_state[first..first + n].iter());
+            merge(parts, tasks[i].view.head_dim(), o, &mut states[i]);
         }
     }
 }
@@ -153,13 +158,13 @@ fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch)
     out[..tasks.len() * gh]
         .par_chunks_mut(gh)
         .zip(s.probs.par_iter_mut())
+        .zip(s.states.par_iter_mut())
         .enumerate()
-        .try_for_each(|(i, (o, probs))| {
+        .try_for_each(|(i, ((o, probs), state))| {
             let t = &tasks[i];
             if pieces[i].1 > 1 {
                 return Ok(());
             }
-            let mut state = Online::default();
             let sink = if t.probs {
                 let g = gh / t.view.head_dim().max(1);
                 probs.clear();
@@ -169,10 +174,10 @@ fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch)
                 None
             };
             t.variant
-                .partial(&t.view, &sel[i], &t.query, o, &mut state, sink)?;
-            normalise(&state, o, t.view.head_dim());
+                .partial(&t.view, &sel[i], &t.query, o, state, sink)?;
+            normalise(state, o, t.view.head_dim());
             if t.probs {
-                probabilities(&state, probs, t.view.len());
+                probabilities(state, probs, t.view.len());
             }
             Ok(())
         })

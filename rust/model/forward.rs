@@ -12,6 +12,7 @@
 //! lock); the layer loop itself takes no lock.
 
 use crate::attention::run::{max_pieces, run_tasks, Task};
+use crate::attention::stats::AttnStats;
 use crate::attention::{Attention, Mask, Query};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -72,6 +73,8 @@ pub struct SeqWork<'a> {
     pub record: Option<&'a mut Record>,
     /// When set, the press that updates per-slot state from every query row.
     pub observe: Option<Observe<'a>>,
+    /// When set, receives what attention did (blocks visited, certificates), reset first.
+    pub stats: Option<&'a mut AttnStats>,
 }
 
 /// A press observing a sequence's attention (`evict::press::Scorer::observe`).
@@ -100,6 +103,12 @@ pub fn forward(
     let n: usize = seqs.iter().map(|w| w.tokens.len()).sum();
     let want: usize = seqs.iter().map(|w| w.logits.rows(w.tokens.len())).sum();
     check_batch(seqs, n, s.chunk, want * vocab, out.len())?;
+    for w in seqs.iter_mut() {
+        let nt = w.tokens.len();
+        if let Some(st) = w.stats.as_deref_mut() {
+            st.reset(e.model.layers.len(), nt, cfg.num_heads);
+        }
+    }
     let mut r = 0;
     for w in seqs.iter() {
         for (&tok, &pos) in w.tokens.iter().zip(w.positions) {
@@ -299,6 +308,8 @@ fn attend(
                     pos,
                     mask,
                     scale,
+                    layer: li,
+                    prefill: !split,
                 };
                 let sums = w
                     .record
@@ -322,10 +333,24 @@ fn attend(
         max_pieces(e.n_threads(), nkv),
         &mut s.run,
     )?;
+    let listed: Vec<u32> = tasks.iter().map(|t| t.view.num_blocks() as u32).collect();
     drop(tasks);
     let mut first_task = 0;
     for w in seqs.iter_mut() {
         let nt = w.tokens.len();
+        if let Some(st) = w.stats.as_deref_mut() {
+            for i in 0..nt * nkv {
+                let (t, kh) = (i / nkv, i % nkv);
+                st.record(
+                    li,
+                    t,
+                    kh,
+                    g,
+                    &s.run.states[first_task + i],
+                    listed[first_task + i],
+                );
+            }
+        }
         if let Some(sink) = w.probs.as_deref_mut() {
             let rows = &s.run.probs[first_task..first_task + nt * nkv];
             sink.push(gather_probs(w.cache, store, li, cfg, nt, rows)?);

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use crate::attention::dense::Dense;
+use crate::attention::stats::{AttnStats, AttnTotals};
 use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -22,6 +23,7 @@ use crate::kv::paged::SeqCache;
 use crate::model::forward::{forward, Logits, Observe, SeqWork};
 use crate::model::probs::LayerProbs;
 use crate::model::tree::TreeMask;
+use crate::ops::matmul::EXACT_ROWS;
 
 /// What a step returns.
 #[derive(Debug, Default)]
@@ -67,6 +69,10 @@ pub struct Session {
     pub(crate) int8: bool,
     poisoned: bool,
     pub(crate) last_logits: Vec<f32>,
+    /// What attention did in the last forward step.
+    pub(crate) attn_last: AttnStats,
+    /// Totals over the decode-like steps (a few new tokens) since the session was made.
+    pub(crate) attn_totals: AttnTotals,
 }
 
 impl Session {
@@ -93,6 +99,8 @@ impl Session {
             int8: false,
             poisoned: false,
             last_logits: vec![0.0; cfg.vocab_size],
+            attn_last: AttnStats::default(),
+            attn_totals: AttnTotals::default(),
             engine,
         })
     }
@@ -363,9 +371,14 @@ impl Session {
                     col,
                     prefill: taps.prefill,
                 }),
+            stats: Some(&mut self.attn_last),
         }];
         let int8 = self.int8;
-        engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))?
+        engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))??;
+        if tokens.len() <= EXACT_ROWS {
+            self.attn_totals.add(&self.attn_last);
+        }
+        Ok(())
     }
 
     /// Applies the press and reserves `n` slots in every head, under the pool lock.
@@ -428,3 +441,7 @@ pub use ops::decode_batch;
 
 #[path = "session_press.rs"]
 mod press;
+
+#[path = "session_attn.rs"]
+mod attn;
+pub use attn::HeadRows;

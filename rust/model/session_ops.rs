@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{SeqStats, Session};
+use crate::attention::stats::{AttnStats, AttnTotals};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::scoring::ScoringPress;
@@ -179,6 +180,8 @@ impl Session {
             int8: self.int8,
             poisoned: false,
             last_logits: self.last_logits.clone(),
+            attn_last: AttnStats::default(),
+            attn_totals: AttnTotals::default(),
         })
     }
 
@@ -262,7 +265,7 @@ impl Session {
         Ok((tokens, self.cache.column(store, index, col)?, width))
     }
 
-    fn head_index(&self, layer: usize, kv_head: usize) -> Result<usize> {
+    pub(crate) fn head_index(&self, layer: usize, kv_head: usize) -> Result<usize> {
         let cfg = &self.engine.model.cfg;
         if layer >= cfg.num_layers || kv_head >= cfg.num_kv_heads {
             return Err(Error::Config(format!(
@@ -365,6 +368,7 @@ fn batch_forward(
                     col,
                     prefill: false,
                 }),
+            stats: Some(&mut s.attn_last),
         })
         .collect();
     let n = work.len();
@@ -379,6 +383,7 @@ fn batch_forward(
     result?;
     for (s, row) in sessions.iter_mut().zip(out.chunks_exact(vocab)) {
         s.last_logits.copy_from_slice(row);
+        s.attn_totals.add(&s.attn_last);
     }
     engine.with_scratch(|s| s.logits = out)?;
     Ok(())

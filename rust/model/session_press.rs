@@ -69,7 +69,7 @@ impl Session {
 
     /// Runs `tokens` at the next positions in prefill chunks into `rec`, then rolls them
     /// back (also after a failure): the session keeps only what it had.
-    fn run_recorded(&mut self, tokens: &[u32], rec: &mut Record) -> Result<()> {
+    pub(crate) fn run_recorded(&mut self, tokens: &[u32], rec: &mut Record) -> Result<()> {
         let (base, step) = (self.num_tokens, self.step_size());
         let mut run = Ok(());
         for chunk in tokens.chunks(step) {

@@ -91,6 +91,8 @@ fn attend_all(kv: &LocalKv, cache: &SeqCache, q: &[f32], pos: u32, out: &mut [f3
         pos,
         mask: Mask::Causal,
         scale: 0.125,
+        layer: 0,
+        prefill: false,
     };
     let mut state = Online::default();
     Dense.partial(&view, &blocks, &query, out, &mut state, None)?;

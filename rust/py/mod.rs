@@ -8,6 +8,7 @@ mod bench;
 mod errors;
 mod model;
 mod press;
+mod probe;
 mod progress;
 mod sample;
 mod session;
@@ -32,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_variants, m)?)?;
     m.add_function(wrap_pyfunction!(press::press_plan, m)?)?;
     m.add_class::<bench::PyKernelBench>()?;
+    m.add_class::<probe::PyAttentionProbe>()?;
     m.add_function(wrap_pyfunction!(sample::py_filtered_probs, m)?)?;
     m.add_function(wrap_pyfunction!(sample::py_cpu_features, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

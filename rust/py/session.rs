@@ -13,7 +13,7 @@ use super::progress::{with_progress, IN_CALLBACK};
 use crate::attention::registry::{self, Params};
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
-use crate::model::session::StepOut;
+use crate::model::session::{HeadRows, StepOut};
 use crate::model::Session;
 use crate::sample::{Sampler, SamplingConfig};
 
@@ -63,6 +63,9 @@ impl PySession {
         }
     }
 }
+
+/// `last_attention`'s tuple.
+type AttnLast = (Vec<f32>, (usize, usize, usize), Vec<u64>, Vec<u64>);
 
 type Attentions<'py> = Vec<(Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<i64>>)>;
 
@@ -335,6 +338,48 @@ impl PySession {
         d.set_item("live_blocks", s.live_blocks)?;
         d.set_item("live_bytes", s.live_bytes)?;
         Ok(d)
+    }
+
+    /// The last step's attention: `(certificates, (layers, rows, heads), visited, blocks)`
+    /// (flat certificates; per-layer blocks visited and cached).
+    #[allow(clippy::type_complexity)]
+    fn last_attention(&self, py: Python<'_>) -> PyResult<AttnLast> {
+        run(py, || {
+            let st = self.lock()?;
+            let a = st.session.attention_last();
+            Ok((
+                a.certs.clone(),
+                a.shape(),
+                a.visited.clone(),
+                a.blocks.clone(),
+            ))
+        })
+    }
+
+    /// Totals over the decode-like steps: blocks visited and cached, largest certificate.
+    fn attention_totals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = run(py, || Ok(self.lock()?.session.attention_totals()))?;
+        let d = PyDict::new(py);
+        d.set_item("blocks_visited", t.visited)?;
+        d.set_item("blocks_total", t.blocks)?;
+        d.set_item("max_certificate", t.max_certificate)?;
+        d.set_item("steps", t.steps)?;
+        Ok(d)
+    }
+
+    /// The post-RoPE queries (`(layers * n * q_dim,)` float32) that `token_ids` would have at
+    /// the next positions; the session is left as it was.
+    fn probe_queries(&self, py: Python<'_>, token_ids: Vec<i64>) -> PyResult<Vec<f32>> {
+        run(py, || {
+            let ids = token_ids_checked(&token_ids)?;
+            self.lock()?.session.probe_queries(&ids)
+        })
+    }
+
+    /// The cached keys (post-RoPE), values (`(n * head_dim,)` float32 each) and positions of
+    /// (`layer`, `kv_head`) in slot order.
+    fn head_rows(&self, py: Python<'_>, layer: usize, kv_head: usize) -> PyResult<HeadRows> {
+        run(py, || self.lock()?.session.head_rows(layer, kv_head))
     }
 
     /// Original positions cached for (`layer`, `kv_head`), sorted, int64.

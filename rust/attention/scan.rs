@@ -1,0 +1,116 @@
+//! Pieces shared by the selecting variants: the exact scores of one block for a query group
+//! (the pass that finds a top-k before the attention sweep), the k-th largest score, and the
+//! [`Cut`] hook that drops every score below a per-head threshold (optionally turning the
+//! rest into ReLU^alpha weights).
+
+use super::kernels::{BlockShape, Isa};
+use super::kernels_entry;
+use super::online::Online;
+use super::sweep::Hook;
+use super::{Query, MAX_GROUP};
+use crate::error::Result;
+use crate::kv::view::{HeadData, HeadView};
+
+/// Scaled scores of block `bi` for the query group into `out` (`(g, bs)`, row stride
+/// `bs`), `-inf` for slots the query does not see and for columns past the block's end.
+pub fn block_scores(
+    isa: Isa,
+    view: &HeadView<'_>,
+    bi: usize,
+    query: &Query<'_>,
+    out: &mut [f32],
+) -> Result<()> {
+    let (bs, hd) = (view.block_size(), view.head_dim());
+    let g = query.q.len() / hd;
+    let n = view.block_len(bi);
+    let sh = BlockShape {
+        g,
+        hd,
+        bs,
+        os: bs,
+        n,
+    };
+    // SAFETY: `isa` comes from `Isa::detect` (the callers' contract); the slices have the
+    // shapes `sh` names (keys `(hd, bs)`, `out` `(g, bs)`).
+    match view.data() {
+        HeadData::F32(h) => unsafe {
+            kernels_entry::scores(isa, query.q, h.block(bi)?.0, sh, query.scale, out)
+        },
+        HeadData::F16(h) => unsafe {
+            kernels_entry::scores(isa, query.q, h.block(bi)?.0, sh, query.scale, out)
+        },
+    }
+    let (positions, _) = view.meta(bi)?;
+    for gi in 0..g {
+        let row = &mut out[gi * bs..(gi + 1) * bs];
+        row[n..].fill(f32::NEG_INFINITY);
+        if !query.mask.all_visible(bi * bs, positions, query.pos) {
+            for (s, &p) in positions.iter().enumerate() {
+                if !query.mask.visible(bi * bs + s, p, query.pos) {
+                    row[s] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `k`-th largest of the finite values of `scores` (reordered), or `-inf` when fewer
+/// than `k` are finite (every key is kept). `k >= 1`.
+pub fn kth_largest(scores: &mut Vec<f32>, k: usize) -> f32 {
+    scores.retain(|x| x.is_finite());
+    if scores.len() < k || k == 0 {
+        return f32::NEG_INFINITY;
+    }
+    let at = scores.len() - k;
+    *scores.select_nth_unstable_by(at, f32::total_cmp).1
+}
+
+/// Keeps, per query head, the scores at or above its threshold. With `relu_alpha`, a kept
+/// score `s` becomes `alpha * ln(s - thr)`, so that the sweep's softmax gives the normalised
+/// ReLU^alpha weights `(s - thr)^alpha / sum (s' - thr)^alpha` (a score equal to the
+/// threshold has weight 0). Counts the kept scores per head.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    /// Per query head, the lowest kept score.
+    pub thr: [f32; MAX_GROUP],
+    /// ReLU^alpha weights instead of softmax over the kept scores.
+    pub relu_alpha: Option<f32>,
+    /// Per query head, the scores kept so far.
+    pub kept: [u32; MAX_GROUP],
+}
+
+impl Cut {
+    /// A cut at `thr` for every head.
+    pub fn uniform(thr: f32, relu_alpha: Option<f32>) -> Self {
+        Self {
+            thr: [thr; MAX_GROUP],
+            relu_alpha,
+            kept: [0; MAX_GROUP],
+        }
+    }
+}
+
+impl Hook for Cut {
+    const FILTERS: bool = true;
+
+    fn filter(&mut self, gi: usize, _ids: &[usize], row: &mut [f32]) {
+        let thr = self.thr[gi];
+        let mut kept = 0;
+        for x in row.iter_mut() {
+            if *x >= thr && *x > f32::NEG_INFINITY {
+                kept += 1;
+                if let Some(a) = self.relu_alpha {
+                    *x = a * (*x - thr).ln();
+                }
+            } else {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        self.kept[gi] += kept;
+    }
+
+    fn stop(&mut self, _visited: usize, _state: &Online) -> bool {
+        false
+    }
+}
