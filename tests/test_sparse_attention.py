@@ -290,3 +290,16 @@ def test_probe_queries_and_head_cache_leave_the_session_as_it_was(llm):
         np.testing.assert_array_equal(pos, np.arange(20))
         with pytest.raises(ConfigError, match="layer"):
             s.head_cache(3, 0)
+
+
+def test_parse_reads_the_command_line_specs():
+    parse = kvforge.attention.parse
+    assert parse("dense") == Dense()
+    assert parse("top_k:k=64") == TopK(64) and parse("topk:k=0.25") == TopK(0.25)
+    assert parse("quest:token_budget=1024,skip_layers=0") == Quest(1024, 0)
+    assert parse("hsr:threshold=2,relu_alpha=1") == HSR(threshold=2, relu_alpha=1)
+    for bad, match in [("nope", "unknown attention"), ("hsr:eps", "KEY=VALUE"),
+                       ("hsr:eps=x", "not a number"), ("quest:budget=3", "budget"),
+                       ("hsr", "exactly one")]:
+        with pytest.raises(ConfigError, match=match):
+            parse(bad)

@@ -6,8 +6,8 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Engine", "KernelBench", "Session", "__version__", "cpu_features", "decode_batch",
-           "filtered_probs", "press_plan", "registries"]
+__all__ = ["AttentionProbe", "Engine", "KernelBench", "Session", "__version__", "cpu_features",
+           "decode_batch", "filtered_probs", "press_plan", "registries"]
 __version__: str
 
 _Progress = Callable[[int, int], object] | None
@@ -119,7 +119,7 @@ class AttentionProbe:
         cls,
         keys: npt.NDArray[np.float32],
         values: npt.NDArray[np.float32],
-        kind: str = "dense",
+        kind: str = ...,
         params: list[tuple[str, float]] = ...,
         *,
         block_size: int = 16,
