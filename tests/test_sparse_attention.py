@@ -222,6 +222,8 @@ def test_the_core_rejects_bad_registry_parameters_too():
             _core.AttentionProbe(k, k, kind, params)
     with pytest.raises(ConfigError, match="q must have shape"):
         _core.AttentionProbe(k, k).attend(np.zeros((2, 4), np.float32))
+    with pytest.raises(ConfigError, match="q must have shape"):
+        _core.AttentionProbe(k, k).run(np.zeros((2, 4), np.float32))
 
 
 # -- in a model ---------------------------------------------------------------------------------

@@ -14,22 +14,11 @@ variants act on decode-like steps (a few new tokens); prefill chunks attend dens
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import _validate as v
 from .errors import ConfigError, InputTypeError
-
-
-def _number(name: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputTypeError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > lo if open_lo else v >= lo) and v <= hi
-    if not ok:
-        left = "(" if open_lo else "["
-        raise ConfigError(f"{name}={value!r} must be in {left}{lo}, {hi}]")
-    return v
 
 
 def _keep(name: str, k: Any) -> tuple[str, float]:
@@ -41,7 +30,10 @@ def _keep(name: str, k: Any) -> tuple[str, float]:
         if k < 1:
             raise ConfigError(f"{name}={k} must be >= 1 (or a fraction in (0, 1])")
         return "k", float(k)
-    return "fraction", _number(name, k, 0.0, 1.0, open_lo=True)
+    f = v.real(name, k)
+    if not 0.0 < f <= 1.0:
+        raise ConfigError(f"{name}={k!r} must be in (0.0, 1.0] (or an int >= 1)")
+    return "fraction", f
 
 
 class _Variant:
@@ -89,12 +81,8 @@ class Quest(_Variant):
     _kind: ClassVar[str] = "quest"
 
     def __post_init__(self) -> None:
-        for name, lo in (("token_budget", 1), ("skip_layers", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise InputTypeError(f"Quest {name} must be an int, got {v!r}")
-            if not lo <= v < 2**32:
-                raise ConfigError(f"Quest {name}={v} must be in [{lo}, 2**32)")
+        v.integer("Quest token_budget", self.token_budget, lo=1, hi=2**32 - 1)
+        v.integer("Quest skip_layers", self.skip_layers, lo=0, hi=2**32 - 1)
 
     def _params(self) -> list[tuple[str, float]]:
         return [("token_budget", float(self.token_budget)),
@@ -134,14 +122,15 @@ class HSR(_Variant):
         if self.relu_alpha is not None and self.threshold is None:
             raise ConfigError("HSR relu_alpha needs threshold")
         if self.threshold is not None:
-            out = [("threshold", _number("HSR threshold", self.threshold, -1e30, 1e30))]
+            out = [("threshold", v.real("HSR threshold", self.threshold, lo=-1e30, hi=1e30))]
             if self.relu_alpha is not None:
-                out.append(("relu_alpha", _number("HSR relu_alpha", self.relu_alpha, 1e-3, 64.0)))
+                out.append(("relu_alpha", v.real("HSR relu_alpha", self.relu_alpha, lo=1e-3,
+                                                 hi=64.0)))
             return out
         if self.top_k is not None:
-            name, v = _keep("HSR top_k", self.top_k)
-            return [("top_k" if name == "k" else "top_k_fraction", v)]
-        return [("eps", _number("HSR eps", self.eps, 0.0, 1e30))]
+            name, k = _keep("HSR top_k", self.top_k)
+            return [("top_k" if name == "k" else "top_k_fraction", k)]
+        return [("eps", v.real("HSR eps", self.eps, lo=0.0, hi=1e30))]
 
 
 ATTENTIONS = (Dense, TopK, Quest, HSR)

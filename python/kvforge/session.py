@@ -174,20 +174,14 @@ class Session:
     def head_cache(self, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The cached ``(keys, values, positions)`` of (``layer``, ``kv_head``) in slot order:
         float32 ``(n, head_dim)`` keys (post-RoPE, as stored) and values, int64 positions."""
-        cfg = self._llm.config
-        layer = v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1)
-        kv_head = v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1)
-        k, val, pos = self._core.head_rows(layer, kv_head)
-        hd = cfg.head_dim
+        k, val, pos = self._core.head_rows(*self._head(layer, kv_head))
+        hd = self._llm.config.head_dim
         keys = np.asarray(k, np.float32).reshape(-1, hd)
         return keys, np.asarray(val, np.float32).reshape(-1, hd), np.asarray(pos, np.int64)
 
     def kept_positions(self, layer: int, kv_head: int) -> np.ndarray:
         """int64 original positions still cached for (``layer``, ``kv_head``), sorted."""
-        cfg = self._llm.config
-        layer = v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1)
-        kv_head = v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1)
-        return self._core.kept_positions(layer, kv_head)
+        return self._core.kept_positions(*self._head(layer, kv_head))
 
     def slot_column(self, name: str, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray]:
         """Side column ``name`` of (``layer``, ``kv_head``): the cached tokens' indices (int64

@@ -89,13 +89,8 @@ pub unsafe fn parts_avx2(q: &[f32], qn: f32, s: &BlockSummary<'_>) -> (f32, f32,
     (b, d + qn * s.radius, m)
 }
 
-/// The certified bound of one query head over a block, unscaled (see the module docs).
-#[inline(always)]
-pub fn block_bound(q: &[f32], qn: f32, s: &BlockSummary<'_>) -> f32 {
-    certified(q.len(), qn, s.radius, parts(q, qn, s))
-}
-
-/// The certified bound from [`parts`]' `(box, ball, mag)` over `hd` dimensions.
+/// The certified bound of one query head over a block (unscaled; see the module docs) from
+/// [`parts`]' `(box, ball, mag)` over `hd` dimensions.
 #[inline(always)]
 fn certified(hd: usize, qn: f32, radius: f32, (boxed, ball, mag): (f32, f32, f32)) -> f32 {
     // gamma bounds the relative rounding of a float32 sum of `hd` products (with a factor 2
@@ -170,8 +165,9 @@ mod tests {
     use crate::kv::summary::{compute, width};
 
     #[test]
-    fn the_bound_holds_every_key_of_the_block() {
-        let (hd, bs) = (8, 16);
+    fn the_bound_holds_every_key_of_the_block_and_the_simd_parts_match() {
+        // 19 dimensions: two full AVX2 lanes and a tail.
+        let (hd, bs) = (19, 16);
         let key = |d: usize, s: usize| (((d * 31 + s * 17) % 23) as f32 - 11.0) * 0.37;
         let mut sum = vec![0.0; width(hd)];
         compute(hd, bs, key, &mut sum);
@@ -186,10 +182,19 @@ mod tests {
                 .map(|i| ((i * 7 + t * 3) % 11) as f32 - 5.0)
                 .collect();
             let qn = q.iter().map(|x| x * x).sum::<f32>().sqrt();
-            let ub = block_bound(&q, qn, &s);
+            let p = parts(&q, qn, &s);
+            let ub = certified(hd, qn, s.radius, p);
             for slot in 0..bs {
                 let dot: f32 = (0..hd).map(|d| q[d] * key(d, slot)).sum();
                 assert!(dot <= ub, "{dot} > {ub}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::simd::avx2_available() {
+                // SAFETY: AVX2 and FMA detected; the summary holds `hd` floats per part.
+                let v = unsafe { parts_avx2(&q, qn, &s) };
+                for (a, b) in [(p.0, v.0), (p.1, v.1), (p.2, v.2)] {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + p.2), "{a} vs {b}");
+                }
             }
         }
     }

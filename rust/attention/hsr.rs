@@ -56,7 +56,7 @@ pub struct Hsr {
 }
 
 /// Per-thread buffers: bounds `(blocks, g)`, visit order, suffix sums, visited list, one
-/// block's scores.
+/// block's scores, the per-head top-k heaps.
 #[derive(Default)]
 struct Buf {
     ub: Vec<f32>,
@@ -64,6 +64,7 @@ struct Buf {
     suffix: Vec<f64>,
     visit: Vec<usize>,
     one: Vec<f32>,
+    heaps: Vec<BinaryHeap<Reverse<Score>>>,
 }
 
 thread_local! {
@@ -168,7 +169,9 @@ impl Hsr {
                 buf.suffix[i * g + gi] = buf.suffix[(i + 1) * g + gi].max(u);
             }
         }
-        let mut heaps: Vec<BinaryHeap<Reverse<Score>>> = vec![BinaryHeap::new(); g];
+        let heaps = &mut buf.heaps;
+        heaps.resize_with(g, BinaryHeap::new);
+        heaps.iter_mut().for_each(BinaryHeap::clear);
         buf.one.resize(g * bs, 0.0);
         buf.visit.clear();
         let isa = Isa::detect();

@@ -43,6 +43,8 @@ pub struct RunScratch {
     pub probs: Vec<Vec<f32>>,
     /// Per task, its final softmax state (blocks visited, certificates).
     pub states: Vec<Online>,
+    /// Per task, the blocks its head cache listed to the variant.
+    pub listed: Vec<u32>,
 }
 
 /// The most pieces a task is split into on `threads` threads with `num_kv_heads` heads per
@@ -83,6 +85,9 @@ pub fn run_tasks(
     s.probs.resize_with(tasks.len(), Vec::new);
     s.states.clear();
     s.states.resize(tasks.len(), Online::default());
+    s.listed.clear();
+    s.listed
+        .extend(tasks.iter().map(|t| t.view.num_blocks() as u32));
     let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| t.variant.select(&t.view, &t.query, sel);
     // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
     // more than Dense's selection itself, 30 times per token.

@@ -5,7 +5,6 @@
 
 use super::kernels::{BlockShape, Isa};
 use super::kernels_entry;
-use super::online::Online;
 use super::sweep::Hook;
 use super::{Query, MAX_GROUP};
 use crate::error::Result;
@@ -108,9 +107,5 @@ impl Hook for Cut {
             }
         }
         self.kept[gi] += kept;
-    }
-
-    fn stop(&mut self, _visited: usize, _state: &Online) -> bool {
-        false
     }
 }

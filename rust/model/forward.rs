@@ -333,22 +333,14 @@ fn attend(
         max_pieces(e.n_threads(), nkv),
         &mut s.run,
     )?;
-    let listed: Vec<u32> = tasks.iter().map(|t| t.view.num_blocks() as u32).collect();
     drop(tasks);
     let mut first_task = 0;
     for w in seqs.iter_mut() {
         let nt = w.tokens.len();
         if let Some(st) = w.stats.as_deref_mut() {
             for i in 0..nt * nkv {
-                let (t, kh) = (i / nkv, i % nkv);
-                st.record(
-                    li,
-                    t,
-                    kh,
-                    g,
-                    &s.run.states[first_task + i],
-                    listed[first_task + i],
-                );
+                let (t, kh, at) = (i / nkv, i % nkv, first_task + i);
+                st.record(li, t, kh, g, &s.run.states[at], s.run.listed[at]);
             }
         }
         if let Some(sink) = w.probs.as_deref_mut() {

@@ -32,13 +32,19 @@ struct Probe {
 type Attended = (Vec<f32>, Vec<f32>, Vec<f32>, u32);
 
 impl Probe {
-    fn attend(&self, q: &[f32], layer: usize, prefill: bool, record: bool) -> Result<Attended> {
-        let hd = self.head_dim;
-        let g = q.len() / hd;
-        if g == 0 || g > MAX_GROUP || q.len() != g * hd {
+    /// Attends `q` of shape `shape` (`(g, head_dim)`, checked).
+    fn attend(
+        &self,
+        q: &[f32],
+        shape: (usize, usize),
+        layer: usize,
+        prefill: bool,
+        record: bool,
+    ) -> Result<Attended> {
+        let (hd, (g, d)) = (self.head_dim, shape);
+        if d != hd || g == 0 || g > MAX_GROUP || q.len() != g * hd {
             return Err(Error::Config(format!(
-                "q must have shape (g, {hd}) with g in [1, {MAX_GROUP}], got {} values",
-                q.len()
+                "q must have shape (g, {hd}) with g in [1, {MAX_GROUP}], got ({g}, {d})"
             )));
         }
         let view = self.cache.view(&self.kv.store, 0)?;
@@ -115,16 +121,6 @@ pub struct PyAttentionProbe {
     probe: Mutex<Probe>,
 }
 
-/// `q` must be `(g, head_dim)`.
-fn check_q(py: Python<'_>, q: &PyReadonlyArray2<'_, f32>, hd: usize) -> PyResult<()> {
-    let (g, d) = (q.shape()[0], q.shape()[1]);
-    if d != hd || g == 0 || g > MAX_GROUP {
-        let msg = format!("q must have shape (g, {hd}) with g in [1, {MAX_GROUP}], got ({g}, {d})");
-        return Err(to_py(py, Error::Config(msg)));
-    }
-    Ok(())
-}
-
 fn flat(a: &PyReadonlyArray2<'_, f32>) -> PyResult<Vec<f32>> {
     Ok(a.as_array().iter().copied().collect())
 }
@@ -173,12 +169,11 @@ impl PyAttentionProbe {
         Bound<'py, PyArray1<f32>>,
         u32,
     )> {
-        let qv = flat(&q)?;
-        let (g, len) = (q.shape()[0], self.num_keys(py)?);
-        check_q(py, &q, self.lock().map_err(|e| to_py(py, e))?.head_dim)?;
+        let (qv, shape) = (flat(&q)?, (q.shape()[0], q.shape()[1]));
         let (out, scores, certs, visited) =
-            run(py, || self.lock()?.attend(&qv, layer, prefill, true))?;
-        let hd = out.len() / g.max(1);
+            run(py, || self.lock()?.attend(&qv, shape, layer, prefill, true))?;
+        let (g, hd) = shape;
+        let len = scores.len() / g;
         let reshape = |v: Vec<f32>, cols: usize| {
             v.into_pyarray(py)
                 .reshape([g, cols])
@@ -201,12 +196,12 @@ impl PyAttentionProbe {
         repeat: usize,
         layer: usize,
     ) -> PyResult<u32> {
-        let qv = flat(&q)?;
+        let (qv, shape) = (flat(&q)?, (q.shape()[0], q.shape()[1]));
         run(py, || {
             let probe = self.lock()?;
             let mut visited = 0;
             for _ in 0..repeat {
-                visited = probe.attend(&qv, layer, false, false)?.3;
+                visited = probe.attend(&qv, shape, layer, false, false)?.3;
             }
             Ok(visited)
         })
