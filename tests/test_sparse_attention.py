@@ -23,6 +23,20 @@ CASES = settings(max_examples=max(100, 10 * settings.default.max_examples), dead
 SHAPES = ("gauss", "clustered", "sink", "massive", "ties")
 
 
+# The NumPy reference of every registered variant (HSR's modes: threshold, top-k, eps).
+REFERENCES = {"dense": R.dense, "top_k": R.top_k, "quest": R.quest,
+              "hsr": (R.hsr_threshold, R.top_k, R.hsr_eps)}
+
+
+def test_every_registered_variant_has_a_reference_and_a_shared_example():
+    """A new variant is one Rust file, one registry entry, one class, one reference: the
+    registry, the references and the shared examples (trees, commit, no leaked blocks in
+    ``test_session.py``) must name the same variants."""
+    variants, _ = _core.registries()
+    assert sorted(REFERENCES) == sorted(variants)
+    assert {type(e) for e in kvforge.attention.EXAMPLES} == set(kvforge.attention.ATTENTIONS)
+
+
 def keys_of(rng: np.random.Generator, shape: str, n: int, d: int) -> np.ndarray:
     if shape == "clustered":
         centres = rng.standard_normal((4, d)) * 2
