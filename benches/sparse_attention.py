@@ -8,9 +8,13 @@ attention sinks). Each row is the median over layers, KV heads and queries of th
 call, its ratio to dense on the same keys, the fraction of blocks visited, the largest error
 against dense and the largest certificate.
 
-End-to-end rows prefill 7000 pydoc tokens once (dense), fork the session per variant and
-feed the same 64 next tokens one step at a time: tokens/s, and top-1 agreement of each step's
-logits with dense. ``--llamacpp`` adds llama.cpp with flash attention at the same context in
+Loki's rows use the bases ``kvforge calibrate`` saved beside the model, fitted on other pydoc
+text than the benchmark reads (calibration takes the topics in reverse order).
+
+End-to-end rows prefill 7000 pydoc tokens once (dense), fork the session per variant (Loki,
+which caches keys in its own basis, prefills its own session) and feed the same next tokens
+one step at a time: tokens/s, and top-1 agreement of each step's logits with dense.
+``--llamacpp`` adds llama.cpp with flash attention at the same context in
 the same run (needs llama-cpp-python).
 
     python benches/sparse_attention.py [--kernel] [--e2e] [--llamacpp] [--cache PATH]
@@ -22,14 +26,16 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 VARIANTS = ["dense", "top_k:k=0.25", "quest:token_budget=512,skip_layers=0",
-            "quest:token_budget=1024,skip_layers=0", "hsr:top_k=64", "hsr:eps=1e-2",
-            "hsr:eps=1e-3"]
+            "quest:token_budget=1024,skip_layers=0", "loki:rank=16,top_k=0.25",
+            "loki:rank=16,top_k=0.125", "hsr:top_k=64", "hsr:eps=1e-2", "hsr:eps=1e-3"]
 E2E = ["dense", "quest:token_budget=1024", "quest:token_budget=1536",
-       "quest:token_budget=2048", "top_k:k=0.25", "hsr:top_k=64", "hsr:eps=1e-1",
+       "quest:token_budget=2048", "top_k:k=0.25", "loki:rank=16,top_k=0.25",
+       "loki:rank=16,top_k=0.125", "loki:rank=32,top_k=0.25", "hsr:top_k=64", "hsr:eps=1e-1",
        "hsr:eps=1e-2"]
 LAYERS = [4, 12, 20, 28]
 CONTEXT = 8176
@@ -67,14 +73,35 @@ def synthetic(k: np.ndarray, v: np.ndarray, n: int, rng: np.random.Generator):
     return draw(k), draw(v)
 
 
-def kernel_rows(data: dict[str, np.ndarray], queries: int, repeat: int) -> list[dict]:
+def bases() -> np.ndarray | None:
+    """The real model's Loki bases ``(layers, kv_heads, d, d)``, if calibrated."""
+    from kvforge import loki
+    from kvforge.loader import default_model_path
+
+    path = loki.default_path(default_model_path())
+    return loki.load(path)[0] if path.exists() else None
+
+
+def probe_of(spec: str, k: np.ndarray, v: np.ndarray, basis: np.ndarray | None) -> object:
+    """The kernel probe of variant ``spec`` over one head's keys (Loki: with its basis)."""
     from kvforge import _core
-    from kvforge.attention import parse
+    from kvforge.attention import Loki, parse
+
+    var = parse(spec)
+    if isinstance(var, Loki):
+        return _core.AttentionProbe(k, v, "loki", var._params_with(int(var.rank)),
+                                    kv_dtype="float16", basis=basis[None, None])
+    return _core.AttentionProbe(k, v, var._kind, var._params(), kv_dtype="float16")
+
+
+def kernel_rows(data: dict[str, np.ndarray], queries: int, repeat: int) -> list[dict]:
+    basis = bases()
+    specs = [s for s in VARIANTS if basis is not None or not s.startswith("loki")]
 
     rng = np.random.default_rng(0)
     rows = []
     for ctx in (2048, CONTEXT, 32768, 131072):
-        stats: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in VARIANTS}
+        stats: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in specs}
         nq = queries if ctx <= 32768 else max(1, queries // 4)
         for layer in LAYERS:
             for h in range(3):
@@ -84,10 +111,9 @@ def kernel_rows(data: dict[str, np.ndarray], queries: int, repeat: int) -> list[
                 for qi in range(nq):
                     q = np.ascontiguousarray(data["q"][layer, qi, 3 * h:3 * h + 3])
                     base = None
-                    for spec in VARIANTS:
-                        var = parse(spec)
-                        p = _core.AttentionProbe(k, v, var._kind, var._params(),
-                                                 kv_dtype="float16")
+                    for spec in specs:
+                        b = None if basis is None else basis[layer, h]
+                        p: Any = probe_of(spec, k, v, b)
                         out, _, cert, visited = p.attend(q)
                         t0 = time.perf_counter()
                         p.run(q, repeat)
@@ -110,7 +136,7 @@ def kernel_rows(data: dict[str, np.ndarray], queries: int, repeat: int) -> list[
 
 def e2e_rows(context: int, steps: int) -> list[dict]:
     import kvforge
-    from kvforge.attention import parse
+    from kvforge.attention import Loki, parse
     from kvforge.eval import pydoc_ids
 
     llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"))
@@ -120,8 +146,10 @@ def e2e_rows(context: int, steps: int) -> list[dict]:
         root.prefill(ids[:context])
         for spec in E2E:
             var = parse(spec)
-            with root.fork() as s:
-                var._apply(s._core)
+            if isinstance(var, Loki) and bases() is None:
+                print(f"e2e {spec}: skipped (no bases: run `kvforge calibrate`)")
+                continue
+            with own_session(llm, root, var, ids[:context]) as s:
                 # The first step summarises every sealed block (once per pool): not timed.
                 top = [int(np.argmax(s.step([ids[context]])[0]))]
                 t0 = time.perf_counter()
@@ -136,6 +164,20 @@ def e2e_rows(context: int, steps: int) -> list[dict]:
             print(f"e2e {context} {spec:<28} {rate:>7.1f} tok/s top1 {agree:.3f} "
                   f"visited {visited:.1%}", flush=True)
     return rows
+
+
+def own_session(llm: Any, root: Any, var: Any, prompt: list[int]) -> Any:
+    """A fork of the dense ``root`` with ``var`` installed; a fresh prefilled session for
+    Loki, whose cache holds keys in its own basis."""
+    from kvforge.attention import Loki
+
+    if isinstance(var, Loki):
+        s = llm.session(attention=var)
+        s.prefill(prompt)
+        return s
+    s = root.fork()
+    var._apply(s._core, llm)
+    return s
 
 
 def llamacpp_rate(context: int) -> float:

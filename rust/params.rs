@@ -7,12 +7,37 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Default)]
 pub struct Params {
     items: Vec<(String, f64)>,
+    tensors: Vec<(String, Tensor)>,
+}
+
+/// A named float32 array parameter (a variant's fitted basis), row-major.
+#[derive(Debug, Clone, Default)]
+pub struct Tensor {
+    /// The elements, row-major.
+    pub data: Vec<f32>,
+    /// The shape.
+    pub shape: Vec<usize>,
 }
 
 impl Params {
     /// Parameters from `(name, value)` pairs.
     pub fn new(items: Vec<(String, f64)>) -> Self {
-        Self { items }
+        Self {
+            items,
+            tensors: Vec::new(),
+        }
+    }
+
+    /// Adds the array parameter `name`.
+    pub fn with_tensor(mut self, name: &str, tensor: Tensor) -> Self {
+        self.tensors.push((name.to_owned(), tensor));
+        self
+    }
+
+    /// Takes the array parameter `name`, if given.
+    pub fn take_tensor(&mut self, name: &str) -> Option<Tensor> {
+        let at = self.tensors.iter().position(|(n, _)| n == name)?;
+        Some(self.tensors.remove(at).1)
     }
 
     /// Takes parameter `name`, if given.
@@ -28,9 +53,10 @@ impl Params {
 
     /// Fails when a parameter was given that `variant` does not take.
     pub fn finish(&self, variant: &str) -> Result<()> {
-        match self.items.first() {
+        let first = self.items.first().map(|(n, _)| n);
+        match first.or(self.tensors.first().map(|(n, _)| n)) {
             None => Ok(()),
-            Some((name, _)) => Err(Error::Config(format!(
+            Some(name) => Err(Error::Config(format!(
                 "{variant} takes no parameter {name:?}"
             ))),
         }

@@ -24,7 +24,7 @@ SHAPES = ("gauss", "clustered", "sink", "massive", "ties")
 
 
 # The NumPy reference of every registered variant (HSR's modes: threshold, top-k, eps).
-REFERENCES = {"dense": R.dense, "top_k": R.top_k, "quest": R.quest,
+REFERENCES = {"dense": R.dense, "top_k": R.top_k, "quest": R.quest, "loki": R.loki,
               "hsr": (R.hsr_threshold, R.top_k, R.hsr_eps)}
 
 

@@ -67,7 +67,12 @@ class Session:
         tail: int = ...,
         sink: int = ...,
     ) -> None: ...
-    def set_attention(self, kind: str, params: list[tuple[str, float]] = ...) -> None: ...
+    def set_attention(
+        self,
+        kind: str,
+        params: list[tuple[str, float]] = ...,
+        basis: npt.NDArray[np.float32] | None = None,
+    ) -> None: ...
     def set_activations(self, kind: str) -> None: ...
     def prefill(
         self, token_ids: list[int], progress: _Progress = None
@@ -124,6 +129,7 @@ class AttentionProbe:
         *,
         block_size: int = 16,
         kv_dtype: str = "float32",
+        basis: npt.NDArray[np.float32] | None = None,
     ) -> AttentionProbe: ...
     def attend(
         self, q: npt.NDArray[np.float32], *, layer: int = 0, prefill: bool = False

@@ -8,14 +8,19 @@ variants act on decode-like steps (a few new tokens); prefill chunks attend dens
 - :class:`Dense`: exact softmax attention over every cached token.
 - :class:`TopK`: exact scores, softmax over the ``k`` best keys of each query head.
 - :class:`Quest`: Quest's page selection by the per-block min/max key bounds.
+- :class:`Loki`: keys cached in a per-head PCA basis (``kvforge calibrate``); approximate
+  scores on the leading ``rank`` components choose the ``top_k`` keys attended exactly.
 - :class:`HSR`: the paged blocks as a half-space reporting index: every key above a threshold
   (no false negatives), the proven top-k, or softmax certified to a relative mass ``eps``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 from . import _validate as v
 from .errors import ConfigError, InputTypeError
@@ -42,7 +47,7 @@ class _Variant:
     def _params(self) -> list[tuple[str, float]]:
         return []
 
-    def _apply(self, core_session: Any) -> None:
+    def _apply(self, core_session: Any, llm: Any = None) -> None:
         core_session.set_attention(self._kind, self._params())
 
 
@@ -133,20 +138,94 @@ class HSR(_Variant):
         return [("eps", v.real("HSR eps", self.eps, lo=0.0, hi=1e30))]
 
 
-ATTENTIONS = (Dense, TopK, Quest, HSR)
+@dataclass(frozen=True)
+class Loki(_Variant):
+    """Loki: keys cached in a per-(layer, KV head) PCA basis with the leading ``rank``
+    components first; a decode step scores every key on those components alone
+    (``q^_{1:r} . k^_{1:r} / sqrt(d)``), keeps each query head's ``top_k`` keys of highest
+    approximate score and attends exactly over them. Prefill chunks attend densely.
+
+    - ``rank``: an int in [1, head_dim], or a float in (0, 1): an explained-variance target
+      (the most components, over the heads, whose cumulative share stays below it);
+    - ``top_k``: an int >= 1, or a float in (0, 1] (a fraction of the visible keys);
+    - ``basis``: the bases file of ``kvforge calibrate`` (default: the one beside the
+      model), an array ``(layers, kv_heads, d, d)`` (column ``j`` the ``j``-th component),
+      or ``"random"`` (seeded random orthonormal bases: Loki without calibration).
+
+    ``Loki(rank=head_dim, top_k=1.0)`` is dense attention in a rotated basis.
+    """
+
+    rank: int | float = 16
+    top_k: int | float = 0.25
+    basis: str | os.PathLike[str] | np.ndarray | None = field(default=None, compare=False)
+    _kind: ClassVar[str] = "loki"
+
+    def __post_init__(self) -> None:
+        _keep("Loki top_k", self.top_k)
+        self._rank_target()
+        b = self.basis
+        if b is not None and not isinstance(b, (str, os.PathLike, np.ndarray)):
+            raise InputTypeError(f"Loki basis must be a path, an array or 'random', got {b!r}")
+
+    def _rank_target(self) -> float | None:
+        """The explained-variance target of a fractional rank (else None, rank checked)."""
+        r = self.rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise InputTypeError(f"Loki rank must be an int >= 1 or a float in (0, 1), got {r!r}")
+        if isinstance(r, int):
+            v.integer("Loki rank", r, lo=1, hi=512)
+            return None
+        f = v.real("Loki rank", r)
+        if not 0.0 < f < 1.0:
+            raise ConfigError(f"Loki rank={r!r} must be in (0.0, 1.0) (or an int >= 1)")
+        return f
+
+    def _resolve(self, llm: Any) -> tuple[np.ndarray, int]:
+        """The bases ``(layers, kv_heads, d, d)`` for ``llm`` and the rank."""
+        from . import loki
+
+        b, evr = self.basis, None
+        if isinstance(b, str) and b == "random":
+            cfg = llm.config
+            b = loki.random(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        elif b is None or isinstance(b, (str, os.PathLike)):
+            path = loki.default_path(llm._loaded.path) if b is None else b
+            b, evr = loki.load(path)
+        arr = np.ascontiguousarray(b, np.float32)
+        if arr.ndim != 4:
+            raise ConfigError(f"Loki basis must have shape (layers, kv_heads, d, d), "
+                              f"got {arr.shape}")
+        target = self._rank_target()
+        rank = int(self.rank) if target is None else loki.rank_for(evr, target)
+        return arr, rank
+
+    def _params_with(self, rank: int) -> list[tuple[str, float]]:
+        return [("rank", float(rank)), _keep("Loki top_k", self.top_k)]
+
+    def _apply(self, core_session: Any, llm: Any = None) -> None:
+        if llm is None:
+            raise ConfigError("Loki needs the model to find its basis")
+        basis, rank = self._resolve(llm)
+        core_session.set_attention(self._kind, self._params_with(rank), basis)
+
+
+ATTENTIONS = (Dense, TopK, Quest, Loki, HSR)
 
 # One instance of every variant and mode, for the test suite's shared checks: the exact ones
 # keep everything on short contexts, the others prune.
-EXAMPLES = (Dense(), TopK(8), TopK(0.5), Quest(token_budget=16, skip_layers=1), HSR(eps=0.0),
+EXAMPLES = (Dense(), TopK(8), TopK(0.5), Quest(token_budget=16, skip_layers=1),
+            Loki(rank=4, top_k=0.5, basis="random"), HSR(eps=0.0),
             HSR(eps=1e-3), HSR(top_k=8), HSR(threshold=0.0), HSR(threshold=0.0, relu_alpha=2.0))
 
 
-_BY_NAME = {"dense": Dense, "top_k": TopK, "topk": TopK, "quest": Quest, "hsr": HSR}
+_BY_NAME = {"dense": Dense, "top_k": TopK, "topk": TopK, "quest": Quest, "loki": Loki,
+            "hsr": HSR}
 
 
 def parse(spec: str) -> Any:
     """A variant from ``NAME[:KEY=VALUE,...]`` (the command line's ``--attention``):
-    ``dense``, ``top_k:k=0.25``, ``quest:token_budget=1024``, ``hsr:eps=1e-3``,
+    ``dense``, ``top_k:k=0.25``, ``quest:token_budget=1024``, ``loki:rank=16,top_k=0.25``
+    (``basis=PATH`` or ``basis=random`` too), ``hsr:eps=1e-3``,
     ``hsr:threshold=2,relu_alpha=1``. Integers stay integers (``top_k:k=64`` is a count)."""
     if not isinstance(spec, str):
         raise InputTypeError(f"attention spec must be a string, got {spec!r}")
@@ -159,6 +238,9 @@ def parse(spec: str) -> Any:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"attention {spec!r}: expected KEY=VALUE, got {item!r}")
+        if key.strip() == "basis":
+            kwargs["basis"] = value.strip()
+            continue
         try:
             kwargs[key.strip()] = int(value)
         except ValueError:
@@ -180,4 +262,4 @@ def check(attention: Any) -> Any:
     return attention
 
 
-__all__ = ["ATTENTIONS", "EXAMPLES", "HSR", "Dense", "Quest", "TopK", "parse"]
+__all__ = ["ATTENTIONS", "EXAMPLES", "HSR", "Dense", "Loki", "Quest", "TopK", "parse"]

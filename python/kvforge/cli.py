@@ -1,4 +1,4 @@
-"""The ``kvforge`` command line: generate, chat, inspect, convert, bench, eval.
+"""The ``kvforge`` command line: generate, chat, inspect, convert, bench, eval, calibrate.
 
 Exit codes: 0 success, 1 model or runtime error (one-line message; ``--debug`` shows the
 traceback), 2 usage error.
@@ -53,7 +53,8 @@ def _press_args(p: argparse.ArgumentParser) -> None:
 
 
 ATTENTION_HELP = ("attention variant NAME[:KEY=VALUE,...]: dense, top_k:k=64, "
-                  "quest:token_budget=512, hsr:eps=1e-3, hsr:top_k=64, hsr:threshold=2")
+                  "quest:token_budget=512, loki:rank=16,top_k=0.25 (after kvforge calibrate), "
+                  "hsr:eps=1e-3, hsr:top_k=64, hsr:threshold=2")
 
 
 def _attention(args: argparse.Namespace) -> Any:
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey context lengths (none to skip)")
     e.add_argument("--trials", type=int, default=3, help="passkeys per length")
     e.add_argument("--out", default="kvforge-eval", help="folder for eval.json/csv/png")
+    k = sub.add_parser("calibrate", help="fit Loki's per-head PCA key bases on real text")
+    _model_args(k)
+    k.add_argument("--out", default=None,
+                   help="bases file (default: beside the model, NAME.loki.safetensors)")
+    k.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text to fit on (default: Python's pydoc topics)")
+    k.add_argument("--tokens", type=int, default=16384, help="tokens of text to use")
+    k.add_argument("--chunk", type=int, default=4096, help="tokens per sequence")
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -326,6 +335,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import loki
+
+    llm = _llm(args)
+    text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
+    out = Path(args.out) if args.out else loki.default_path(llm._loaded.path)
+    bar: Any = None
+    if not os.environ.get("KVFORGE_DISABLE_PROGRESS_BARS"):
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.tokens, unit="tok", desc="calibrate", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        fitted = loki.calibrate(llm, text, tokens=args.tokens, chunk=args.chunk,
+                                progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    loki.save(out, fitted)
+    evr = fitted[loki.EVR].astype("float64").cumsum(axis=-1)
+    print(f"wrote {out}: bases of {evr.shape[0]} layers x {evr.shape[1]} KV heads; the first "
+          f"16 components explain {100 * evr[..., min(15, evr.shape[-1] - 1)].mean():.1f}% "
+          f"of the key variance (mean over heads)")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loader.convert import convert_to_hf
 
@@ -335,7 +377,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
-            "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval}
+            "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,7 +163,7 @@ class LLM:
             if hasattr(press, "_bind"):  # presses that need the model's tokenizer (KVzip)
                 press._bind(session, self)
         if attention is not None:
-            attention._apply(session)
+            attention._apply(session, self)
         if self.activations != "float32":
             session.set_activations(self.activations)
         return session

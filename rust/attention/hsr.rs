@@ -25,7 +25,7 @@ use std::collections::BinaryHeap;
 use super::bounds::{bounds, order};
 use super::kernels::Isa;
 use super::online::Online;
-use super::scan::{block_scores, Cut};
+use super::scan::{block_scores, mass_below, visible, Cut};
 use super::sweep::{sweep, Hook, NoHook};
 use super::topk::Keep;
 use super::{Attention, Query, MAX_GROUP};
@@ -86,33 +86,6 @@ impl PartialOrd for Score {
 impl Ord for Score {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)
-    }
-}
-
-/// Visible slots of the listed blocks.
-fn visible(view: &HeadView<'_>, blocks: &[usize], query: &Query<'_>) -> Result<usize> {
-    let bs = view.block_size();
-    let mut n = 0;
-    for &bi in blocks {
-        let (pos, _) = view.meta(bi)?;
-        n += if query.mask.all_visible(bi * bs, pos, query.pos) {
-            pos.len()
-        } else {
-            (0..pos.len())
-                .filter(|&s| query.mask.visible(bi * bs + s, pos[s], query.pos))
-                .count()
-        };
-    }
-    Ok(n)
-}
-
-/// `count * exp(b - max)`, the bound of `count` skipped keys each scoring below `b`, in the
-/// units of the softmax state; 0 when nothing was skipped.
-fn mass_below(count: usize, b: f32, max: f32) -> f32 {
-    if count == 0 {
-        0.0
-    } else {
-        (count as f64 * (f64::from(b) - f64::from(max)).exp()) as f32
     }
 }
 
@@ -361,6 +334,10 @@ impl Attention for Hsr {
 
     fn splits(&self, query: &Query<'_>) -> bool {
         query.prefill || matches!(self.mode, Mode::Eps(e) if e == 0.0)
+    }
+
+    fn bounds_skipped(&self) -> bool {
+        true
     }
 
     fn boxed_clone(&self) -> Box<dyn Attention> {

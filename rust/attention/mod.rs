@@ -14,6 +14,7 @@
 //! sees the sequence before the tree plus its own ancestors. Never by slot order otherwise:
 //! slots are reordered by eviction and blocks may hold any subset of the sequence.
 
+pub mod basis;
 pub mod bounds;
 pub mod dense;
 pub mod hsr;
@@ -23,6 +24,7 @@ mod kernels_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kernels_avx512;
 pub mod kernels_entry;
+pub mod loki;
 pub mod online;
 pub mod quest;
 pub mod registry;
@@ -143,6 +145,26 @@ pub trait Attention: Send + Sync + std::fmt::Debug {
 
     /// True when the variant reads block summaries (`kv::summary`).
     fn needs_summaries(&self) -> bool {
+        false
+    }
+
+    /// The orthonormal basis `(hd, hd)` in which this variant caches the keys and attends
+    /// the queries of (`layer`, `kv_head`), if it has one (`basis.rs`; Loki). The forward
+    /// rotates keys before they are cached and queries before attention.
+    fn basis(&self, _layer: usize, _kv_head: usize) -> Option<&[f32]> {
+        None
+    }
+
+    /// Checks that the variant fits a model of `layers` layers of `kv_heads` KV heads of
+    /// width `head_dim` (a fitted basis must match the model it runs on).
+    fn fits(&self, _layers: usize, _kv_heads: usize, _head_dim: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether the variant bounds the mass of the blocks it does not visit in
+    /// `Online::rest`. When it does not and it skipped blocks, its certificate is infinite
+    /// ([`run::settle`]).
+    fn bounds_skipped(&self) -> bool {
         false
     }
 }

@@ -14,6 +14,7 @@ pub const VARIANTS: &[(&str, Builder)] = &[
     ("top_k", super::topk::build),
     ("quest", super::quest::build),
     ("hsr", super::hsr::build),
+    ("loki", super::loki::build),
 ];
 
 /// Builds the variant `name` from `params`.

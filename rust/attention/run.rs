@@ -108,7 +108,19 @@ pub fn run_tasks(
     if s.pieces.iter().any(|&(_, n)| n == 1) {
         run_whole(tasks, gh, out, s)?;
     }
+    for ((t, st), &listed) in tasks.iter().zip(s.states.iter_mut()).zip(&s.listed) {
+        settle(t.variant, st, listed);
+    }
     Ok(())
+}
+
+/// Makes the certificate of a task that skipped some of its `listed` blocks infinite when
+/// its variant bounds nothing about them: a skipped block without a bound could hold any
+/// mass, and a certificate of 0 would claim the output exact.
+pub fn settle(variant: &dyn Attention, state: &mut Online, listed: u32) {
+    if state.blocks < listed && !variant.bounds_skipped() {
+        state.rest = [f32::INFINITY; super::MAX_GROUP];
+    }
 }
 
 /// Numbers the pieces of every split task (`s.pieces`, `s.owner`).

@@ -7,7 +7,7 @@ use super::kernels::{BlockShape, Isa};
 use super::kernels_entry;
 use super::sweep::Hook;
 use super::{Query, MAX_GROUP};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::view::{HeadData, HeadView};
 
 /// Scaled scores of block `bi` for the query group into `out` (`(g, bs)`, row stride
@@ -19,29 +19,50 @@ pub fn block_scores(
     query: &Query<'_>,
     out: &mut [f32],
 ) -> Result<()> {
-    let (bs, hd) = (view.block_size(), view.head_dim());
-    let g = query.q.len() / hd;
+    let bs = view.block_size();
+    leading_scores(isa, view, bi, query, (query.q, view.head_dim()), out, bs)
+}
+
+/// Scaled scores over the leading `dims` key dimensions of block `bi`, for the queries
+/// `q` (`(g, dims)`; `query` gives the mask, position and scale), into `out` (`(g, bs)` at
+/// row stride `os >= bs`), `-inf` for slots the query does not see and past the block's end.
+/// With `dims < head_dim` these are Loki's approximate scores: keys in a PCA basis keep
+/// their leading components in the first rows of the block's `(hd, bs)` key plane.
+pub fn leading_scores(
+    isa: Isa,
+    view: &HeadView<'_>,
+    bi: usize,
+    query: &Query<'_>,
+    (q, dims): (&[f32], usize),
+    out: &mut [f32],
+    os: usize,
+) -> Result<()> {
+    let bs = view.block_size();
+    let g = q.len() / dims.max(1);
     let n = view.block_len(bi);
+    if dims == 0 || dims > view.head_dim() || os < bs || out.len() < (g - 1) * os + bs {
+        return Err(Error::Internal("leading_scores shapes".into()));
+    }
     let sh = BlockShape {
         g,
-        hd,
+        hd: dims,
         bs,
-        os: bs,
+        os,
         n,
     };
     // SAFETY: `isa` comes from `Isa::detect` (the callers' contract); the slices have the
-    // shapes `sh` names (keys `(hd, bs)`, `out` `(g, bs)`).
+    // shapes `sh` names (keys `(hd >= dims, bs)`, `out` `(g, os)`).
     match view.data() {
         HeadData::F32(h) => unsafe {
-            kernels_entry::scores(isa, query.q, h.block(bi)?.0, sh, query.scale, out)
+            kernels_entry::scores(isa, q, h.block(bi)?.0, sh, query.scale, out)
         },
         HeadData::F16(h) => unsafe {
-            kernels_entry::scores(isa, query.q, h.block(bi)?.0, sh, query.scale, out)
+            kernels_entry::scores(isa, q, h.block(bi)?.0, sh, query.scale, out)
         },
     }
     let (positions, _) = view.meta(bi)?;
     for gi in 0..g {
-        let row = &mut out[gi * bs..(gi + 1) * bs];
+        let row = &mut out[gi * os..gi * os + bs];
         row[n..].fill(f32::NEG_INFINITY);
         if !query.mask.all_visible(bi * bs, positions, query.pos) {
             for (s, &p) in positions.iter().enumerate() {
@@ -52,6 +73,33 @@ pub fn block_scores(
         }
     }
     Ok(())
+}
+
+/// Visible slots of the listed blocks.
+pub fn visible(view: &HeadView<'_>, blocks: &[usize], query: &Query<'_>) -> Result<usize> {
+    let bs = view.block_size();
+    let mut n = 0;
+    for &bi in blocks {
+        let (pos, _) = view.meta(bi)?;
+        n += if query.mask.all_visible(bi * bs, pos, query.pos) {
+            pos.len()
+        } else {
+            (0..pos.len())
+                .filter(|&s| query.mask.visible(bi * bs + s, pos[s], query.pos))
+                .count()
+        };
+    }
+    Ok(n)
+}
+
+/// `count * exp(b - max)`, the bound of `count` skipped keys each scoring below `b`, in the
+/// units of the softmax state; 0 when nothing was skipped.
+pub fn mass_below(count: usize, b: f32, max: f32) -> f32 {
+    if count == 0 {
+        0.0
+    } else {
+        (count as f64 * (f64::from(b) - f64::from(max)).exp()) as f32
+    }
 }
 
 /// The `k`-th largest of the finite values of `scores` (reordered), or `-inf` when fewer

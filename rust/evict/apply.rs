@@ -9,6 +9,8 @@ use rayon::prelude::*;
 use super::budget::{drops, global, protect, pyramid_kept, Budget, HeadScores, Select};
 use super::press::{Aggregate, HeadInput, QueryStats, Schedule, Scorer};
 use super::record::Record;
+use crate::attention::basis::unrotate_from;
+use crate::attention::Attention;
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::store::{KvStore, Stored};
@@ -53,6 +55,9 @@ pub struct Shape<'a> {
     pub inv_freq: &'a [f64],
     /// Tokens the sequence has seen.
     pub seen: u32,
+    /// The session's attention variant: the keys it caches in a basis of its own are
+    /// rotated back before a policy scores them.
+    pub attention: &'a dyn Attention,
 }
 
 /// One layer's heads: their final scores and the slots each drops.
@@ -104,7 +109,8 @@ fn plan_layer(
     let mut owned = Vec::with_capacity(sh.kv_heads);
     for kh in 0..sh.kv_heads {
         let index = layer * sh.kv_heads + kh;
-        let slots = Slots::gather(&cache.view(store, index)?, stage.scorer.reads_rows())?;
+        let mut slots = Slots::gather(&cache.view(store, index)?, stage.scorer.reads_rows())?;
+        unrotate_from(sh.attention, layer, kh, &mut slots.keys, sh.head_dim);
         let sums = gathered_sums(rec, index, &slots.tokens);
         let queries = window_queries(rec, layer, kh, sh, want);
         let state = match stage.scorer.state() {

@@ -11,6 +11,7 @@ use super::budget::{Budget, Select};
 use super::press::{Needs, Schedule, Scorer};
 use super::record::Record;
 use super::registry::build_scorer;
+use crate::attention::Attention;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::kv::columns::ColumnId;
@@ -172,26 +173,32 @@ impl ScoringPress {
         &mut self,
         e: &Engine,
         cache: &mut SeqCache,
+        at: &dyn Attention,
         rec: Option<&Record>,
-        seen: u32,
-        first: bool,
+        (seen, first): (u32, bool),
     ) -> Result<()> {
         if !first {
-            return self.after_step(e, cache, seen);
+            return self.after_step(e, cache, at, seen);
         }
         let empty = Record::default();
         for i in 0..self.stages.len() {
             if self.stage_is(i, Schedule::Context) {
-                self.run_stage(e, cache, i, rec.unwrap_or(&empty), seen)?;
+                self.run_stage(e, (cache, at), i, rec.unwrap_or(&empty), seen)?;
             } else if self.stage_is(i, Schedule::EveryStep) {
-                self.run_stage(e, cache, i, &empty, seen)?;
+                self.run_stage(e, (cache, at), i, &empty, seen)?;
             }
         }
         Ok(())
     }
 
     /// After a forward call: every decode-time stage whose schedule is due.
-    pub fn after_step(&mut self, e: &Engine, cache: &mut SeqCache, seen: u32) -> Result<()> {
+    pub fn after_step(
+        &mut self,
+        e: &Engine,
+        cache: &mut SeqCache,
+        at: &dyn Attention,
+        seen: u32,
+    ) -> Result<()> {
         let empty = Record::default();
         for i in 0..self.stages.len() {
             let due = match self.stages.get(i).map(|s| s.schedule) {
@@ -207,7 +214,8 @@ impl ScoringPress {
                 _ => false,
             };
             if due {
-                self.run_stage(e, cache, i, self.recent.as_ref().unwrap_or(&empty), seen)?;
+                let rec = self.recent.as_ref().unwrap_or(&empty);
+                self.run_stage(e, (cache, at), i, rec, seen)?;
                 if let Some(c) = self.counters.get_mut(i) {
                     *c = 0;
                 }
@@ -225,7 +233,7 @@ impl ScoringPress {
     fn run_stage(
         &self,
         e: &Engine,
-        cache: &mut SeqCache,
+        (cache, attention): (&mut SeqCache, &dyn Attention),
         i: usize,
         rec: &Record,
         seen: u32,
@@ -241,6 +249,7 @@ impl ScoringPress {
             head_dim: cfg.head_dim,
             inv_freq: &e.inv_freq,
             seen,
+            attention,
         };
         let store = e.store();
         let uniform = stage.select == Select::Uniform;

@@ -231,6 +231,13 @@ fn attention_block(
         rope::apply(&mut s.k[t * kvd..(t + 1) * kvd], c, sn);
     }
     record_queries(li, seqs, &s.q[..n * qd], cfg.head_dim, false);
+    to_basis(
+        li,
+        seqs,
+        &mut s.q[..n * qd],
+        &mut s.k[..n * kvd],
+        cfg.head_dim,
+    );
     append_kv(e, li, seqs, s)?;
     attend(e, li, seqs, s, n)?;
     let att = &s.att[..n * qd];
@@ -438,4 +445,4 @@ fn final_logits(
 
 #[path = "forward_record.rs"]
 mod record;
-use record::{observe_rows, record_keys, record_pass, record_queries, record_sums};
+use record::{observe_rows, record_keys, record_pass, record_queries, record_sums, to_basis};

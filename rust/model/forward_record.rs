@@ -3,6 +3,7 @@
 //! maxima, and each row's probabilities for an observing press's per-slot state.
 
 use super::{Observe, SeqWork};
+use crate::attention::basis::rotate_into;
 use crate::error::Result;
 use crate::evict::record::Record;
 use crate::kv::paged::SeqCache;
@@ -21,6 +22,33 @@ pub(super) fn record_queries(li: usize, seqs: &mut [SeqWork<'_>], q: &[f32], hd:
                 rec.add_moments(li, w.positions, rows, hd);
             } else {
                 rec.add_queries(li, w.first_tok, w.positions, rows);
+            }
+        }
+        r0 += nt;
+    }
+}
+
+/// Rotates each sequence's post-RoPE query rows `q` (`(n, num_heads * hd)`) and key rows `k`
+/// (`(n, kv_heads * hd)`) into the key basis of its attention variant, if it has one (Loki:
+/// `attention::basis`), after the press records saw them in the model's own basis.
+pub(super) fn to_basis(li: usize, seqs: &[SeqWork<'_>], q: &mut [f32], k: &mut [f32], hd: usize) {
+    let n: usize = seqs.iter().map(|w| w.tokens.len()).sum::<usize>().max(1);
+    let (qd, kvd) = (q.len() / n, k.len() / n);
+    let (nkv, g) = (kvd / hd.max(1), qd / kvd.max(1));
+    let mut r0 = 0;
+    for w in seqs {
+        let nt = w.tokens.len();
+        for kh in (0..nkv).filter(|&kh| w.variant.basis(li, kh).is_some()) {
+            for r in r0..r0 + nt {
+                let qs = &mut q[r * qd + kh * g * hd..r * qd + (kh + 1) * g * hd];
+                rotate_into(w.variant, li, kh, qs, hd);
+                rotate_into(
+                    w.variant,
+                    li,
+                    kh,
+                    &mut k[r * kvd + kh * hd..r * kvd + (kh + 1) * hd],
+                    hd,
+                );
             }
         }
         r0 += nt;

@@ -123,6 +123,21 @@ impl Session {
 
     /// Installs the attention variant used by every later step.
     pub fn set_attention(&mut self, attention: Box<dyn Attention>) -> Result<()> {
+        let cfg = &self.engine.model.cfg;
+        attention.fits(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)?;
+        let rebased = (0..cfg.num_layers * cfg.num_kv_heads).any(|i| {
+            let (l, kh) = (i / cfg.num_kv_heads, i % cfg.num_kv_heads);
+            attention.basis(l, kh) != self.attention.basis(l, kh)
+        });
+        if rebased && self.num_tokens > 0 {
+            return Err(Error::Config(format!(
+                "attention {:?} caches keys in another basis than {:?}: set it on an empty \
+                 session ({} tokens cached)",
+                attention.name(),
+                self.attention.name(),
+                self.num_tokens
+            )));
+        }
         if attention.needs_summaries() {
             self.engine.store().summaries().enable()?;
         }

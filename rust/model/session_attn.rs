@@ -3,6 +3,7 @@
 //! benchmark a variant on the real model's keys).
 
 use super::Session;
+use crate::attention::basis::unrotate_from;
 use crate::attention::kernels::Elem;
 use crate::attention::stats::{AttnStats, AttnTotals};
 use crate::error::Result;
@@ -63,9 +64,12 @@ impl Session {
     pub fn head_rows(&self, layer: usize, kv_head: usize) -> Result<HeadRows> {
         let index = self.head_index(layer, kv_head)?;
         let view = self.cache.view(self.engine.store(), index)?;
-        match view.data() {
+        let (mut k, v, p) = match view.data() {
             HeadData::F32(h) => rows_of(&view, h),
             HeadData::F16(h) => rows_of(&view, h),
-        }
+        }?;
+        // A variant caching keys in a basis of its own (Loki): hand out the model's keys.
+        unrotate_from(&*self.attention, layer, kv_head, &mut k, view.head_dim());
+        Ok((k, v, p))
     }
 }

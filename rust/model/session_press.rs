@@ -93,7 +93,8 @@ impl Session {
             return Ok(());
         };
         let engine = Arc::clone(&self.engine);
-        press.after_prefill(&engine, &mut self.cache, rec, self.num_tokens, first)
+        let at = &*self.attention;
+        press.after_prefill(&engine, &mut self.cache, at, rec, (self.num_tokens, first))
     }
 
     /// Runs the scoring press's decode-time stages after a step.
@@ -102,7 +103,7 @@ impl Session {
             return Ok(());
         };
         let engine = Arc::clone(&self.engine);
-        press.after_step(&engine, &mut self.cache, self.num_tokens)
+        press.after_step(&engine, &mut self.cache, &*self.attention, self.num_tokens)
     }
 
     /// A linear step's forward with the press's recent-query recording, then its

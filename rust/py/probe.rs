@@ -6,17 +6,21 @@
 use std::sync::Mutex;
 
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
 use super::errors::{run, to_py};
+use crate::attention::basis::rotate_into;
 use crate::attention::online::{normalise, Online};
 use crate::attention::registry::{self, Params};
+use crate::attention::run::settle;
 use crate::attention::{Attention, Mask, Query, MAX_GROUP, MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::{KvDtype, LocalKv, MAX_BLOCK_SIZE};
+use crate::params::Tensor;
 
 struct Probe {
     kv: Box<LocalKv>,
@@ -48,8 +52,10 @@ impl Probe {
             )));
         }
         let view = self.cache.view(&self.kv.store, 0)?;
+        let mut q = q.to_vec();
+        rotate_into(&*self.variant, 0, 0, &mut q, hd);
         let query = Query {
-            q,
+            q: &q,
             pos: self.last_pos,
             mask: Mask::Causal,
             scale: 1.0 / (hd as f32).sqrt(),
@@ -63,6 +69,7 @@ impl Probe {
         let sink = record.then_some(&mut scores[..]);
         self.variant
             .partial(&view, &blocks, &query, &mut out, &mut state, sink)?;
+        settle(&*self.variant, &mut state, view.num_blocks() as u32);
         normalise(&state, &mut out, hd);
         let certs = (0..g).map(|gi| state.certificate(gi)).collect();
         Ok((out, scores, certs, state.blocks))
@@ -97,6 +104,8 @@ fn build(
     }
     let mut cache = SeqCache::new(1, 1);
     cache.reserve(&mut kv.pool, &kv.store, len)?;
+    let mut keys = keys.to_vec();
+    rotate_into(&*variant, 0, 0, &mut keys, hd);
     for (p, (k, v)) in keys
         .chunks_exact(hd)
         .zip(values.chunks_exact(hd))
@@ -114,6 +123,24 @@ fn build(
     })
 }
 
+/// The attention variant `kind` with its numeric `params` and, for a variant with a fitted
+/// basis (Loki), the float32 array `basis` (copied: the variant outlives the call).
+pub(super) fn variant(
+    kind: &str,
+    params: Vec<(String, f64)>,
+    basis: Option<PyReadonlyArrayDyn<'_, f32>>,
+) -> Result<Box<dyn Attention>> {
+    let mut p = Params::new(params);
+    if let Some(b) = basis {
+        let tensor = Tensor {
+            data: b.as_array().iter().copied().collect(),
+            shape: b.shape().to_vec(),
+        };
+        p = p.with_tensor("basis", tensor);
+    }
+    registry::build(kind, p)
+}
+
 /// One attention variant over one head cache holding `keys` and `values` (`(n, head_dim)`
 /// float32, at positions `0..n`).
 #[pyclass(frozen, name = "AttentionProbe", module = "kvforge._core")]
@@ -128,8 +155,10 @@ fn flat(a: &PyReadonlyArray2<'_, f32>) -> PyResult<Vec<f32>> {
 #[pymethods]
 impl PyAttentionProbe {
     #[new]
+    /// A variant with a basis (Loki) takes `basis` of shape `(1, 1, head_dim, head_dim)`.
     #[pyo3(signature = (keys, values, kind = "dense".to_string(), params = Vec::new(), *,
-                        block_size = 16, kv_dtype = "float32"))]
+                        block_size = 16, kv_dtype = "float32", basis = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         keys: PyReadonlyArray2<'_, f32>,
@@ -138,12 +167,14 @@ impl PyAttentionProbe {
         params: Vec<(String, f64)>,
         block_size: usize,
         kv_dtype: &str,
+        basis: Option<PyReadonlyArrayDyn<'_, f32>>,
     ) -> PyResult<Self> {
         let shape = (keys.shape()[0], keys.shape()[1]);
         let (k, v) = (flat(&keys)?, flat(&values)?);
         let dtype = KvDtype::parse(kv_dtype).map_err(|e| to_py(py, e))?;
+        let variant = variant(&kind, params, basis).map_err(|e| to_py(py, e))?;
         let probe = run(py, || {
-            let variant = registry::build(&kind, Params::new(params))?;
+            variant.fits(1, 1, shape.1)?;
             build(&k, &v, shape, variant, block_size, dtype)
         })?;
         Ok(Self {

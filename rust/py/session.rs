@@ -8,9 +8,9 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray3, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::errors::{run, token_ids};
+use super::errors::{run, to_py, token_ids};
 use super::progress::{with_progress, IN_CALLBACK};
-use crate::attention::registry::{self, Params};
+use crate::attention::registry::Params;
 use crate::error::{Error, Result};
 use crate::evict::registry as presses;
 use crate::model::session::{HeadRows, StepOut};
@@ -163,18 +163,18 @@ impl PySession {
         })
     }
 
-    /// Installs the attention variant `kind` (a name of the attention registry).
-    #[pyo3(signature = (kind, params = Vec::new()))]
+    /// Installs the attention variant `kind` (a name of the attention registry), with the
+    /// float32 `basis` `(layers, kv_heads, head_dim, head_dim)` of a variant that has one.
+    #[pyo3(signature = (kind, params = Vec::new(), basis = None))]
     fn set_attention(
         &self,
         py: Python<'_>,
         kind: String,
         params: Vec<(String, f64)>,
+        basis: Option<numpy::PyReadonlyArrayDyn<'_, f32>>,
     ) -> PyResult<()> {
-        run(py, || {
-            let variant = registry::build(&kind, Params::new(params))?;
-            self.lock()?.session.set_attention(variant)
-        })
+        let variant = super::probe::variant(&kind, params, basis).map_err(|e| to_py(py, e))?;
+        run(py, || self.lock()?.session.set_attention(variant))
     }
 
     /// `"float32"` (exact, the default) or `"int8"`: one-token steps quantize projection

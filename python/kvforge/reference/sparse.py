@@ -51,6 +51,24 @@ def top_k(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: int | float
     return attend_kept(q, k, v, kept), kept
 
 
+def loki(q: np.ndarray, k: np.ndarray, v: np.ndarray, basis: np.ndarray, rank: int,
+         keep: int | float) -> tuple[np.ndarray, np.ndarray]:
+    """Loki: keys and queries in the orthonormal ``basis`` ``(d, d)`` (column j the j-th
+    component), approximate scores ``q^_{1:r} . k^_{1:r} / sqrt(d)``, per head the keys at
+    or above the k-th best approximate score (ties kept), exact softmax over them. Returns
+    the output and the kept mask ``(g, L)``."""
+    d = q.shape[1]
+    qh, kh = q.astype(np.float64) @ basis, k.astype(np.float64) @ basis
+    approx = qh[:, :rank] @ kh[:, :rank].T / np.sqrt(d)
+    n = keep_count(keep, approx.shape[1])
+    if n >= approx.shape[1]:
+        kept = np.ones_like(approx, bool)
+    else:
+        thr = np.sort(approx, axis=1)[:, -n]
+        kept = approx >= thr[:, None]
+    return attend_kept(q, k, v, kept), kept
+
+
 def summaries(k: np.ndarray, bs: int) -> list[dict[str, np.ndarray] | None]:
     """Per block: min, max, centroid, radius of its keys (``None`` for a partial block)."""
     k = np.asarray(k, np.float64)
