@@ -141,43 +141,44 @@ def e2e_rows(context: int, steps: int) -> list[dict]:
 
     llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"))
     ids = pydoc_ids(llm.tokenizer, context + steps)
-    rows, dense = [], None
+    variants = [(spec, parse(spec)) for spec in E2E]
+    own = [(spec, v) for spec, v in variants if isinstance(v, Loki)]
+    if own and bases() is None:
+        print("e2e loki: skipped (no bases: run `kvforge calibrate`)")
+        own = []
+    rows: list[dict] = []
     with llm.session() as root:
         root.prefill(ids[:context])
-        for spec in E2E:
-            var = parse(spec)
-            if isinstance(var, Loki) and bases() is None:
-                print(f"e2e {spec}: skipped (no bases: run `kvforge calibrate`)")
-                continue
-            with own_session(llm, root, var, ids[:context]) as s:
-                # The first step summarises every sealed block (once per pool): not timed.
-                top = [int(np.argmax(s.step([ids[context]])[0]))]
-                t0 = time.perf_counter()
-                top += [int(np.argmax(s.step([t])[0])) for t in ids[context + 1:]]
-                rate = (steps - 1) / (time.perf_counter() - t0)
-                frac = s.attention_stats()
-            dense = dense or top
-            agree = float(np.mean(np.array(top) == np.array(dense)))
-            visited = frac["total_blocks_visited"] / max(frac["total_blocks"], 1)
-            rows.append({"variant": spec, "tok_s": rate, "top1": agree, "visited": visited,
-                         "max_cert": frac["max_certificate"]})
-            print(f"e2e {context} {spec:<28} {rate:>7.1f} tok/s top1 {agree:.3f} "
-                  f"visited {visited:.1%}", flush=True)
+        for spec, var in variants:
+            if not isinstance(var, Loki):
+                with root.fork() as s:
+                    var._apply(s._core, llm)
+                    rows.append(decode_row(s, spec, ids, context, rows))
+    # Loki caches keys in its own basis: a session of its own, once the root is gone (the
+    # pool holds one 7000-token context with room to decode).
+    for spec, var in own:
+        with llm.session(attention=var) as s:
+            s.prefill(ids[:context])
+            rows.append(decode_row(s, spec, ids, context, rows))
     return rows
 
 
-def own_session(llm: Any, root: Any, var: Any, prompt: list[int]) -> Any:
-    """A fork of the dense ``root`` with ``var`` installed; a fresh prefilled session for
-    Loki, whose cache holds keys in its own basis."""
-    from kvforge.attention import Loki
-
-    if isinstance(var, Loki):
-        s = llm.session(attention=var)
-        s.prefill(prompt)
-        return s
-    s = root.fork()
-    var._apply(s._core, llm)
-    return s
+def decode_row(s: Any, spec: str, ids: list[int], context: int, rows: list[dict]) -> dict:
+    """Decodes ``ids[context:]`` one step at a time in ``s``: the row of ``spec``, with top-1
+    agreement against the first row (dense)."""
+    # The first step summarises every sealed block (once per pool): not timed.
+    top = [int(np.argmax(s.step([ids[context]])[0]))]
+    t0 = time.perf_counter()
+    top += [int(np.argmax(s.step([t])[0])) for t in ids[context + 1:]]
+    rate = (len(ids) - context - 1) / (time.perf_counter() - t0)
+    frac = s.attention_stats()
+    dense = rows[0]["top"] if rows else top
+    agree = float(np.mean(np.array(top) == np.array(dense)))
+    visited = frac["total_blocks_visited"] / max(frac["total_blocks"], 1)
+    print(f"e2e {context} {spec:<28} {rate:>7.1f} tok/s top1 {agree:.3f} "
+          f"visited {visited:.1%}", flush=True)
+    return {"variant": spec, "tok_s": rate, "top1": agree, "visited": visited,
+            "max_cert": frac["max_certificate"], "top": top}
 
 
 def llamacpp_rate(context: int) -> float:

@@ -36,7 +36,7 @@ pub struct Loki {
 }
 
 /// Per-call buffers: the leading query components `(g, rank)`, the approximate scores
-/// `(g, num_blocks * bs)` (slot-indexed), one head's finite scores, the blocks read.
+/// `(g, num_blocks * bs)` (slot-indexed), the top-k selection's scratch, the blocks read.
 #[derive(Default)]
 struct Buf {
     q_lead: Vec<f32>,
@@ -67,16 +67,22 @@ impl Hook for Selected<'_> {
     fn filter(&mut self, gi: usize, ids: &[usize], row: &mut [f32]) {
         let approx = &self.approx[gi * self.width..(gi + 1) * self.width];
         let thr = self.thr[gi];
+        let (mut count, mut max) = (0u32, f32::NEG_INFINITY);
         for (j, &bi) in ids.iter().enumerate() {
-            let cols = row.iter_mut().skip(j * self.bs).take(self.bs);
-            for (x, &a) in cols.zip(&approx[bi * self.bs..(bi + 1) * self.bs]) {
-                if a < thr && *x > f32::NEG_INFINITY {
-                    self.dropped[gi] += 1;
-                    self.dropped_max[gi] = self.dropped_max[gi].max(*x);
-                    *x = f32::NEG_INFINITY;
-                }
+            let n = row.len().saturating_sub(j * self.bs).min(self.bs);
+            let cols = &mut row[j * self.bs..j * self.bs + n];
+            // Branch-free so that it vectorises: a dropped score is counted (when visible)
+            // and bounds the dropped mass through its maximum.
+            for (x, &a) in cols.iter_mut().zip(&approx[bi * self.bs..bi * self.bs + n]) {
+                let keep = a >= thr;
+                let gone = if keep { f32::NEG_INFINITY } else { *x };
+                max = max.max(gone);
+                count += u32::from(gone > f32::NEG_INFINITY);
+                *x = if keep { *x } else { f32::NEG_INFINITY };
             }
         }
+        self.dropped[gi] += count;
+        self.dropped_max[gi] = self.dropped_max[gi].max(max);
     }
 }
 
@@ -110,11 +116,9 @@ impl Loki {
         }
         let mut thr = [f32::NEG_INFINITY; MAX_GROUP];
         for (gi, t) in thr.iter_mut().enumerate().take(g) {
-            buf.row.clear();
-            buf.row
-                .extend_from_slice(&buf.approx[gi * width..(gi + 1) * width]);
-            let visible = buf.row.iter().filter(|x| x.is_finite()).count();
-            *t = kth_largest(&mut buf.row, self.keep.of(visible));
+            let row = &buf.approx[gi * width..(gi + 1) * width];
+            let visible = row.iter().filter(|x| x.is_finite()).count();
+            *t = kth_largest(row, self.keep.of(visible), &mut buf.row);
         }
         buf.picked.clear();
         for &bi in blocks {

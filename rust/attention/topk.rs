@@ -5,7 +5,7 @@
 
 use super::kernels::Isa;
 use super::online::Online;
-use super::scan::{block_scores, kth_largest, mass_below, visible, Cut};
+use super::scan::{kth_largest, leading_scores, mass_below, visible, Cut};
 use super::sweep::{sweep, NoHook};
 use super::{Attention, Query};
 use crate::error::{Error, Result};
@@ -57,8 +57,8 @@ pub struct TopK {
 }
 
 thread_local! {
-    /// One block's scores `(g, bs)` and one head's gathered scores.
-    static BUF: std::cell::RefCell<(Vec<f32>, Vec<Vec<f32>>)> =
+    /// The listed blocks' scores `(g, blocks * bs)` and the selection's scratch.
+    static BUF: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -71,22 +71,28 @@ pub fn thresholds(
 ) -> Result<Cut> {
     let (bs, hd) = (view.block_size(), view.head_dim());
     let g = query.q.len() / hd.max(1);
+    let width = blocks.len() * bs;
     let isa = Isa::detect();
     BUF.with(|cell| {
-        let (one, rows) = &mut *cell.borrow_mut();
-        one.resize(g * bs, 0.0);
-        rows.resize_with(g, Vec::new);
-        rows.iter_mut().for_each(Vec::clear);
-        for &bi in blocks {
-            block_scores(isa, view, bi, query, one)?;
-            for (gi, row) in rows.iter_mut().enumerate().take(g) {
-                row.extend_from_slice(&one[gi * bs..(gi + 1) * bs]);
-            }
+        let (rows, cand) = &mut *cell.borrow_mut();
+        rows.clear();
+        rows.resize(g * width, f32::NEG_INFINITY);
+        for (j, &bi) in blocks.iter().enumerate() {
+            leading_scores(
+                isa,
+                view,
+                bi,
+                query,
+                (query.q, hd),
+                &mut rows[j * bs..],
+                width,
+            )?;
         }
         let mut cut = Cut::uniform(f32::NEG_INFINITY, None);
-        for (gi, row) in rows.iter_mut().enumerate().take(g) {
+        for gi in 0..g {
+            let row = &rows[gi * width..(gi + 1) * width];
             let visible = row.iter().filter(|x| x.is_finite()).count();
-            cut.thr[gi] = kth_largest(row, keep.of(visible));
+            cut.thr[gi] = kth_largest(row, keep.of(visible), cand);
         }
         Ok(cut)
     })
