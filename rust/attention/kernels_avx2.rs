@@ -129,8 +129,9 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
 #[inline(always)]
 pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
     let full = s.len() / 8 * 8;
-    // SAFETY: loads and stores stay below `full <= s.len()`; AVX2/FMA per the caller.
-    let mut sum = unsafe {
+    // SAFETY: loads and stores stay below `full <= s.len()` or in the padded tail buffer;
+    // AVX2/FMA per the caller.
+    unsafe {
         let (mv, mut acc) = (_mm256_set1_ps(m), _mm256_setzero_ps());
         for i in (0..full).step_by(8) {
             let p = s.as_mut_ptr().add(i);
@@ -138,12 +139,22 @@ pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
             _mm256_storeu_ps(p, e);
             acc = _mm256_add_ps(acc, e);
         }
+        // The tail goes through the same SIMD exp, padded with -inf (weight 0), so that a
+        // score's weight and its lane in the sum do not depend on how many slots follow it:
+        // a speculation tree's node then gets the bits plain decoding gives the same token.
+        let rest = s.len() - full;
+        if rest > 0 {
+            let mut t = [f32::NEG_INFINITY; 8];
+            t[..rest].copy_from_slice(&s[full..]);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(t.as_ptr()), mv));
+            _mm256_storeu_ps(t.as_mut_ptr(), e);
+            s[full..].copy_from_slice(&t[..rest]);
+            acc = _mm256_add_ps(acc, e);
+        }
         let mut lanes = [0.0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         lanes.iter().sum::<f32>()
-    };
-    sum += super::kernels::exp_shift_portable(&mut s[full..], m);
-    sum
+    }
 }
 
 /// Each value row is loaded (and converted from f16) once for up to three query heads.

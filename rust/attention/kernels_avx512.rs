@@ -139,8 +139,9 @@ unsafe fn exp16(x: __m512) -> __m512 {
 #[inline(always)]
 pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
     let full = s.len() / 16 * 16;
-    // SAFETY: loads and stores stay below `full <= s.len()`; AVX-512F per the caller.
-    let sum = unsafe {
+    // SAFETY: loads and stores stay below `full <= s.len()` or in the padded tail buffer;
+    // AVX-512F per the caller.
+    unsafe {
         let (mv, mut acc) = (_mm512_set1_ps(m), _mm512_setzero_ps());
         for i in (0..full).step_by(16) {
             let p = s.as_mut_ptr().add(i);
@@ -148,9 +149,18 @@ pub unsafe fn exp_shift(s: &mut [f32], m: f32) -> f32 {
             _mm512_storeu_ps(p, e);
             acc = _mm512_add_ps(acc, e);
         }
+        // The tail padded with -inf through the same exp, as the AVX2 build does.
+        let rest = s.len() - full;
+        if rest > 0 {
+            let mut t = [f32::NEG_INFINITY; 16];
+            t[..rest].copy_from_slice(&s[full..]);
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(t.as_ptr()), mv));
+            _mm512_storeu_ps(t.as_mut_ptr(), e);
+            s[full..].copy_from_slice(&t[..rest]);
+            acc = _mm512_add_ps(acc, e);
+        }
         _mm512_reduce_add_ps(acc)
-    };
-    sum + super::kernels::exp_shift_portable(&mut s[full..], m)
+    }
 }
 
 /// Largest element of `s` (as the AVX2 `row_max`).

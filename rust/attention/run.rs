@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::online::{merge, normalise, probabilities, Online};
-use super::{Attention, Query};
+use super::{Attention, Mask, Query};
 use crate::error::{Error, Result};
 use crate::kv::view::HeadView;
 
@@ -57,15 +57,33 @@ pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
         .clamp(1, MAX_SPLITS)
 }
 
-/// Pieces of one task: from its own length only (at least `MIN_SPLIT_BLOCKS` blocks each, at
-/// most `max`), never from what else runs in the step, so a row's result is the same alone or
-/// in a batch; one when its probabilities are recorded or it may not split.
-fn pieces_of(task: &Task<'_>, max: usize) -> usize {
+/// Pieces of one task: from the blocks it visits only (at least `MIN_SPLIT_BLOCKS` blocks
+/// each, at most `max`), never from what else runs in the step, so a row's result is the same
+/// alone or in a batch; one when its probabilities are recorded or it may not split.
+fn pieces_of(task: &Task<'_>, blocks: usize, max: usize) -> usize {
     if task.probs || !task.split || !task.variant.splits(&task.query) {
         1
     } else {
-        (task.view.num_blocks() / MIN_SPLIT_BLOCKS).clamp(1, max)
+        (blocks / MIN_SPLIT_BLOCKS).clamp(1, max)
     }
+}
+
+/// The blocks up to a speculation-tree node's last visible slot (its own), or `None` for
+/// other masks. The node attends over those alone, split into the same pieces as the same
+/// token decoded after its ancestors: a chain of draft tokens then verifies to the logits
+/// plain decoding gives, bit for bit. Later blocks hold nothing it sees.
+fn tree_blocks(task: &Task<'_>) -> Option<usize> {
+    let Mask::Tree { base, nodes } = task.query.mask else {
+        return None;
+    };
+    let last = nodes
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, &w)| w != 0)
+        .map_or(0, |(i, &w)| i * 64 + 64 - w.leading_zeros() as usize);
+    let end = (base + last).div_ceil(task.view.block_size().max(1));
+    Some(end.min(task.view.num_blocks()))
 }
 
 /// Runs `tasks` on the current thread pool: task `i`'s normalised output `(g, head_dim)` goes
@@ -86,9 +104,17 @@ pub fn run_tasks(
     s.states.clear();
     s.states.resize(tasks.len(), Online::default());
     s.listed.clear();
-    s.listed
-        .extend(tasks.iter().map(|t| t.view.num_blocks() as u32));
-    let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| t.variant.select(&t.view, &t.query, sel);
+    s.listed.extend(tasks.iter().map(|t| {
+        let nb = t.view.num_blocks();
+        tree_blocks(t).unwrap_or(nb) as u32
+    }));
+    let pick = |(t, sel): (&Task<'_>, &mut Vec<usize>)| {
+        t.variant.select(&t.view, &t.query, sel)?;
+        if let Some(end) = tree_blocks(t) {
+            sel.retain(|&b| b < end);
+        }
+        Ok(())
+    };
     // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
     // more than Dense's selection itself, 30 times per token.
     if tasks.len() < 8 {
@@ -128,7 +154,7 @@ fn plan_pieces(tasks: &[Task<'_>], max: usize, s: &mut RunScratch) {
     s.pieces.clear();
     s.owner.clear();
     for (i, t) in tasks.iter().enumerate() {
-        let n = pieces_of(t, max);
+        let n = pieces_of(t, s.sel[i].len(), max);
         s.pieces.push((s.owner.len(), n));
         if n > 1 {
             s.owner.extend((0..n).map(|p| (i, p)));
