@@ -1,6 +1,6 @@
 """kvforge: CPU LLM inference with a paged, evictable KV cache and a Rust core."""
 
-from . import attention, eval, presses
+from . import attention, eval, presses, spec
 from .config import KVCacheConfig, SamplingParams
 from .engine import LLM
 from .errors import (
@@ -14,6 +14,7 @@ from .errors import (
 )
 from .generation import GenerationChunk, GenerationOutput, GenerationStats
 from .session import LayerAttention, Session
+from .spec import Speculative
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,9 @@ __all__ = [
     "NumericalError",
     "SamplingParams",
     "Session",
+    "Speculative",
     "attention",
     "eval",
     "presses",
+    "spec",
 ]

@@ -57,6 +57,20 @@ ATTENTION_HELP = ("attention variant NAME[:KEY=VALUE,...]: dense, top_k:k=64, "
                   "hsr:eps=1e-3, hsr:top_k=64, hsr:threshold=2")
 
 
+def _speculative(args: argparse.Namespace) -> Any:
+    spec = getattr(args, "speculative", None)
+    if spec is None:
+        if getattr(args, "acceptance", None):
+            raise ConfigError("--acceptance needs --speculative")
+        return None
+    from dataclasses import replace
+
+    from .spec import parse
+
+    rule = args.acceptance or ("greedy" if args.temperature == 0 else "lossless")
+    return replace(parse(spec), acceptance=rule)
+
+
 def _attention(args: argparse.Namespace) -> Any:
     from .attention import parse
 
@@ -73,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the prompt as is instead of wrapping it in the chat template")
     _model_args(g)
     _sampling_args(g)
+    g.add_argument("--speculative", default=None, metavar="DRAFTER",
+                   help="speculative decoding with a drafter: prompt-lookup")
+    g.add_argument("--acceptance", choices=("greedy", "typical", "lossless"), default=None,
+                   help="speculative acceptance rule (default: greedy at temperature 0, "
+                        "else lossless)")
     c = sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D to quit)")
     c.add_argument("--system", default=None, help="system message")
     _model_args(c)
@@ -218,7 +237,7 @@ def _stream(llm: Any, prompt: Any, args: argparse.Namespace, session: Any = None
     if session is None:
         chunks = llm.generate(prompt, _params(args), press=_press(args),
                               attention=_attention(args), stream=True,
-                              progress=bar)
+                              progress=bar, speculative=_speculative(args))
     else:
         chunks = llm.chat(prompt, _params(args), session=session, stream=True, progress=bar)
     try:
@@ -236,8 +255,10 @@ def _print_chunks(chunks: Any) -> list[str]:
         if chunk.stats is not None:
             s = chunk.stats
             cached = f", {s.cached_prompt_tokens} cached" if s.cached_prompt_tokens else ""
+            spec = (f" | speculative: {s.accepted_tokens}/{s.draft_tokens} drafts accepted, "
+                    f"{s.mean_acceptance_length:.2f} per step" if s.verify_steps else "")
             print(f"\n[prefill {s.prompt_tokens} tok{cached} at {s.prefill_tok_s:.1f} tok/s | "
-                  f"decode {s.generated_tokens} tok at {s.decode_tok_s:.1f} tok/s | "
+                  f"decode {s.generated_tokens} tok at {s.decode_tok_s:.1f} tok/s{spec} | "
                   f"finish: {chunk.finish_reason}]", file=sys.stderr, flush=True)
     return text
 

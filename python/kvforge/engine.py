@@ -208,7 +208,7 @@ class LLM:
                           seed=params.seed)
 
     def _stream(self, prompt: Any, params: SamplingParams, press: Any, attention: Any,
-                progress: Any) -> Iterator[GenerationChunk]:
+                progress: Any, speculative: Any = None) -> Iterator[GenerationChunk]:
         """Validates everything and opens the session now, so that bad input raises at the
         call (not at the first ``next()``); returns the generator that decodes."""
         ids = self._prompt_ids(prompt)
@@ -220,8 +220,22 @@ class LLM:
         except BaseException:
             core.release()
             raise
-        return self._decode_loop(core, ids, params, self._room(len(ids), params, press), progress,
-                                 release=True)
+        room = self._room(len(ids), params, press)
+        if speculative is not None:
+            return self._speculate(core, ids, params, room, progress, speculative,
+                                   None if self._bounded(press) else self.max_context)
+        return self._decode_loop(core, ids, params, room, progress, release=True)
+
+    def _speculate(self, core: Any, ids: list[int], params: SamplingParams, room: int,
+                   progress: Any, spec: Any, ctx_limit: int | None) -> Iterator[GenerationChunk]:
+        from .spec.loop import run_speculative
+
+        try:
+            block_bytes = self._core_engine().kv_stats()["block_bytes"]
+            yield from run_speculative(core, ids, params, self.tokenizer, self.eos_token_ids,
+                                       room, block_bytes, spec, ctx_limit, progress)
+        finally:
+            core.release()
 
     def _decode_loop(self, core: Any, ids: list[int], params: SamplingParams, room: int,
                      progress: Any, release: bool, cached: int = 0) -> Iterator[GenerationChunk]:
@@ -238,25 +252,34 @@ class LLM:
 
     def generate(self, prompt: Any, params: SamplingParams | None = None, *, press: Any = None,
                  attention: Any = None, stream: bool = False, max_batch: int = 16,
-                 progress: Any = None, **param_overrides: Any) -> Any:
+                 progress: Any = None, speculative: Any = None,
+                 **param_overrides: Any) -> Any:
         """Generate from a prompt (text, token ids) or a list of prompts.
 
         Returns a :class:`GenerationOutput` (a list of them for a list of prompts, decoded
         together up to ``max_batch`` at a time), or with ``stream=True`` a generator of
         :class:`GenerationChunk`. Keyword overrides such as ``max_new_tokens=64,
         temperature=0.7`` update ``params``. ``progress(done, total)`` is called during the
-        prefill of a single prompt.
+        prefill of a single prompt. ``speculative`` (a :class:`kvforge.spec.Speculative`)
+        drafts and verifies several tokens per step.
         """
         params = self._params(params, param_overrides)
         if progress is not None and not callable(progress):
             raise InputTypeError(f"progress must be callable, got {type(progress).__name__}")
+        if speculative is not None:
+            from .spec import Speculative
+
+            if not isinstance(speculative, Speculative):
+                raise InputTypeError(f"speculative must be a kvforge.spec.Speculative, "
+                                     f"got {speculative!r}")
         if _is_batch(prompt):
             if stream:
                 raise ConfigError("stream=True takes a single prompt, not a list")
+            if speculative is not None:
+                raise ConfigError("speculative decoding takes a single prompt, not a list")
             return self._generate_batch(prompt, params, press, attention, max_batch)
-        if stream:
-            return self._stream(prompt, params, press, attention, progress)
-        return _collect(self._stream(prompt, params, press, attention, progress))
+        it = self._stream(prompt, params, press, attention, progress, speculative)
+        return it if stream else _collect(it)
 
     @staticmethod
     def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

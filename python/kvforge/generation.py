@@ -28,6 +28,17 @@ class GenerationStats:
     attention_blocks_visited: int = 0
     attention_blocks_total: int = 0
     max_certificate: float = 0.0
+    # Speculative decoding: draft tokens verified, accepted, verification steps and their
+    # time (included in decode_s).
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+    verify_s: float = 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Draft tokens accepted per verification step (0 without speculation)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def attention_visited_fraction(self) -> float:

@@ -1,0 +1,88 @@
+"""The speculative decoding loop: draft, verify the tree in one step, accept, commit, emit.
+
+The session's state between steps is plain decoding's: the committed tokens are cached and
+the last sampled token (the tree's root) is not yet run. A step verifies ``root + drafts``
+with the ancestor mask, commits the root and the accepted draft tokens (their K/V compacted
+into the sequence's blocks, the rest freed) and samples the next token from the last
+accepted node's logits. With nothing to draft it decodes plainly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..config import SamplingParams
+from ..generation import GenerationChunk, SequenceDecoder
+from .accept import RULES, typical
+from .adaptive import Adaptive
+from .tree import DraftTree
+
+
+def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
+                    eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
+                    spec: Any, ctx_limit: int | None,
+                    progress: Any = None) -> Iterator[GenerationChunk]:
+    """Yields chunks as :func:`kvforge.generation.run_generation` does. ``ctx_limit``: the
+    most tokens the session may hold (drafts never run past it; ``None`` under a press that
+    bounds the cache)."""
+    dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
+    stats = dec.stats
+    rng = np.random.default_rng(params.seed)
+    rule = RULES[spec.acceptance]
+    ctl = Adaptive(spec.max_draft, spec.adaptive)
+    before = session.attention_totals()
+    t0 = time.perf_counter()
+    token = session.prefill_sample(prompt, progress)
+    stats.prefill_s = time.perf_counter() - t0
+    history = list(prompt)
+    pending = [token]
+    while True:
+        for tok in pending:
+            yield dec.feed(tok, session.blocks_held())
+            if dec.reason is not None:
+                break
+        if dec.reason is not None:
+            break
+        token = pending[-1]
+        t1 = time.perf_counter()  # drafting and acceptance count as decode time
+        # All L drafts accepted give L + 1 tokens; the step caches the root and L drafts.
+        left = max_new - stats.generated_tokens - 1
+        if ctx_limit is not None:
+            left = min(left, ctx_limit - len(history) - 1)
+        want = ctl.length(max(left, 0))
+        branches = spec.drafter.propose(history + [token], want) if want else []
+        if not branches:
+            t2 = time.perf_counter()
+            nxt = session.decode(token)
+            ctl.record_step(1, time.perf_counter() - t2)
+            history.append(token)
+            stats.decode_s += time.perf_counter() - t1
+            pending = [nxt]
+            continue
+        tree = DraftTree.from_branches(token, branches, max_nodes=want + 1)
+        t2 = time.perf_counter()
+        logits, _ = session.step(tree.tokens, None, tree.parents, False)
+        verify = time.perf_counter() - t2
+        if spec.acceptance == "typical":
+            path, nxt = typical(tree, logits, history, params, rng, spec.posterior_threshold,
+                                spec.posterior_alpha)
+        else:
+            path, nxt = rule(tree, logits, history, params, rng)
+        session.commit(path)
+        dt = time.perf_counter() - t1
+        stats.decode_s += dt
+        ctl.record_step(len(tree), dt)
+        drafted = max((tree.depth(i) for i in range(len(tree))), default=0)
+        ctl.record_accept(drafted, len(path) - 1)
+        stats.draft_tokens += len(tree) - 1
+        stats.accepted_tokens += len(path) - 1
+        stats.verify_steps += 1
+        stats.verify_s += verify
+        history.extend(tree.tokens[i] for i in path)
+        pending = [tree.tokens[i] for i in path[1:]] + [nxt]
+    dec.attention_from(session, before)
+    yield dec.final()
