@@ -75,7 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--tasks", nargs="+", default=["rewrite", "quote", "free"])
-    p.add_argument("--rounds", type=int, default=3, help="runs per row (median; interleaved)")
+    p.add_argument("--rounds", type=int, default=5, help="runs per row (median; interleaved)")
     args = p.parse_args()
     llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"))
     prompts = tasks(llm)

@@ -249,3 +249,14 @@ def test_bad_speculative_arguments_get_typed_errors(llm):
         llm.generate([[1, 2], [3, 4]], speculative=Speculative(PromptLookup()))
     with pytest.raises(ConfigError, match="unknown speculative"):
         kvforge.spec.parse("medusa-x")
+
+
+def test_streaming_speculation_yields_the_same_tokens(llm):
+    prompt = repetitive(4, 30)
+    spec = Speculative(PromptLookup(), adaptive=False)
+    whole = llm.generate(prompt, max_new_tokens=25, ignore_eos=True, speculative=spec)
+    chunks = list(llm.generate(prompt, max_new_tokens=25, ignore_eos=True, speculative=spec,
+                               stream=True))
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.verify_steps > 0

@@ -1,7 +1,8 @@
 """Adaptive draft length: from the acceptance measured per depth and the measured time of a
 verification step of ``n`` tokens on this machine, each step drafts the length that
 maximises expected tokens per second; when no length beats plain decoding, it stops
-drafting and probes again later.
+drafting and probes again later (one draft token, at an interval that doubles while the
+probes accept nothing).
 
 Step times are kept as ratios to the plain decode step measured around them (the context
 grows, and both grow with it). Until a length is measured, its cost is extrapolated from the
@@ -18,8 +19,9 @@ import numpy as np
 class Adaptive:
     """Running estimates of acceptance per depth and of step cost per token count."""
 
-    PROBE_EVERY = 16  # plain steps between probes once drafting stopped paying
-    PROBE_LEN = 2
+    PROBE_FIRST = 16  # plain steps before a probe once drafting stopped paying
+    PROBE_MAX = 256  # the interval doubles after each probe that accepted nothing
+    PROBE_LEN = 1
     DECAY = 0.85
     PRIOR_ACCEPT = 0.5
     PRIOR_EXTRA = 0.6  # cost of each extra verified token, in decode steps
@@ -31,6 +33,8 @@ class Adaptive:
         self.plain = 0.0  # EMA of a plain decode step's seconds
         self.ratio: dict[int, float] = {}  # EMA of step(n) / plain step
         self.plain_run = 0
+        self.probe_every = self.PROBE_FIRST
+        self.probing = False
 
     def record_step(self, nodes: int, seconds: float) -> None:
         if nodes == 1:
@@ -41,6 +45,10 @@ class Adaptive:
             self.ratio[nodes] = r if old is None else self.DECAY * old + (1 - self.DECAY) * r
 
     def record_accept(self, drafted: int, accepted: int) -> None:
+        if self.probing:
+            self.probing = False
+            self.probe_every = (self.PROBE_FIRST if accepted else
+                                min(2 * self.probe_every, self.PROBE_MAX))
         for d in range(1, drafted + 1):
             hit = 1.0 if d <= accepted else 0.0
             self.accept[d] = self.DECAY * self.accept[d] + (1 - self.DECAY) * hit
@@ -75,9 +83,11 @@ class Adaptive:
                 best, best_rate = d, rate
         if best == 0:
             self.plain_run += 1
-            if self.plain_run >= self.PROBE_EVERY:
+            if self.plain_run >= self.probe_every:
                 self.plain_run = 0
+                self.probing = True
                 return min(self.PROBE_LEN, cap)
         else:
             self.plain_run = 0
+            self.probe_every = self.PROBE_FIRST
         return best
