@@ -41,14 +41,17 @@ def keep_count(keep: int | float, visible: int) -> int:
 def top_k(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: int | float
           ) -> tuple[np.ndarray, np.ndarray]:
     """TopK: per head, softmax over the keys scoring at least the k-th best (ties kept)."""
-    s = scores(q, k)
+    kept = top_mask(scores(q, k), keep)
+    return attend_kept(q, k, v, kept), kept
+
+
+def top_mask(s: np.ndarray, keep: int | float) -> np.ndarray:
+    """Bool ``(g, L)``: per head, the scores at or above the k-th best (ties kept)."""
     n = keep_count(keep, s.shape[1])
     if n >= s.shape[1]:
-        kept = np.ones_like(s, bool)
-    else:
-        thr = np.sort(s, axis=1)[:, -n]
-        kept = s >= thr[:, None]
-    return attend_kept(q, k, v, kept), kept
+        return np.ones_like(s, bool)
+    thr = np.sort(s, axis=1)[:, -n]
+    return s >= thr[:, None]
 
 
 def loki(q: np.ndarray, k: np.ndarray, v: np.ndarray, basis: np.ndarray, rank: int,
@@ -59,13 +62,7 @@ def loki(q: np.ndarray, k: np.ndarray, v: np.ndarray, basis: np.ndarray, rank: i
     the output and the kept mask ``(g, L)``."""
     d = q.shape[1]
     qh, kh = q.astype(np.float64) @ basis, k.astype(np.float64) @ basis
-    approx = qh[:, :rank] @ kh[:, :rank].T / np.sqrt(d)
-    n = keep_count(keep, approx.shape[1])
-    if n >= approx.shape[1]:
-        kept = np.ones_like(approx, bool)
-    else:
-        thr = np.sort(approx, axis=1)[:, -n]
-        kept = approx >= thr[:, None]
+    kept = top_mask(qh[:, :rank] @ kh[:, :rank].T / np.sqrt(d), keep)
     return attend_kept(q, k, v, kept), kept
 
 
