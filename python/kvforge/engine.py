@@ -221,28 +221,27 @@ class LLM:
             core.release()
             raise
         room = self._room(len(ids), params, press)
-        if speculative is not None:
-            return self._speculate(core, ids, params, room, progress, speculative,
-                                   None if self._bounded(press) else self.max_context)
-        return self._decode_loop(core, ids, params, room, progress, release=True)
-
-    def _speculate(self, core: Any, ids: list[int], params: SamplingParams, room: int,
-                   progress: Any, spec: Any, ctx_limit: int | None) -> Iterator[GenerationChunk]:
-        from .spec.loop import run_speculative
-
-        try:
-            block_bytes = self._core_engine().kv_stats()["block_bytes"]
-            yield from run_speculative(core, ids, params, self.tokenizer, self.eos_token_ids,
-                                       room, block_bytes, spec, ctx_limit, progress)
-        finally:
-            core.release()
+        limit = None if self._bounded(press) else self.max_context
+        return self._decode_loop(core, ids, params, room, progress, release=True,
+                                 speculative=(speculative, limit))
 
     def _decode_loop(self, core: Any, ids: list[int], params: SamplingParams, room: int,
-                     progress: Any, release: bool, cached: int = 0) -> Iterator[GenerationChunk]:
+                     progress: Any, release: bool, cached: int = 0,
+                     speculative: tuple[Any, int | None] = (None, None)
+                     ) -> Iterator[GenerationChunk]:
+        """``speculative``: the :class:`kvforge.spec.Speculative` and the most tokens the
+        session may hold (``None`` under a press that bounds the cache)."""
+        spec, limit = speculative
         try:
             block_bytes = self._core_engine().kv_stats()["block_bytes"]
-            for chunk in run_generation(core, ids, params, self.tokenizer, self.eos_token_ids,
-                                        room, block_bytes, progress):
+            args = (core, ids, params, self.tokenizer, self.eos_token_ids, room, block_bytes)
+            if spec is None:
+                chunks = run_generation(*args, progress)
+            else:
+                from .spec.loop import run_speculative
+
+                chunks = run_speculative(*args, spec, limit, progress)
+            for chunk in chunks:
                 if chunk.stats is not None and cached:
                     chunk.stats.cached_prompt_tokens = cached
                 yield chunk

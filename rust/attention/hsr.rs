@@ -110,11 +110,8 @@ impl Hsr {
         let mut cut = Cut::uniform(b, relu);
         sweep(view, &buf.visit, query, acc, state, scores, &mut cut)?;
         if relu.is_none() {
-            let total = visible(view, blocks, query)?;
-            for gi in 0..g {
-                let skipped = total.saturating_sub(cut.kept[gi] as usize);
-                state.rest[gi] = mass_below(skipped, b, state.max[gi]);
-            }
+            // Every key of `blocks` not kept, visited or not, scored below b.
+            cut.bound_rest(view, blocks, query, state)?;
         }
         Ok(())
     }
@@ -184,15 +181,13 @@ impl Hsr {
         }
         buf.visit.sort_unstable();
         sweep(view, &buf.visit, query, acc, state, scores, &mut cut)?;
-        let seen = visible(view, &buf.visit, query)?;
+        cut.bound_rest(view, &buf.visit, query, state)?;
         for gi in 0..g {
-            let excluded = seen.saturating_sub(cut.kept[gi] as usize);
-            let mut rest = mass_below(excluded, cut.thr[gi], state.max[gi]);
             for i in stop_at..nb {
                 let j = buf.ord[i];
-                rest += mass_below(view.block_len(blocks[j]), buf.ub[j * g + gi], state.max[gi]);
+                let n = view.block_len(blocks[j]);
+                state.rest[gi] += mass_below(n, buf.ub[j * g + gi], state.max[gi]);
             }
-            state.rest[gi] = rest;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::basis::check_orthonormal;
 use super::kernels::Isa;
 use super::online::Online;
-use super::scan::{kth_largest, leading_scores};
+use super::scan::{kth_largest, leading_scores, mass_below};
 use super::sweep::{sweep, Hook, NoHook};
 use super::topk::Keep;
 use super::{Attention, Query, MAX_GROUP, MAX_HEAD_DIM};
@@ -164,10 +164,8 @@ impl Attention for Loki {
             };
             sweep(view, &buf.picked, query, acc, state, scores, &mut hook)?;
             for gi in 0..query.q.len() / view.head_dim() {
-                if hook.dropped[gi] > 0 {
-                    let m = f64::from(hook.dropped_max[gi]) - f64::from(state.max[gi]);
-                    state.rest[gi] = (f64::from(hook.dropped[gi]) * m.exp()) as f32;
-                }
+                let (n, top) = (hook.dropped[gi] as usize, hook.dropped_max[gi]);
+                state.rest[gi] = mass_below(n, top, state.max[gi]);
             }
             Ok(())
         })

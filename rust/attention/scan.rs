@@ -5,6 +5,7 @@
 
 use super::kernels::{BlockShape, Isa};
 use super::kernels_entry;
+use super::online::Online;
 use super::sweep::Hook;
 use super::{Query, MAX_GROUP};
 use crate::error::{Error, Result};
@@ -192,6 +193,26 @@ impl Cut {
             relu_alpha,
             kept: [0; MAX_GROUP],
         }
+    }
+}
+
+impl Cut {
+    /// Bounds, in `state.rest`, the mass of the visible keys of `blocks` this cut dropped:
+    /// each scored below its head's threshold, so together at most `dropped * exp(thr -
+    /// max)`. Variants that also skipped blocks add those blocks' bounds.
+    pub fn bound_rest(
+        &self,
+        view: &HeadView<'_>,
+        blocks: &[usize],
+        query: &Query<'_>,
+        state: &mut Online,
+    ) -> Result<()> {
+        let seen = visible(view, blocks, query)?;
+        for gi in 0..query.q.len() / view.head_dim().max(1) {
+            let dropped = seen.saturating_sub(self.kept[gi] as usize);
+            state.rest[gi] = mass_below(dropped, self.thr[gi], state.max[gi]);
+        }
+        Ok(())
     }
 }
 

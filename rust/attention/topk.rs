@@ -5,7 +5,7 @@
 
 use super::kernels::Isa;
 use super::online::Online;
-use super::scan::{kth_largest, leading_scores, mass_below, visible, Cut};
+use super::scan::{kth_largest, leading_scores, Cut};
 use super::sweep::{sweep, NoHook};
 use super::{Attention, Query};
 use crate::error::{Error, Result};
@@ -98,23 +98,6 @@ pub fn thresholds(
     })
 }
 
-/// Bounds the mass of the keys `cut` dropped (each scored below its head's threshold) in
-/// `state.rest`, so a top-k step reports its certificate like any other.
-pub fn bound_dropped(
-    view: &HeadView<'_>,
-    blocks: &[usize],
-    query: &Query<'_>,
-    cut: &Cut,
-    state: &mut Online,
-) -> Result<()> {
-    let seen = visible(view, blocks, query)?;
-    for gi in 0..query.q.len() / view.head_dim().max(1) {
-        let dropped = seen.saturating_sub(cut.kept[gi] as usize);
-        state.rest[gi] = mass_below(dropped, cut.thr[gi], state.max[gi]);
-    }
-    Ok(())
-}
-
 impl Attention for TopK {
     fn name(&self) -> &'static str {
         "top_k"
@@ -134,7 +117,7 @@ impl Attention for TopK {
         }
         let mut cut = thresholds(view, blocks, query, self.keep)?;
         sweep(view, blocks, query, acc, state, scores, &mut cut)?;
-        bound_dropped(view, blocks, query, &cut, state)
+        cut.bound_rest(view, blocks, query, state)
     }
 
     fn splits(&self, query: &Query<'_>) -> bool {

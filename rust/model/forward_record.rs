@@ -3,7 +3,7 @@
 //! maxima, and each row's probabilities for an observing press's per-slot state.
 
 use super::{Observe, SeqWork};
-use crate::attention::basis::rotate_into;
+use crate::attention::basis::rotate;
 use crate::error::Result;
 use crate::evict::record::Record;
 use crate::kv::paged::SeqCache;
@@ -38,17 +38,17 @@ pub(super) fn to_basis(li: usize, seqs: &[SeqWork<'_>], q: &mut [f32], k: &mut [
     let mut r0 = 0;
     for w in seqs {
         let nt = w.tokens.len();
-        for kh in (0..nkv).filter(|&kh| w.variant.basis(li, kh).is_some()) {
+        for kh in 0..nkv {
+            let Some(p) = w.variant.basis(li, kh) else {
+                continue;
+            };
             for r in r0..r0 + nt {
-                let qs = &mut q[r * qd + kh * g * hd..r * qd + (kh + 1) * g * hd];
-                rotate_into(w.variant, li, kh, qs, hd);
-                rotate_into(
-                    w.variant,
-                    li,
-                    kh,
-                    &mut k[r * kvd + kh * hd..r * kvd + (kh + 1) * hd],
+                rotate(
+                    &mut q[r * qd + kh * g * hd..r * qd + (kh + 1) * g * hd],
+                    p,
                     hd,
                 );
+                rotate(&mut k[r * kvd + kh * hd..r * kvd + (kh + 1) * hd], p, hd);
             }
         }
         r0 += nt;

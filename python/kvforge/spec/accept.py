@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..reference.sampling import filtered_probs
+from ..reference.sampling import filtered_probs, sample_from_probs
 from .tree import DraftTree
 
 ACCEPTANCE = ("greedy", "typical", "lossless")
@@ -38,12 +38,8 @@ def _argmax(logits: np.ndarray, history: Sequence[int], params: Any) -> int:
     """The greedy token: the sampler's argmax (lowest id on ties) after the penalty."""
     if params.repetition_penalty == 1.0:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64)
-    ids = np.unique(np.asarray(history, np.int64))
-    if ids.size:
-        v = x[ids]
-        x[ids] = np.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    return int(np.argmax(x))
+    return int(np.argmax(filtered_probs(logits, history, temperature=0.0,
+                                        repetition_penalty=params.repetition_penalty)))
 
 
 def greedy(tree: DraftTree, logits: np.ndarray, history: list[int], params: Any,
@@ -113,8 +109,7 @@ def lossless(tree: DraftTree, logits: np.ndarray, history: list[int], params: An
 
 
 def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+    return sample_from_probs(p, rng.random())
 
 
 RULES = {"greedy": greedy, "typical": typical, "lossless": lossless}

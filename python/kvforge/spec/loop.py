@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
     stats = dec.stats
     rng = np.random.default_rng(params.seed)
     rule = RULES[spec.acceptance]
+    if spec.acceptance == "typical":
+        rule = partial(typical, threshold=spec.posterior_threshold, alpha=spec.posterior_alpha)
     ctl = Adaptive(spec.max_draft, spec.adaptive)
     before = session.attention_totals()
     t0 = time.perf_counter()
@@ -67,11 +70,7 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
         t2 = time.perf_counter()
         logits, _ = session.step(tree.tokens, None, tree.parents, False)
         verify = time.perf_counter() - t2
-        if spec.acceptance == "typical":
-            path, nxt = typical(tree, logits, history, params, rng, spec.posterior_threshold,
-                                spec.posterior_alpha)
-        else:
-            path, nxt = rule(tree, logits, history, params, rng)
+        path, nxt = rule(tree, logits, history, params, rng)
         session.commit(path)
         dt = time.perf_counter() - t1
         stats.decode_s += dt
