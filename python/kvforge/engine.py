@@ -144,20 +144,32 @@ class LLM:
         return ids
 
     # -- running ------------------------------------------------------------------------------
-    def session(self, press: Any = None, attention: Any = None) -> Session:
+    def session(self, press: Any = None, attention: Any = None, *,
+                layers: int | None = None) -> Session:
         """A new, empty :class:`Session` on this model, with an optional ``press`` (a
         ``kvforge.presses`` object) and ``attention`` variant (a ``kvforge.attention`` object;
-        default exact ``Dense``). Use it as a context manager, or call ``release()``."""
-        return Session(self, self._open(press, attention), press, attention)
+        default exact ``Dense``). ``layers=k`` runs only the first ``k`` layers, then the
+        final norm and LM head (early exit, as a draft; no press), and caches only those.
+        Use it as a context manager, or call ``release()``."""
+        return Session(self, self._open(press, attention, layers), press, attention)
 
-    def _open(self, press: Any = None, attention: Any = None) -> Any:
-        """A new core session with the press, attention variant and activation mode set."""
+    def _open(self, press: Any = None, attention: Any = None, layers: int | None = None) -> Any:
+        """A new core session with the depth, press, attention variant and activation mode
+        set."""
+        depth = None
+        if layers is not None:
+            depth = v.integer("layers", layers, lo=1, hi=self.config.num_layers)
+            if press is not None and depth < self.config.num_layers:
+                raise ConfigError(f"layers={depth} runs an early-exit session, which takes "
+                                  f"no press (got {press!r})")
         if press is not None:
             if not isinstance(press, PRESSES):
                 raise InputTypeError(f"press must be a kvforge.presses object, got {press!r}")
             press._check(self.max_context)
         _attention.check(attention)
         session = self._core_engine().session(max_context=self.max_context)
+        if depth is not None:
+            session.set_depth(depth)
         if press is not None:
             press._apply(session)
             if hasattr(press, "_bind"):  # presses that need the model's tokenizer (KVzip)

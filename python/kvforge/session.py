@@ -54,6 +54,11 @@ class Session:
         return self._press
 
     @property
+    def layers(self) -> int:
+        """Layers this session runs (the model's, or fewer for an early-exit session)."""
+        return self._core.depth()
+
+    @property
     def attention(self) -> Any:
         """The attention variant it was opened with (``None``: exact ``Dense``)."""
         return self._attention
@@ -137,6 +142,12 @@ class Session:
         """The committed token ids, in order."""
         return self._core.history()
 
+    def hidden_states(self) -> np.ndarray:
+        """float32 ``(rows, hidden_size)``: the final-norm hidden states (what the LM head
+        reads) of the tokens whose logits the last call returned: ``prefill``'s last token,
+        every token of ``step``."""
+        return self._core.hidden_states()
+
     def kv_stats(self) -> dict[str, int]:
         """This sequence's ``live_blocks`` and ``live_bytes`` (a block shared with a fork
         counts for both), and ``num_tokens``."""
@@ -163,13 +174,13 @@ class Session:
                 "max_certificate": t["max_certificate"], "steps": t["steps"]}
 
     def probe_queries(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 ``(num_layers, n, num_heads, head_dim)``: the post-RoPE queries that
+        """float32 ``(layers, n, num_heads, head_dim)``: the post-RoPE queries that
         ``token_ids`` would have at the next positions (run, then rolled back: the session is
         left as it was). Real queries to study or benchmark a variant on."""
         ids = self._ids(token_ids)
         cfg = self._llm.config
         q = np.asarray(self._core.probe_queries(ids), np.float32)
-        return q.reshape(cfg.num_layers, len(ids), cfg.num_heads, cfg.head_dim)
+        return q.reshape(self.layers, len(ids), cfg.num_heads, cfg.head_dim)
 
     def head_cache(self, layer: int, kv_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The cached ``(keys, values, positions)`` of (``layer``, ``kv_head``) in slot order:
@@ -209,7 +220,7 @@ class Session:
 
     def _head(self, layer: int, kv_head: int) -> tuple[int, int]:
         cfg = self._llm.config
-        return (v.integer("layer", layer, lo=0, hi=cfg.num_layers - 1),
+        return (v.integer("layer", layer, lo=0, hi=self.layers - 1),
                 v.integer("kv_head", kv_head, lo=0, hi=cfg.num_kv_heads - 1))
 
     def check(self) -> None:

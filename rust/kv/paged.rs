@@ -51,6 +51,11 @@ impl SeqCache {
         self.num_kv_heads
     }
 
+    /// Layers cached (the model's, or fewer for an early-exit session).
+    pub fn num_layers(&self) -> usize {
+        self.heads.len().checked_div(self.num_kv_heads).unwrap_or(0)
+    }
+
     /// The head cache of (`layer`, `kv_head`), or an error outside the shape.
     pub fn head(&self, layer: usize, kv_head: usize) -> Result<&HeadCache> {
         let index = layer * self.num_kv_heads + kv_head;

@@ -15,7 +15,7 @@ use crate::attention::run::{max_pieces, run_tasks, Task};
 use crate::attention::stats::AttnStats;
 use crate::attention::{Attention, Mask, Query};
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::evict::press::Scorer;
 use crate::evict::record::Record;
 use crate::kv::columns::ColumnId;
@@ -103,10 +103,11 @@ pub fn forward(
     let n: usize = seqs.iter().map(|w| w.tokens.len()).sum();
     let want: usize = seqs.iter().map(|w| w.logits.rows(w.tokens.len())).sum();
     check_batch(seqs, n, s.chunk, want * vocab, out.len())?;
+    let depth = batch_depth(e, seqs)?;
     for w in seqs.iter_mut() {
         let nt = w.tokens.len();
         if let Some(st) = w.stats.as_deref_mut() {
-            st.reset(e.model.layers.len(), nt, cfg.num_heads);
+            st.reset(depth, nt, cfg.num_heads);
         }
     }
     let mut r = 0;
@@ -125,39 +126,11 @@ pub fn forward(
     }
     // One-token rows (decode, batched decode) may take the int8 path; prefill chunks never.
     let act8 = int8 && seqs.iter().all(|w| w.tokens.len() == 1);
-    for (li, layer) in e.model.layers.iter().enumerate() {
+    for (li, layer) in e.model.layers.iter().enumerate().take(depth) {
         attention_block(e, layer, li, seqs, s, n, act8)?;
         mlp_block(layer, s, cfg.rms_norm_eps, n, act8);
     }
     final_logits(e, seqs, s, want, act8, out)
-}
-
-fn check_batch(
-    seqs: &[SeqWork<'_>],
-    n: usize,
-    chunk: usize,
-    need: usize,
-    have: usize,
-) -> Result<()> {
-    if n == 0 || n > chunk {
-        return Err(Error::Internal(format!(
-            "batch of {n} rows; the limit is {chunk}"
-        )));
-    }
-    for w in seqs {
-        let tree_ok = w.tree.is_none_or(|t| t.nodes() == w.tokens.len());
-        if w.positions.len() != w.tokens.len() || !tree_ok {
-            return Err(Error::Internal(
-                "batch rows, positions and tree disagree".into(),
-            ));
-        }
-    }
-    if need != have {
-        return Err(Error::Internal(format!(
-            "logits buffer of {have}, need {need}"
-        )));
-    }
-    Ok(())
 }
 
 /// Projects `x` (`(n, cols)`) through every weight of `ws`. With `act8`, each row is
@@ -442,6 +415,10 @@ fn final_logits(
     }
     Ok(())
 }
+
+#[path = "forward_check.rs"]
+mod check;
+use check::{batch_depth, check_batch};
 
 #[path = "forward_record.rs"]
 mod record;

@@ -69,6 +69,9 @@ pub struct Session {
     pub(crate) int8: bool,
     poisoned: bool,
     pub(crate) last_logits: Vec<f32>,
+    /// Final-norm hidden states `(rows, hidden_size)` of the rows whose logits the last
+    /// call computed (what Medusa heads read).
+    pub(crate) hidden: Vec<f32>,
     /// What attention did in the last forward step.
     pub(crate) attn_last: AttnStats,
     /// Totals over the decode-like steps (a few new tokens) since the session was made.
@@ -99,6 +102,7 @@ impl Session {
             int8: false,
             poisoned: false,
             last_logits: vec![0.0; cfg.vocab_size],
+            hidden: Vec::new(),
             attn_last: AttnStats::default(),
             attn_totals: AttnTotals::default(),
             engine,
@@ -111,21 +115,81 @@ impl Session {
     }
 
     /// Installs an eviction policy applied before every forward step.
-    pub fn set_press(&mut self, press: Option<Box<dyn EvictionPolicy>>) {
+    pub fn set_press(&mut self, press: Option<Box<dyn EvictionPolicy>>) -> Result<()> {
+        if press.is_some() {
+            self.full_depth("a press")?;
+        }
         self.press = press;
+        Ok(())
     }
 
     /// Installs a scoring press (the kvpress family); it compresses at the end of the
     /// prefill that fills this session while it is empty.
-    pub fn set_scoring(&mut self, press: Option<ScoringPress>) {
+    pub fn set_scoring(&mut self, press: Option<ScoringPress>) -> Result<()> {
+        if press.is_some() {
+            self.full_depth("a press")?;
+        }
         self.scoring = press;
+        Ok(())
+    }
+
+    /// Runs only the first `layers` layers, then the final norm and LM head (early exit: a
+    /// draft from the model's own lower layers). Only on an empty session without a press;
+    /// the cache then holds those layers alone.
+    pub fn set_depth(&mut self, layers: usize) -> Result<()> {
+        let cfg = &self.engine.model.cfg;
+        if layers == 0 || layers > cfg.num_layers {
+            return Err(Error::Config(format!(
+                "layers={layers} must be in [1, {}]",
+                cfg.num_layers
+            )));
+        }
+        if self.num_tokens > 0 || self.tree.is_some() {
+            return Err(Error::Config(format!(
+                "set the depth of an empty session ({} tokens cached)",
+                self.num_tokens
+            )));
+        }
+        if layers < cfg.num_layers && (self.press.is_some() || self.scoring.is_some()) {
+            return Err(Error::Config(
+                "an early-exit session runs without a press".into(),
+            ));
+        }
+        self.attention
+            .fits(layers, cfg.num_kv_heads, cfg.head_dim)?;
+        let kv_heads = cfg.num_kv_heads;
+        self.release()?;
+        self.cache = SeqCache::new(layers, kv_heads);
+        Ok(())
+    }
+
+    /// Layers this session runs.
+    pub fn depth(&self) -> usize {
+        self.cache.num_layers()
+    }
+
+    fn full_depth(&self, what: &str) -> Result<()> {
+        let layers = self.engine.model.cfg.num_layers;
+        if self.depth() < layers {
+            return Err(Error::Config(format!(
+                "{what} needs every layer; this session runs {} of {layers}",
+                self.depth()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final-norm hidden states `(rows, hidden_size)` of the rows the last prefill, decode
+    /// or step computed logits for (prefill: its last token; step: every token).
+    pub fn hidden(&self) -> &[f32] {
+        &self.hidden
     }
 
     /// Installs the attention variant used by every later step.
     pub fn set_attention(&mut self, attention: Box<dyn Attention>) -> Result<()> {
         let cfg = &self.engine.model.cfg;
-        attention.fits(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)?;
-        let rebased = (0..cfg.num_layers * cfg.num_kv_heads).any(|i| {
+        attention.fits(self.depth(), cfg.num_kv_heads, cfg.head_dim)?;
+        let rebased = (0..self.depth() * cfg.num_kv_heads).any(|i| {
             let (l, kh) = (i / cfg.num_kv_heads, i % cfg.num_kv_heads);
             attention.basis(l, kh) != self.attention.basis(l, kh)
         });
@@ -179,6 +243,7 @@ impl Session {
         progress: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<()> {
         self.check_step(tokens, None, false)?;
+        self.hidden.clear();
         let start = self.num_tokens;
         let step = self.step_size();
         let cfg = &self.engine.model.cfg;
@@ -234,6 +299,7 @@ impl Session {
     /// Runs one token at the next position, keeping its logits (the decode step).
     pub fn decode(&mut self, token: u32) -> Result<()> {
         self.check_step(&[token], None, false)?;
+        self.hidden.clear();
         let mut logits = std::mem::take(&mut self.last_logits);
         let result = self.decode_linear(&[token], None, Logits::Last, None, &mut logits);
         self.last_logits = logits;
@@ -260,6 +326,7 @@ impl Session {
         // forward: across chunks, an earlier chunk could not see a later chunk's positions.
         let single = want_probs || tree.is_some() || positions.is_some();
         self.check_step(tokens, positions, single)?;
+        self.hidden.clear();
         if let (Some(t), Some(p)) = (&tree, parents) {
             if p.len() != tokens.len() || t.nodes() != tokens.len() {
                 return Err(Error::Config(format!(
@@ -388,8 +455,14 @@ impl Session {
                 }),
             stats: Some(&mut self.attn_last),
         }];
-        let int8 = self.int8;
-        engine.with_scratch(|s| engine.install(|| forward(&engine, &mut work, s, int8, out)))??;
+        let (int8, hidden) = (self.int8, &mut self.hidden);
+        let rows = want.rows(tokens.len()) * engine.model.cfg.hidden_size;
+        engine.with_scratch(|s| {
+            engine.install(|| forward(&engine, &mut work, s, int8, out))?;
+            // The final norm left the rows whose logits were computed in `xb`.
+            hidden.extend_from_slice(&s.xb[..rows]);
+            Ok::<(), Error>(())
+        })??;
         if tokens.len() <= EXACT_ROWS {
             self.attn_totals.add(&self.attn_last);
         }

@@ -54,7 +54,7 @@ impl Session {
             window: tokens.len(),
             ..Needs::default()
         };
-        let mut rec = Record::new(needs, cfg.num_layers, cfg.num_kv_heads, self.num_tokens);
+        let mut rec = Record::new(needs, self.depth(), cfg.num_kv_heads, self.num_tokens);
         self.run_recorded(tokens, &mut rec)?;
         Ok(rec.queries.concat())
     }

@@ -180,6 +180,7 @@ impl Session {
             int8: self.int8,
             poisoned: false,
             last_logits: self.last_logits.clone(),
+            hidden: self.hidden.clone(),
             attn_last: AttnStats::default(),
             attn_totals: AttnTotals::default(),
         })
@@ -267,10 +268,11 @@ impl Session {
 
     pub(crate) fn head_index(&self, layer: usize, kv_head: usize) -> Result<usize> {
         let cfg = &self.engine.model.cfg;
-        if layer >= cfg.num_layers || kv_head >= cfg.num_kv_heads {
+        if layer >= self.depth() || kv_head >= cfg.num_kv_heads {
             return Err(Error::Config(format!(
                 "layer={layer}, kv_head={kv_head} outside ({}, {})",
-                cfg.num_layers, cfg.num_kv_heads
+                self.depth(),
+                cfg.num_kv_heads
             )));
         }
         Ok(layer * cfg.num_kv_heads + kv_head)
@@ -341,6 +343,7 @@ fn batch_forward(
     int8: bool,
 ) -> Result<()> {
     for s in sessions.iter_mut() {
+        s.hidden.clear(); // batched steps keep no hidden states
         s.prepare(1)?;
     }
     let vocab = engine.model.cfg.vocab_size;

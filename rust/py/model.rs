@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use numpy::PyReadonlyArray1;
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -13,7 +16,7 @@ use super::session::PySession;
 use crate::engine::{Engine, KvConfig};
 use crate::error::Error;
 use crate::kv::KvDtype;
-use crate::model::{LlamaModel, ModelConfig, Session};
+use crate::model::{head, LlamaModel, ModelConfig, Session};
 use crate::ops::rope::RopeScaling;
 use crate::quant::{SharedBytes, StableBytes, Weight, WeightFormat};
 
@@ -273,6 +276,27 @@ impl PyEngine {
     /// Turns block summaries on (sealed blocks then carry key bounds; `check()` verifies them).
     fn enable_summaries(&self, py: Python<'_>) -> PyResult<()> {
         run(py, || self.inner.store().summaries().enable())
+    }
+
+    /// Logits `(n, vocab)` of final-norm hidden states `(n, hidden_size)` through the LM head.
+    fn head_logits<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let x = hidden.as_slice()?.to_vec();
+        let n = hidden.shape()[0];
+        let out = run(py, || head::head_logits(&self.inner, &x))?;
+        out.into_pyarray(py)
+            .reshape([n, self.inner.model.cfg.vocab_size])
+    }
+
+    /// The LM head's weights, float32 `(vocab, hidden_size)`.
+    fn head_weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let w = run(py, || Ok(head::head_weight(&self.inner)))?;
+        let cfg = &self.inner.model.cfg;
+        w.into_pyarray(py)
+            .reshape([cfg.vocab_size, cfg.hidden_size])
     }
 
     /// Most token rows one forward call carries.

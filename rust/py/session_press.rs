@@ -17,8 +17,7 @@ pub(super) fn set_scoring(s: &PySession, stages: Vec<(String, Vec<(String, f64)>
     } else {
         Some(ScoringPress::new(state.session.engine(), built)?)
     };
-    state.session.set_scoring(press);
-    Ok(())
+    state.session.set_scoring(press)
 }
 
 /// Query and key means with the shape `(layers, heads, kv_heads, head_dim)`.
