@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-DRAFTERS = {"plain": None, "prompt-lookup": "adaptive", "prompt-lookup-fixed": "fixed"}
+DRAFTERS = {"plain": None, "prompt-lookup": "adaptive", "prompt-lookup-fixed": "fixed",
+            "hierarchy": "hierarchy"}
 
 
 def tasks(llm: Any) -> dict[str, str]:
@@ -45,10 +46,14 @@ def tasks(llm: Any) -> dict[str, str]:
 
 
 def speculative(kind: str | None) -> Any:
-    from kvforge.spec import PromptLookup, Speculative
+    """A fresh drafter per run: Hierarchy Drafting starts with an empty model history (S)
+    and no corpus (L), so its row measures the context database (W) alone, adaptive."""
+    from kvforge.spec import HierarchyDrafting, PromptLookup, Speculative
 
     if kind is None:
         return None
+    if kind == "hierarchy":
+        return Speculative(HierarchyDrafting())
     return Speculative(PromptLookup(), adaptive=kind == "adaptive")
 
 

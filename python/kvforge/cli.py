@@ -1,4 +1,5 @@
-"""The ``kvforge`` command line: generate, chat, inspect, convert, bench, eval, calibrate.
+"""The ``kvforge`` command line: generate, chat, inspect, convert, bench, eval, calibrate,
+medusa-train.
 
 Exit codes: 0 success, 1 model or runtime error (one-line message; ``--debug`` shows the
 traceback), 2 usage error.
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _sampling_args(g)
     g.add_argument("--speculative", default=None, metavar="DRAFTER",
-                   help="speculative decoding with a drafter: prompt-lookup")
+                   help="speculative decoding with a drafter: prompt-lookup, hierarchy, "
+                        "medusa[:PATH] (after kvforge medusa-train), self:K (the first K "
+                        "layers), draft:PATH (a model of the same vocabulary)")
     g.add_argument("--acceptance", choices=("greedy", "typical", "lossless"), default=None,
                    help="speculative acceptance rule (default: greedy at temperature 0, "
                         "else lossless)")
@@ -135,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text to fit on (default: Python's pydoc topics)")
     k.add_argument("--tokens", type=int, default=16384, help="tokens of text to use")
     k.add_argument("--chunk", type=int, default=4096, help="tokens per sequence")
+    m = sub.add_parser("medusa-train",
+                       help="fit Medusa heads on text the model generates itself")
+    _model_args(m)
+    m.add_argument("--out", default=None,
+                   help="heads file (default: beside the model, NAME.medusa.safetensors)")
+    m.add_argument("--tokens", type=int, default=12288, help="tokens of generated text")
+    m.add_argument("--heads", type=int, default=4, help="heads (tokens guessed ahead)")
+    m.add_argument("--epochs", type=int, default=3)
+    m.add_argument("--lr", type=float, default=1e-3)
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -389,6 +401,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_medusa_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .spec import medusa, medusa_train
+
+    llm = _llm(args)
+    out = Path(args.out) if args.out else medusa.default_path(llm._loaded.path)
+    bars: dict[str, Any] = {}
+    quiet = bool(os.environ.get("KVFORGE_DISABLE_PROGRESS_BARS"))
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if quiet:
+            return
+        from tqdm import tqdm
+
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, disable=None,
+                                     unit="tok" if stage == "generate" else "step")
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        heads, rep = medusa_train.train(llm, tokens=args.tokens, heads=args.heads,
+                                        epochs=args.epochs, lr=args.lr, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    medusa.save(out, heads)
+    acc = ", ".join(f"head {i}: {100 * a:.1f}% (top-5 {100 * b:.1f}%)"
+                    for i, (a, b) in enumerate(zip(rep.top1, rep.top5, strict=True)))
+    print(f"wrote {out}: {len(heads)} heads fitted on {rep.train_tokens} tokens; held-out "
+          f"top-1 accuracy over {rep.test_tokens} tokens: {acc}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loader.convert import convert_to_hf
 
@@ -399,7 +447,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
             "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval,
-            "calibrate": cmd_calibrate}
+            "calibrate": cmd_calibrate, "medusa-train": cmd_medusa_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,7 +252,10 @@ class LLM:
             else:
                 from .spec.loop import run_speculative
 
-                chunks = run_speculative(*args, spec, limit, progress)
+                # Model drafters (DraftModel, SelfDraft, Medusa) bind to this model first.
+                bind = getattr(spec.drafter, "bind", None)
+                drafter = spec.drafter if bind is None else bind(self)
+                chunks = run_speculative(*args, spec, limit, progress, drafter=drafter)
             for chunk in chunks:
                 if chunk.stats is not None and cached:
                     chunk.stats.cached_prompt_tokens = cached

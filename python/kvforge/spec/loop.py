@@ -4,7 +4,11 @@ The session's state between steps is plain decoding's: the committed tokens are 
 the last sampled token (the tree's root) is not yet run. A step verifies ``root + drafts``
 with the ancestor mask, commits the root and the accepted draft tokens (their K/V compacted
 into the sequence's blocks, the rest freed) and samples the next token from the last
-accepted node's logits. With nothing to draft it decodes plainly.
+accepted node's logits. With nothing to draft it decodes plainly. A drafter's optional
+``begin(prompt_ids)`` runs before the first draft and ``end(generated_ids)`` after the last
+token, whether eos, a stop or the token limit ended the generation (not when a caller
+abandons a stream). A stateful drafter such as Hierarchy Drafting learns from the output
+there.
 """
 
 from __future__ import annotations
@@ -26,30 +30,51 @@ from .tree import DraftTree
 def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
                     eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
                     spec: Any, ctx_limit: int | None,
-                    progress: Any = None) -> Iterator[GenerationChunk]:
+                    progress: Any = None, drafter: Any = None) -> Iterator[GenerationChunk]:
     """Yields chunks as :func:`kvforge.generation.run_generation` does. ``ctx_limit``: the
     most tokens the session may hold (drafts never run past it; ``None`` under a press that
-    bounds the cache)."""
+    bounds the cache). ``drafter``: what drafts and gets the hooks (default
+    ``spec.drafter``; the engine passes a model drafter bound to the target). A drafter's
+    optional ``close()`` runs however the generation ends (a bound model drafter frees its
+    own session there); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
+    hidden state of the last committed token, before each draft."""
+    drafter = spec.drafter if drafter is None else drafter
     dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
+    try:
+        before = session.attention_totals()
+        t0 = time.perf_counter()
+        token = session.prefill_sample(prompt, progress)
+        dec.stats.prefill_s = time.perf_counter() - t0
+        _observe(drafter, session, -1)
+        _hook(drafter, "begin", list(prompt))
+        yield from _steps(session, list(prompt), token, dec, params, spec, drafter, max_new,
+                          ctx_limit)
+        _hook(drafter, "end", list(dec.token_ids))
+        dec.attention_from(session, before)
+        yield dec.final()
+    finally:
+        close = getattr(drafter, "close", None)
+        if close is not None:
+            close()
+
+
+def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
+           params: SamplingParams, spec: Any, drafter: Any, max_new: int,
+           ctx_limit: int | None) -> Iterator[GenerationChunk]:
+    """Draft, verify, accept and commit until the decoder stops; ``history``: the cached
+    tokens, ``token`` the sampled one after them."""
     stats = dec.stats
     rng = np.random.default_rng(params.seed)
     rule = RULES[spec.acceptance]
     if spec.acceptance == "typical":
         rule = partial(typical, threshold=spec.posterior_threshold, alpha=spec.posterior_alpha)
     ctl = Adaptive(spec.max_draft, spec.adaptive)
-    before = session.attention_totals()
-    t0 = time.perf_counter()
-    token = session.prefill_sample(prompt, progress)
-    stats.prefill_s = time.perf_counter() - t0
-    history = list(prompt)
     pending = [token]
     while True:
         for tok in pending:
             yield dec.feed(tok, session.blocks_held())
             if dec.reason is not None:
-                break
-        if dec.reason is not None:
-            break
+                return
         token = pending[-1]
         t1 = time.perf_counter()  # drafting and acceptance count as decode time
         # All L drafts accepted give L + 1 tokens; the step caches the root and L drafts.
@@ -57,11 +82,12 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
         if ctx_limit is not None:
             left = min(left, ctx_limit - len(history) - 1)
         want = ctl.length(max(left, 0))
-        branches = spec.drafter.propose(history + [token], want) if want else []
+        branches = drafter.propose(history + [token], want) if want else []
         if not branches:
             t2 = time.perf_counter()
             nxt = session.decode(token)
             ctl.record_step(1, time.perf_counter() - t2)
+            _observe(drafter, session, 0)
             history.append(token)
             stats.decode_s += time.perf_counter() - t1
             pending = [nxt]
@@ -72,6 +98,7 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
         verify = time.perf_counter() - t2
         path, nxt = rule(tree, logits, history, params, rng)
         session.commit(path)
+        _observe(drafter, session, path[-1])
         dt = time.perf_counter() - t1
         stats.decode_s += dt
         ctl.record_step(len(tree), dt)
@@ -83,5 +110,14 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
         stats.verify_s += verify
         history.extend(tree.tokens[i] for i in path)
         pending = [tree.tokens[i] for i in path[1:]] + [nxt]
-    dec.attention_from(session, before)
-    yield dec.final()
+
+
+def _observe(drafter: Any, session: Any, row: int) -> None:
+    if getattr(drafter, "wants_hidden", False):
+        drafter.observe(session.hidden_states()[row])
+
+
+def _hook(drafter: Any, name: str, ids: list[int]) -> None:
+    fn = getattr(drafter, name, None)
+    if fn is not None:
+        fn(ids)

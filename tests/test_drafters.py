@@ -1,0 +1,212 @@
+"""Model drafters: DraftModel (a second model of the same vocabulary), SelfDraft (the
+target's first layers) and Medusa heads (with their training), on random tiny models.
+
+Greedy speculation must give plain greedy's tokens whatever the drafter guesses; the draft
+sessions must give their blocks back; Medusa's best-first tree must hold the most likely
+paths; the heads' gradient must be the loss's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import kvforge
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvforge.errors import ConfigError, InputTypeError, ModelFormatError
+from kvforge.presses import KNorm
+from kvforge.spec import DraftModel, Medusa, SelfDraft, Speculative
+from kvforge.spec import medusa as medusa_mod
+from kvforge.spec import medusa_train as mt
+from tiny_models import random_weights, tiny_config, write_hf_folder
+
+VOCAB = 300
+
+
+def _model(root, name, seed, layers=3, hidden=32):
+    cfg = tiny_config(vocab_size=VOCAB, hidden_size=hidden, num_heads=4, num_kv_heads=2,
+                      head_dim=8, num_layers=layers, tie=True)
+    path = write_hf_folder(root / name, cfg, random_weights(cfg, seed))
+    return kvforge.LLM(path, max_context=512, kv=kvforge.KVCacheConfig(block_size=4))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drafters")
+    target, other = _model(root, "target", 3), _model(root, "draft", 4, layers=1)
+    yield target, other
+    target.close()
+    other.close()
+
+
+@pytest.fixture(scope="module")
+def heads_path(models, tmp_path_factory):
+    """Medusa heads trained briefly on the target's own text."""
+    target, _ = models
+    heads, _ = mt.train(target, tokens=96, heads=3, answer=24, epochs=2, batch=32)
+    return medusa_mod.save(tmp_path_factory.mktemp("heads") / "m.medusa.safetensors", heads)
+
+
+def _drafters(models, heads_path):
+    target, other = models
+    return {"draft": DraftModel(other, num_pred_tokens=4), "self-target": DraftModel(target),
+            "self1": SelfDraft(layers=1), "self2": SelfDraft(layers=2, num_pred_tokens=3),
+            "medusa": Medusa(heads_path), "medusa-choices": Medusa(heads_path, topk=3,
+                                                                    choices=[[0], [1], [0, 0],
+                                                                             [0, 0, 2]])}
+
+
+@settings(deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(2, 40), new=st.integers(1, 30),
+       which=st.sampled_from(["draft", "self-target", "self1", "self2", "medusa",
+                              "medusa-choices"]),
+       adaptive=st.booleans(), press=st.booleans())
+def test_greedy_speculation_with_every_model_drafter_gives_plain_tokens(
+        models, heads_path, seed, n, new, which, adaptive, press):
+    target, other = models
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, VOCAB, n)]
+    p = KNorm(compression_ratio=0.25) if press else None
+    spec = Speculative(_drafters(models, heads_path)[which], adaptive=adaptive, max_draft=6)
+    want = target.generate(prompt, max_new_tokens=new, press=p, ignore_eos=True)
+    got = target.generate(prompt, max_new_tokens=new, press=p, speculative=spec,
+                          ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    assert got.stats.accepted_tokens <= got.stats.draft_tokens
+    for m in models:
+        assert m.kv_stats()["live_blocks"] == 0  # draft sessions released, trees freed
+        m.check_pool()
+
+
+def test_the_target_drafting_for_itself_is_always_accepted(models):
+    target, _ = models
+    out = target.generate(list(range(5, 25)), max_new_tokens=30, ignore_eos=True,
+                          speculative=Speculative(DraftModel(target, num_pred_tokens=4),
+                                                  adaptive=False))
+    assert out.stats.draft_tokens > 0
+    assert out.stats.accepted_tokens == out.stats.draft_tokens
+
+
+def test_model_drafters_draft_and_some_are_accepted(models, heads_path):
+    target, other = models
+    for d in (SelfDraft(layers=2), Medusa(heads_path)):
+        out = target.generate(list(range(5, 25)), max_new_tokens=40, ignore_eos=True,
+                              speculative=Speculative(d, adaptive=False))
+        assert out.stats.verify_steps > 0 and out.stats.draft_tokens > 0, d
+
+
+@settings(deadline=None)
+@given(depth=st.integers(1, 4), k=st.integers(1, 4), limit=st.integers(1, 30),
+       seed=st.integers(0, 10**6))
+def test_best_first_takes_the_most_likely_paths(depth, k, limit, seed):
+    rng = np.random.default_rng(seed)
+    probs = -np.sort(-rng.dirichlet(np.ones(k + 1), depth)[:, :k], axis=1)
+    got = medusa_mod.best_first(probs, limit)
+    every = [p for d in range(1, depth + 1) for p in itertools.product(range(k), repeat=d)]
+    score = {p: float(np.prod([probs[i, r] for i, r in enumerate(p)])) for p in every}
+    assert len(got) == min(limit, len(every)) and len(set(got)) == len(got)
+    worst_taken = min(score[p] for p in got)
+    assert all(score[p] <= worst_taken * (1 + 1e-9) for p in every if p not in got)
+    taken = set()
+    for p in got:  # parents first: every path hangs off a path already in the tree
+        assert len(p) == 1 or p[:-1] in taken
+        taken.add(p)
+
+
+def test_the_head_gradient_is_the_loss_gradient():
+    rng = np.random.default_rng(0)
+    d, v, n = 6, 11, 5
+    h = rng.standard_normal((n, d)).astype(np.float64)
+    y = rng.integers(0, v, n)
+    emb = rng.standard_normal((v, d))
+    w0, b0 = 0.3 * rng.standard_normal((d, d)), 0.1 * rng.standard_normal(d)
+
+    def loss(w, b):
+        return _loss(w, b, h, y, emb)
+
+    gw, gb = mt.head_gradient(w0, b0, h, y, emb)
+    eps = 1e-6
+    for i, j in [(0, 0), (2, 3), (5, 1)]:
+        dw = np.zeros_like(w0)
+        dw[i, j] = eps
+        assert gw[i, j] == pytest.approx((loss(w0 + dw, b0) - loss(w0 - dw, b0)) / (2 * eps),
+                                         rel=1e-5, abs=1e-8)
+    db = np.zeros_like(b0)
+    db[4] = eps
+    assert gb[4] == pytest.approx((loss(w0, b0 + db) - loss(w0, b0 - db)) / (2 * eps),
+                                  rel=1e-5, abs=1e-8)
+
+
+def _loss(w, b, h, y, emb):
+    _, _, lg = mt._forward(w, b, h, emb)
+    lg = lg - lg.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(lg).sum(axis=1)) - lg[np.arange(len(y)), y]))
+
+
+def test_training_beats_the_untrained_head(models):
+    """On text with structure (a random motif repeated), a trained head predicts the token
+    two ahead better than the untrained one (which is the base head, guessing one ahead)."""
+    target, _ = models
+    rng = np.random.default_rng(5)
+    seqs = []
+    for _ in range(4):
+        motif = rng.integers(0, VOCAB, 7).tolist()
+        seqs.append(((motif * 12)[:80], 1))
+    h, y = mt.features(target, seqs, 2)
+    emb = target._core_engine().head_weight()
+    z = (np.zeros((32, 32), np.float32), np.zeros(32, np.float32))
+    for i in range(2):
+        ok = y[:, i] >= 0
+        w, b = mt.train_head(h[ok], y[ok, i], emb, epochs=40, lr=3e-3, batch=64, seed=0)
+        assert _loss(w, b, h[ok], y[ok, i], emb) < 0.5 * _loss(*z, h[ok], y[ok, i], emb)
+        assert (mt.accuracy(w, b, h[ok], y[ok, i], emb)[0]
+                > mt.accuracy(*z, h[ok], y[ok, i], emb)[0])
+
+
+def test_medusa_files_round_trip_and_bad_files_are_refused(models, heads_path, tmp_path):
+    target, _ = models
+    heads = medusa_mod.load(heads_path, 32)
+    assert len(heads) == 3 and heads[0][0][0].shape == (32, 32)
+    with pytest.raises(ModelFormatError, match="hidden"):
+        medusa_mod.load(heads_path, 48)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a file")
+    with pytest.raises(ModelFormatError):
+        medusa_mod.load(bad, 32)
+    own = tmp_path / "own.safetensors"
+    from kvforge.loader.safetensors_io import write_safetensors
+    z = np.zeros((32, 32), np.float32)
+    write_safetensors(own, [("medusa_head.0.0.linear.weight", "f32", z.shape, z),
+                            ("medusa_head.0.0.linear.bias", "f32", (32,), z[0]),
+                            ("medusa_head.0.1.weight", "f32", (VOCAB, 32),
+                             np.zeros((VOCAB, 32), np.float32))])
+    with pytest.raises(ModelFormatError, match="own LM head"):
+        medusa_mod.load(own, 32)
+    with pytest.raises(ConfigError, match="no Medusa heads"):
+        target.generate([1, 2, 3], max_new_tokens=2,
+                        speculative=Speculative(Medusa(tmp_path / "missing.safetensors")))
+
+
+def test_bad_drafter_arguments_get_typed_errors(models):
+    target, other = models
+    with pytest.raises(InputTypeError, match="DraftModel model"):
+        DraftModel(3)
+    with pytest.raises(ConfigError, match="num_pred_tokens"):
+        DraftModel(other, num_pred_tokens=0)
+    with pytest.raises(ConfigError, match="layers"):
+        target.generate([1, 2], max_new_tokens=2, speculative=Speculative(SelfDraft(layers=3)))
+    with pytest.raises(ConfigError, match="topk"):
+        Medusa(choices=[[0], [12]], topk=10)
+    with pytest.raises(ConfigError, match="parent"):
+        Medusa(choices=[[0, 1]])
+    assert target.kv_stats()["live_blocks"] == 0
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(models, tmp_path):
+    target, _ = models
+    cfg = tiny_config(vocab_size=VOCAB + 20, hidden_size=32, num_heads=4, num_kv_heads=2,
+                      head_dim=8, num_layers=1)
+    with kvforge.LLM(write_hf_folder(tmp_path / "v", cfg, random_weights(cfg, 1))) as m:
+        with pytest.raises(ConfigError, match="vocabulary"):
+            target.generate([1, 2], max_new_tokens=2, speculative=Speculative(DraftModel(m)))
