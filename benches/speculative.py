@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-DRAFTERS = {"plain": None, "prompt-lookup": "adaptive", "prompt-lookup-fixed": "fixed",
-            "hierarchy": "hierarchy"}
+# Row name -> how to speculate ("fixed": adaptive off, the drafter's full length every step,
+# which shows its acceptance even where it does not pay).
+DRAFTERS = ("plain", "prompt-lookup", "prompt-lookup-fixed", "hierarchy", "hierarchy-fixed",
+            "medusa", "medusa-fixed", "self:20", "self:20-fixed", "draft-self-fixed")
 
 
 def tasks(llm: Any) -> dict[str, str]:
@@ -45,16 +47,29 @@ def tasks(llm: Any) -> dict[str, str]:
             for k, m in msgs.items()}
 
 
-def speculative(kind: str | None) -> Any:
+def speculative(row: str, llm: Any) -> Any:
     """A fresh drafter per run: Hierarchy Drafting starts with an empty model history (S)
-    and no corpus (L), so its row measures the context database (W) alone, adaptive."""
-    from kvforge.spec import HierarchyDrafting, PromptLookup, Speculative
+    and no corpus (L), so its row measures the context database (W) alone. ``medusa`` uses
+    the heads ``kvforge medusa-train`` saved beside the model; ``draft-self`` drafts with the
+    target itself (no smaller model shares SmolLM2's vocabulary): every draft is accepted,
+    so it shows what a full-cost draft model does."""
+    from kvforge.spec import (
+        DraftModel,
+        HierarchyDrafting,
+        Medusa,
+        PromptLookup,
+        SelfDraft,
+        Speculative,
+    )
 
-    if kind is None:
+    name, fixed = row.removesuffix("-fixed"), row.endswith("-fixed")
+    make = {"prompt-lookup": PromptLookup, "hierarchy": HierarchyDrafting, "medusa": Medusa,
+            "self:20": lambda: SelfDraft(layers=20),
+            "draft-self": lambda: DraftModel(llm, num_pred_tokens=4)}
+    if name == "plain":
         return None
-    if kind == "hierarchy":
-        return Speculative(HierarchyDrafting())
-    return Speculative(PromptLookup(), adaptive=kind == "adaptive")
+    return Speculative(make[name](), adaptive=not fixed,
+                       max_draft=4 if name in ("medusa", "self:20", "draft-self") else 10)
 
 
 def verify_cost(llm: Any, context: int) -> dict[int, float]:
@@ -81,6 +96,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--tasks", nargs="+", default=["rewrite", "quote", "free"])
     p.add_argument("--rounds", type=int, default=5, help="runs per row (median; interleaved)")
+    p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
     args = p.parse_args()
     llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"))
     prompts = tasks(llm)
@@ -89,11 +105,12 @@ def main() -> None:
         n = len(llm.encode(prompt))
         # The machine's speed drifts between runs: rounds interleave the drafters, and each
         # row is the median of its rounds.
-        runs: dict[str, list[Any]] = {d: [] for d in DRAFTERS}
+        rows = ["plain"] + [d for d in args.drafters if d != "plain"]
+        runs: dict[str, list[Any]] = {d: [] for d in rows}
         for _ in range(args.rounds):
-            for drafter, kind in DRAFTERS.items():
+            for drafter in rows:
                 runs[drafter].append(llm.generate(prompt, max_new_tokens=args.tokens,
-                                                  speculative=speculative(kind)))
+                                                  speculative=speculative(drafter, llm)))
         rate = {d: float(np.median([o.stats.decode_tok_s for o in outs]))
                 for d, outs in runs.items()}
         for drafter, outs in runs.items():

@@ -106,3 +106,29 @@ def test_bad_depths_and_heads_get_typed_errors(models):
         with pytest.raises(ConfigError, match="empty session"):
             s._core.set_depth(2)
     assert full.kv_stats()["live_blocks"] == 0
+
+
+@given(k=st.integers(1, LAYERS), seed=st.integers(0, 2**16), n=st.integers(1, 30),
+       press=st.booleans())
+def test_a_layer_fork_shares_the_parent_s_cache_of_its_layers(models, k, seed, n, press):
+    full, _ = models
+    ids = np.random.default_rng(seed).integers(0, 300, n).tolist()
+    p = kvforge.presses.KNorm(compression_ratio=0.5) if press else None
+    with full.session(p) as s, full.session(layers=k) as ref:
+        s.prefill(ids)
+        if press:  # the fork sees the parent's compressed cache: compare against a copy
+            ref = s.fork(layers=k)
+        else:
+            ref.prefill(ids)
+        held = full.kv_stats()["live_blocks"]
+        f = s.fork(layers=k)
+        assert full.kv_stats()["live_blocks"] == held  # shared, not copied
+        assert f.layers == k and (f.press is None) == (press is False or k < LAYERS)
+        np.testing.assert_allclose(f.step([5, 6]), ref.step([5, 6]), rtol=1e-5, atol=1e-5)
+        f.release()
+        want = s.fork()
+        np.testing.assert_array_equal(s.step([7]), want.step([7]))  # the parent is untouched
+        want.release()
+        ref.release()
+    assert full.kv_stats()["live_blocks"] == 0
+    full.check_pool()

@@ -74,9 +74,16 @@ class Session:
         """Frees every block; the session is empty (and usable) afterwards."""
         self._core.release()
 
-    def fork(self) -> Session:
-        """A copy-on-write child: it shares every block with this session until either writes."""
-        return Session(self._llm, self._core.fork(), self._press, self._attention)
+    def fork(self, *, layers: int | None = None) -> Session:
+        """A copy-on-write child: it shares every block with this session until either writes.
+        ``layers=k``: a child that runs only the first ``k`` layers (an early-exit draft that
+        shares this session's cache of them instead of recomputing it; no press)."""
+        if layers is None:
+            return Session(self._llm, self._core.fork(), self._press, self._attention)
+        k = v.integer("layers", layers, lo=1, hi=self.layers)
+        full = k == self.layers
+        return Session(self._llm, self._core.fork(k), self._press if full else None,
+                       self._attention)
 
     # -- steps ----------------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int] | np.ndarray, *,

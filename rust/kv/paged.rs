@@ -175,16 +175,39 @@ impl SeqCache {
 
     /// A new sequence sharing every block of this one (copy-on-write on later writes).
     pub fn fork(&mut self, pool: &mut BlockPool) -> Result<Self> {
+        let layers = self.num_layers();
+        self.fork_layers(pool, layers)
+    }
+
+    /// A copy-on-write child holding only the first `layers` layers (an early-exit draft
+    /// of this sequence shares them instead of recomputing them).
+    pub fn fork_layers(&mut self, pool: &mut BlockPool, layers: usize) -> Result<Self> {
+        if layers == 0 || layers > self.num_layers() {
+            return Err(Error::Config(format!(
+                "layers={layers} must be in [1, {}]",
+                self.num_layers()
+            )));
+        }
         self.settle(pool)?;
-        for h in &self.heads {
-            for &b in &h.blocks {
-                pool.incref(b)?;
+        let heads: Vec<HeadCache> = self
+            .heads
+            .iter()
+            .take(layers * self.num_kv_heads)
+            .cloned()
+            .collect();
+        let mut taken = Vec::new();
+        for &b in heads.iter().flat_map(|h| &h.blocks) {
+            if let Err(e) = pool.incref(b) {
+                // Undo the references taken so far: a failed fork leaks nothing.
+                taken.iter().for_each(|&b| drop(pool.decref(b)));
+                return Err(e);
             }
+            taken.push(b);
         }
         self.owns_all = false;
         Ok(Self {
             num_kv_heads: self.num_kv_heads,
-            heads: self.heads.clone(),
+            heads,
             owns_all: false,
         })
     }

@@ -158,20 +158,40 @@ impl Session {
     /// A new session sharing this one's cache blocks (copy-on-write), with copies of its
     /// press, attention variant and activation mode.
     pub fn fork(&mut self) -> Result<Self> {
+        self.fork_layers(self.depth())
+    }
+
+    /// A copy-on-write child running only the first `layers` layers (an early-exit draft
+    /// sharing this sequence's cache of those layers); below full depth it has no press.
+    pub fn fork_layers(&mut self, layers: usize) -> Result<Self> {
         self.check_usable()?;
         if self.tree.is_some() {
             return Err(Error::Config(
                 "fork(): commit or truncate the pending tree first".into(),
             ));
         }
+        let full = layers == self.depth();
+        if !full {
+            let cfg = &self.engine.model.cfg;
+            self.attention
+                .fits(layers, cfg.num_kv_heads, cfg.head_dim)?;
+        }
         let engine = Arc::clone(&self.engine);
-        let cache = self.cache.fork(&mut *engine.pool()?)?;
+        let cache = self.cache.fork_layers(&mut *engine.pool()?, layers)?;
         Ok(Self {
             engine,
             cache,
             attention: self.attention.boxed_clone(),
-            press: self.press.as_ref().map(|p| p.boxed_clone()),
-            scoring: self.scoring.as_ref().map(ScoringPress::boxed_clone),
+            press: self
+                .press
+                .as_ref()
+                .filter(|_| full)
+                .map(|p| p.boxed_clone()),
+            scoring: self
+                .scoring
+                .as_ref()
+                .filter(|_| full)
+                .map(ScoringPress::boxed_clone),
             evict_scratch: EvictScratch::default(),
             num_tokens: self.num_tokens,
             tree: None,

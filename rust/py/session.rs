@@ -300,11 +300,16 @@ impl PySession {
         })
     }
 
-    /// A new session sharing this one's blocks (copy-on-write), with the same history.
-    fn fork(&self, py: Python<'_>) -> PyResult<PySession> {
+    /// A new session sharing this one's blocks (copy-on-write), with the same history;
+    /// `layers`: only the first ones (an early-exit child).
+    #[pyo3(signature = (layers = None))]
+    fn fork(&self, py: Python<'_>, layers: Option<usize>) -> PyResult<PySession> {
         run(py, || {
             let mut st = self.lock()?;
-            let session = st.session.fork()?;
+            let session = match layers {
+                Some(k) => st.session.fork_layers(k)?,
+                None => st.session.fork()?,
+            };
             Ok(PySession {
                 state: Mutex::new(SessionState {
                     session,

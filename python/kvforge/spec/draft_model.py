@@ -1,12 +1,14 @@
 """Drafting with a model: a second model sharing the target's vocabulary (:class:`DraftModel`),
 or the target's own first layers plus its LM head (:class:`SelfDraft`, no second model).
 
-Both run greedily in a session of their own that is kept in step with the target: before
-each draft it is rolled back to the longest prefix it shares with the target's history
-(rejected drafts go, accepted ones stay cached) and fed the tokens it has not seen. The drafts
-are deterministic, so every acceptance rule stays exact (lossless treats them as one-hot
-proposals). The drafter's time counts in the step time the adaptive controller measures, so
-a draft that costs more than it saves is switched off.
+A draft model runs in a session of its own kept in step with the target: before each draft
+it is rolled back to the longest prefix it shares with the target's history (rejected drafts
+go, accepted ones stay cached) and fed the tokens it has not seen. A self-draft needs no
+cache of its own: each step it forks the target's session at the first ``layers`` layers
+(copy-on-write: the cached keys and values of those layers are the target's), drafts, and
+releases the fork. Drafts are greedy and deterministic, so every acceptance rule stays exact
+(lossless treats them as one-hot proposals). The drafter's time counts in the step time the
+adaptive controller measures, so a draft that costs more than it saves is switched off.
 """
 
 from __future__ import annotations
@@ -107,11 +109,37 @@ def _same_vocabulary(draft: Any, target: Any) -> None:
                           "the draft must share the target's tokenizer")
 
 
+class _ForkDrafter:
+    """A bound self-draft: forks the target session at ``layers`` layers for each draft."""
+
+    def __init__(self, layers: int, num_pred_tokens: int, max_context: int) -> None:
+        self.layers, self.k, self.max_context = layers, num_pred_tokens, max_context
+        self.target: Any = None
+
+    def attach(self, session: Any) -> None:
+        self.target = session
+
+    def propose(self, history: list[int], limit: int) -> list[list[int]]:
+        k = min(self.k, limit)
+        if k <= 0 or self.target is None or len(history) + k > self.max_context:
+            return []
+        fork = self.target.fork(self.layers)  # holds history[:-1]; history[-1] is the root
+        try:
+            draft: list[int] = []
+            tok = history[-1]
+            while len(draft) < k:
+                tok = int(np.argmax(fork.prefill([tok], None)))
+                draft.append(tok)
+            return [draft]
+        finally:
+            fork.release()
+
+
 @dataclass(frozen=True)
 class SelfDraft:
     """Drafts with the target's own first ``layers`` layers, then its final norm and LM head
-    (an early-exit session of the same weights: no second model to load; it caches only
-    those layers). ``layers`` must be below the model's layer count."""
+    (early exit on a copy-on-write fork of the target's session: no second model to load,
+    no second cache to fill). ``layers`` must be below the model's layer count."""
 
     layers: int = 20
     num_pred_tokens: int = 5
@@ -124,10 +152,9 @@ class SelfDraft:
         raise ConfigError("SelfDraft drafts inside generate(speculative=...), which binds it "
                           "to the target model first")
 
-    def bind(self, target: Any) -> _SessionDrafter:
+    def bind(self, target: Any) -> _ForkDrafter:
         n = target.config.num_layers
         if self.layers >= n:
             raise ConfigError(f"SelfDraft layers={self.layers} must be below the model's "
                               f"{n} layers")
-        return _SessionDrafter(target.session(layers=self.layers), self.num_pred_tokens,
-                               target.max_context)
+        return _ForkDrafter(self.layers, self.num_pred_tokens, target.max_context)

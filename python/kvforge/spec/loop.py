@@ -35,11 +35,15 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
     most tokens the session may hold (drafts never run past it; ``None`` under a press that
     bounds the cache). ``drafter``: what drafts and gets the hooks (default
     ``spec.drafter``; the engine passes a model drafter bound to the target). A drafter's
-    optional ``close()`` runs however the generation ends (a bound model drafter frees its
-    own session there); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
+    optional ``attach(session)`` gets the target's session first (a self-draft forks it);
+    ``close()`` runs however the generation ends (a bound model drafter frees its own
+    session there); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
     hidden state of the last committed token, before each draft."""
     drafter = spec.drafter if drafter is None else drafter
     dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
+    attach = getattr(drafter, "attach", None)
+    if attach is not None:
+        attach(session)
     try:
         before = session.attention_totals()
         t0 = time.perf_counter()
