@@ -98,7 +98,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="runs per row (median; interleaved)")
     p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
     args = p.parse_args()
-    llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16"))
+    # Room for two sequences of the longest task: the draft-self row keeps a second cache.
+    llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16", max_kv_bytes=1 << 30))
     prompts = tasks(llm)
     for name in args.tasks:
         prompt = prompts[name]

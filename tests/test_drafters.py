@@ -210,3 +210,24 @@ def test_a_draft_model_of_another_vocabulary_is_refused(models, tmp_path):
     with kvforge.LLM(write_hf_folder(tmp_path / "v", cfg, random_weights(cfg, 1))) as m:
         with pytest.raises(ConfigError, match="vocabulary"):
             target.generate([1, 2], max_new_tokens=2, speculative=Speculative(DraftModel(m)))
+
+
+def test_a_draft_model_that_finds_the_pool_full_stops_drafting(tmp_path):
+    """Drafting is an optimisation: a draft session the shared pool cannot hold gives its
+    blocks back and the generation goes on plainly, with plain decoding's tokens."""
+    cfg = tiny_config(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_kv_heads=2,
+                      head_dim=8, num_layers=3, tie=True)
+    path = write_hf_folder(tmp_path / "m", cfg, random_weights(cfg, 3))
+    # 3 layers x 2 KV heads, blocks of 4: 40 + 20 tokens need 90 blocks, a second copy 66.
+    with kvforge.LLM(path, max_context=512,
+                     kv=kvforge.KVCacheConfig(block_size=4, num_blocks=100)) as m:
+        prompt = list(range(3, 43))
+        want = m.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        for d in (DraftModel(m, num_pred_tokens=3), SelfDraft(layers=2)):
+            got = m.generate(prompt, max_new_tokens=20, ignore_eos=True,
+                             speculative=Speculative(d, adaptive=False))
+            assert got.token_ids == want.token_ids
+            assert m.kv_stats()["live_blocks"] == 0
+            m.check_pool()
+            if isinstance(d, DraftModel):  # its 40-token prefill found the pool full
+                assert got.stats.draft_tokens == 0

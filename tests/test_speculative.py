@@ -260,3 +260,24 @@ def test_streaming_speculation_yields_the_same_tokens(llm):
     assert [t for c in chunks for t in c.token_ids] == whole.token_ids
     assert "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].finish_reason == "length" and chunks[-1].stats.verify_steps > 0
+
+
+@settings(deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(4, 40), new=st.integers(1, 30),
+       fmt=st.sampled_from(["q8_0", "q4_1", "q4_0"]))
+def test_int8_speculation_gives_int8_plain_tokens(tmp_path_factory, seed, n, new, fmt):
+    """With opt-in int8 activations every decode-like step (a tree's nodes too) quantizes
+    each row on its own, so greedy speculation still gives plain decoding's tokens."""
+    from tiny_models import write_gguf
+
+    cfg = tiny_config(vocab_size=VOCAB, hidden_size=64, num_heads=4, num_kv_heads=2,
+                      num_layers=2)
+    path = tmp_path_factory.mktemp("int8") / f"m-{fmt}.gguf"
+    if not path.exists():
+        write_gguf(path, cfg, random_weights(cfg, 9), fmt=fmt)
+    with kvforge.LLM(path, activations="int8", kv=kvforge.KVCacheConfig(block_size=4)) as m:
+        prompt = repetitive(seed, n)
+        want = m.generate(prompt, max_new_tokens=new, ignore_eos=True)
+        got = m.generate(prompt, max_new_tokens=new, ignore_eos=True,
+                         speculative=Speculative(PromptLookup(), adaptive=False))
+        assert got.token_ids == want.token_ids

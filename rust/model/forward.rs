@@ -89,8 +89,9 @@ pub struct Observe<'a> {
 }
 
 /// Runs the batch `seqs` through the model. `out` receives the requested logits, `(rows,
-/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `int8`: one-row
-/// steps (and batches of one-token rows) quantize projection inputs (opt-in, approximate).
+/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `int8`: batches
+/// of at most `EXACT_ROWS` rows quantize each row's projection inputs (opt-in, approximate;
+/// callers pass it for decode-like steps only, never for prefill chunks).
 pub fn forward(
     e: &Engine,
     seqs: &mut [SeqWork<'_>],
@@ -124,8 +125,10 @@ pub fn forward(
             r += 1;
         }
     }
-    // One-token rows (decode, batched decode) may take the int8 path; prefill chunks never.
-    let act8 = int8 && seqs.iter().all(|w| w.tokens.len() == 1);
+    // Decode-like steps (decode, batched decode, speculation trees: at most EXACT_ROWS rows;
+    // the caller passes `int8` only outside prefill) quantize each row on its own, so a
+    // tree's node gets what decoding it alone would give.
+    let act8 = int8 && n <= EXACT_ROWS;
     for (li, layer) in e.model.layers.iter().enumerate().take(depth) {
         attention_block(e, layer, li, seqs, s, n, act8)?;
         mlp_block(layer, s, cfg.rms_norm_eps, n, act8);

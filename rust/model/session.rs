@@ -455,7 +455,8 @@ impl Session {
                 }),
             stats: Some(&mut self.attn_last),
         }];
-        let (int8, hidden) = (self.int8, &mut self.hidden);
+        // Prefill chunks stay float32 in int8 mode; every decode-like step quantizes.
+        let (int8, hidden) = (self.int8 && !taps.prefill, &mut self.hidden);
         let rows = want.rows(tokens.len()) * engine.model.cfg.hidden_size;
         engine.with_scratch(|s| {
             engine.install(|| forward(&engine, &mut work, s, int8, out))?;

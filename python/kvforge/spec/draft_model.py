@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import _validate as v
-from ..errors import ConfigError, InputTypeError
+from ..errors import CacheFullError, ConfigError, InputTypeError
 
 
 class _SessionDrafter:
@@ -36,6 +36,16 @@ class _SessionDrafter:
         k = min(self.k, limit)
         if k <= 0 or not history or len(history) + k > self.max_context:
             return []
+        try:
+            return [self._draft(history, k)]
+        except CacheFullError:
+            # Drafting is an optimisation: with the pool full it stops for this generation
+            # (its blocks go back at once) and the target decodes plainly.
+            self.close()
+            self.k = 0
+            return []
+
+    def _draft(self, history: list[int], k: int) -> list[int]:
         keep = min(_common_prefix(self.cached, history), len(history) - 1)
         if keep < len(self.cached):
             self.session.truncate(keep)
@@ -47,7 +57,7 @@ class _SessionDrafter:
             logits = self.session.prefill(draft[-1:])
             self.cached.append(draft[-1])
             draft.append(int(np.argmax(logits)))
-        return [draft]
+        return draft
 
     def close(self) -> None:
         self.session.release()
@@ -124,15 +134,17 @@ class _ForkDrafter:
         if k <= 0 or self.target is None or len(history) + k > self.max_context:
             return []
         fork = self.target.fork(self.layers)  # holds history[:-1]; history[-1] is the root
+        draft: list[int] = []
         try:
-            draft: list[int] = []
             tok = history[-1]
             while len(draft) < k:
                 tok = int(np.argmax(fork.prefill([tok], None)))
                 draft.append(tok)
-            return [draft]
+        except CacheFullError:
+            pass  # the pool is full: propose what was drafted (the fork's blocks go back)
         finally:
             fork.release()
+        return [draft] if draft else []
 
 
 @dataclass(frozen=True)
