@@ -231,3 +231,26 @@ def test_a_draft_model_that_finds_the_pool_full_stops_drafting(tmp_path):
             m.check_pool()
             if isinstance(d, DraftModel):  # its 40-token prefill found the pool full
                 assert got.stats.draft_tokens == 0
+
+
+def test_medusa_train_command_writes_heads_the_generate_command_uses(models, tmp_path,
+                                                                     capsys):
+    import shutil
+
+    from kvforge.cli import main
+
+    target, _ = models
+    model = tmp_path / "m"
+    shutil.copytree(target._loaded.path, model)
+    assert main(["medusa-train", "--model", str(model), "--tokens", "64", "--heads", "2",
+                 "--epochs", "1"]) == 0
+    path = medusa_mod.default_path(model)
+    assert path == model / "medusa.safetensors" and len(medusa_mod.load(path, 32)) == 2
+    assert "held-out top-1 accuracy" in capsys.readouterr().out
+    assert main(["generate", "--model", str(model), "--raw", "1 2 3", "-n", "8",
+                 "--speculative", "medusa"]) == 0
+    assert "finish" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model), "--raw", "1 2 3", "-n", "8",
+                 "--speculative", "self:1"]) == 0
+    assert main(["generate", "--model", str(model), "--raw", "1 2 3", "-n", "4",
+                 "--speculative", "self:x"]) != 0

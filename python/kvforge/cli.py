@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from . import cli_fit as fit
 from .errors import ConfigError, Error
 
 
@@ -130,23 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey context lengths (none to skip)")
     e.add_argument("--trials", type=int, default=3, help="passkeys per length")
     e.add_argument("--out", default="kvforge-eval", help="folder for eval.json/csv/png")
-    k = sub.add_parser("calibrate", help="fit Loki's per-head PCA key bases on real text")
-    _model_args(k)
-    k.add_argument("--out", default=None,
-                   help="bases file (default: beside the model, NAME.loki.safetensors)")
-    k.add_argument("--text", default=None, metavar="FILE",
-                   help="UTF-8 text to fit on (default: Python's pydoc topics)")
-    k.add_argument("--tokens", type=int, default=16384, help="tokens of text to use")
-    k.add_argument("--chunk", type=int, default=4096, help="tokens per sequence")
-    m = sub.add_parser("medusa-train",
-                       help="fit Medusa heads on text the model generates itself")
-    _model_args(m)
-    m.add_argument("--out", default=None,
-                   help="heads file (default: beside the model, NAME.medusa.safetensors)")
-    m.add_argument("--tokens", type=int, default=12288, help="tokens of generated text")
-    m.add_argument("--heads", type=int, default=4, help="heads (tokens guessed ahead)")
-    m.add_argument("--epochs", type=int, default=3)
-    m.add_argument("--lr", type=float, default=1e-3)
+    fit.add_parsers(sub, _model_args)
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -368,75 +353,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import loki
-
-    llm = _llm(args)
-    text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
-    out = Path(args.out) if args.out else loki.default_path(llm._loaded.path)
-    bar: Any = None
-    if not os.environ.get("KVFORGE_DISABLE_PROGRESS_BARS"):
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.tokens, unit="tok", desc="calibrate", disable=None)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    try:
-        fitted = loki.calibrate(llm, text, tokens=args.tokens, chunk=args.chunk,
-                                progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    loki.save(out, fitted)
-    evr = fitted[loki.EVR].astype("float64").cumsum(axis=-1)
-    print(f"wrote {out}: bases of {evr.shape[0]} layers x {evr.shape[1]} KV heads; the first "
-          f"16 components explain {100 * evr[..., min(15, evr.shape[-1] - 1)].mean():.1f}% "
-          f"of the key variance (mean over heads)")
-    return 0
-
-
-def cmd_medusa_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .spec import medusa, medusa_train
-
-    llm = _llm(args)
-    out = Path(args.out) if args.out else medusa.default_path(llm._loaded.path)
-    bars: dict[str, Any] = {}
-    quiet = bool(os.environ.get("KVFORGE_DISABLE_PROGRESS_BARS"))
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if quiet:
-            return
-        from tqdm import tqdm
-
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, disable=None,
-                                     unit="tok" if stage == "generate" else "step")
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        heads, rep = medusa_train.train(llm, tokens=args.tokens, heads=args.heads,
-                                        epochs=args.epochs, lr=args.lr, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    medusa.save(out, heads)
-    acc = ", ".join(f"head {i}: {100 * a:.1f}% (top-5 {100 * b:.1f}%)"
-                    for i, (a, b) in enumerate(zip(rep.top1, rep.top5, strict=True)))
-    print(f"wrote {out}: {len(heads)} heads fitted on {rep.train_tokens} tokens; held-out "
-          f"top-1 accuracy over {rep.test_tokens} tokens: {acc}")
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loader.convert import convert_to_hf
 
@@ -447,7 +363,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
             "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval,
-            "calibrate": cmd_calibrate, "medusa-train": cmd_medusa_train}
+            "calibrate": fit.cmd_calibrate, "medusa-train": fit.cmd_medusa_train}
 
 
 def main(argv: list[str] | None = None) -> int:
