@@ -88,7 +88,7 @@ def test_the_target_drafting_for_itself_is_always_accepted(models):
     assert out.stats.accepted_tokens == out.stats.draft_tokens
 
 
-def test_model_drafters_draft_and_some_are_accepted(models, heads_path):
+def test_model_drafters_draft(models, heads_path):
     target, other = models
     for d in (SelfDraft(layers=2), Medusa(heads_path)):
         out = target.generate(list(range(5, 25)), max_new_tokens=40, ignore_eos=True,
@@ -166,26 +166,66 @@ def test_training_beats_the_untrained_head(models):
 
 def test_medusa_files_round_trip_and_bad_files_are_refused(models, heads_path, tmp_path):
     target, _ = models
-    heads = medusa_mod.load(heads_path, 32)
-    assert len(heads) == 3 and heads[0][0][0].shape == (32, 32)
+    heads = medusa_mod.load(heads_path, 32, VOCAB)
+    assert len(heads) == 3 and heads[0][0][0][0].shape == (32, 32) and heads[0][1] is None
     with pytest.raises(ModelFormatError, match="hidden"):
-        medusa_mod.load(heads_path, 48)
+        medusa_mod.load(heads_path, 48, VOCAB)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a file")
     with pytest.raises(ModelFormatError):
-        medusa_mod.load(bad, 32)
-    own = tmp_path / "own.safetensors"
-    from kvforge.loader.safetensors_io import write_safetensors
-    z = np.zeros((32, 32), np.float32)
-    write_safetensors(own, [("medusa_head.0.0.linear.weight", "f32", z.shape, z),
-                            ("medusa_head.0.0.linear.bias", "f32", (32,), z[0]),
-                            ("medusa_head.0.1.weight", "f32", (VOCAB, 32),
-                             np.zeros((VOCAB, 32), np.float32))])
-    with pytest.raises(ModelFormatError, match="own LM head"):
-        medusa_mod.load(own, 32)
+        medusa_mod.load(bad, 32, VOCAB)
     with pytest.raises(ConfigError, match="no Medusa heads"):
         target.generate([1, 2, 3], max_new_tokens=2,
                         speculative=Speculative(Medusa(tmp_path / "missing.safetensors")))
+
+
+@pytest.mark.parametrize("prefix", ["", "medusa_head."])
+def test_a_medusa_checkpoint_with_its_own_lm_heads_loads_and_drafts(models, tmp_path, prefix):
+    """Medusa's own files: the ``medusa_head`` state dict, each head ending in its own LM
+    head ``{i}.{L}.weight`` (float16 here), keys with or without the prefix."""
+    from kvforge.loader.safetensors_io import write_safetensors
+
+    target, _ = models
+    rng = np.random.default_rng(0)
+    lm = [rng.standard_normal((VOCAB, 32)).astype(np.float16) for _ in range(2)]
+    recs = []
+    for i in range(2):
+        w = (0.1 * rng.standard_normal((32, 32))).astype(np.float16)
+        recs += [(f"{prefix}{i}.0.linear.weight", "f16", w.shape, w),
+                 (f"{prefix}{i}.0.linear.bias", "f16", (32,), np.zeros(32, np.float16)),
+                 (f"{prefix}{i}.1.weight", "f16", lm[i].shape, lm[i])]
+    path = tmp_path / "ckpt.safetensors"
+    write_safetensors(path, recs)
+    heads = medusa_mod.load(path, 32, VOCAB)
+    assert [h[1].shape for h in heads] == [(VOCAB, 32)] * 2
+    drafter = Medusa(path, topk=3).bind(target)
+    h = rng.standard_normal(32).astype(np.float32)
+    states = medusa_mod.head_states(heads, h)
+    np.testing.assert_allclose(drafter._logits(states)[1], heads[1][1] @ states[1], rtol=1e-5)
+    drafter.observe(h)
+    branches = drafter.propose([1, 2, 3], 4)
+    assert len(branches) == 4 and branches[0][0] == int(np.argmax(heads[0][1] @ states[0]))
+    prompt = list(range(5, 30))
+    want = target.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    got = target.generate(prompt, max_new_tokens=20, ignore_eos=True,
+                          speculative=Speculative(Medusa(path), adaptive=False))
+    assert got.token_ids == want.token_ids and got.stats.draft_tokens > 0
+    recs[-1] = (f"{prefix}1.1.weight", "f16", (VOCAB - 1, 32), lm[1][1:])
+    write_safetensors(path, recs)
+    with pytest.raises(ModelFormatError, match="LM head"):
+        medusa_mod.load(path, 32, VOCAB)
+
+
+def test_medusa_choices_keep_their_order(models, heads_path):
+    """Medusa's lists are ordered by value: a smaller tree keeps the first paths."""
+    target, _ = models
+    d = Medusa(heads_path, topk=4, choices=[[0], [0, 0], [1], [0, 1], [2], [0, 0, 0]])
+    bound = d.bind(target)
+    bound.observe(np.ones(32, np.float32))
+    got = bound.propose([1, 2], 3)
+    states = medusa_mod.head_states(bound.heads, np.ones(32, np.float32))
+    top = np.argsort(-bound._logits(states), axis=1, kind="stable")
+    assert got == [[int(top[0, 0])], [int(top[0, 0]), int(top[1, 0])], [int(top[0, 1])]]
 
 
 def test_bad_drafter_arguments_get_typed_errors(models):
@@ -245,7 +285,7 @@ def test_medusa_train_command_writes_heads_the_generate_command_uses(models, tmp
     assert main(["medusa-train", "--model", str(model), "--tokens", "64", "--heads", "2",
                  "--epochs", "1"]) == 0
     path = medusa_mod.default_path(model)
-    assert path == model / "medusa.safetensors" and len(medusa_mod.load(path, 32)) == 2
+    assert path == model / "medusa.safetensors" and len(medusa_mod.load(path, 32, VOCAB)) == 2
     assert "held-out top-1 accuracy" in capsys.readouterr().out
     assert main(["generate", "--model", str(model), "--raw", "1 2 3", "-n", "8",
                  "--speculative", "medusa"]) == 0
@@ -254,3 +294,45 @@ def test_medusa_train_command_writes_heads_the_generate_command_uses(models, tmp
                  "--speculative", "self:1"]) == 0
     assert main(["generate", "--model", str(model), "--raw", "1 2 3", "-n", "4",
                  "--speculative", "self:x"]) != 0
+
+
+class _HiddenRecorder:
+    """Checks, before every draft, that the hidden state it is handed is the last committed
+    token's: through the LM head it gives the root (greedy), then drafts out-of-vocabulary
+    ids after one real token (the loop must cut them off)."""
+
+    wants_hidden = True
+
+    def __init__(self, core, vocab):
+        self.core, self.vocab, self.hidden, self.checked = core, vocab, None, 0
+
+    def observe(self, hidden):
+        self.hidden = hidden
+
+    def propose(self, history, limit):
+        root = int(np.argmax(self.core.head_logits(self.hidden[None, :])[0]))
+        assert root == history[-1]
+        self.checked += 1
+        return [[history[-2], self.vocab + 5, 1], [-1, 2]]
+
+
+def test_drafters_get_the_last_committed_token_s_hidden_state(models):
+    target, _ = models
+    rec = _HiddenRecorder(target._core_engine(), VOCAB)
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    want = target.generate(prompt, max_new_tokens=25, ignore_eos=True)
+    got = target.generate(prompt, max_new_tokens=25, ignore_eos=True,
+                          speculative=Speculative(rec, adaptive=False))
+    assert got.token_ids == want.token_ids and rec.checked > 3
+    assert got.stats.draft_tokens == got.stats.verify_steps  # only the in-vocabulary token
+
+
+def test_model_drafters_bind_when_generate_is_called(models, tmp_path):
+    target, _ = models
+    with pytest.raises(ConfigError, match="layers"):
+        target.generate([1, 2], max_new_tokens=2, stream=True,
+                        speculative=Speculative(SelfDraft(layers=3)))
+    with pytest.raises(ConfigError, match="no Medusa heads"):
+        target.generate([1, 2], max_new_tokens=2, stream=True,
+                        speculative=Speculative(Medusa(tmp_path / "none.safetensors")))
+    assert target.kv_stats()["live_blocks"] == 0

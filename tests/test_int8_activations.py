@@ -1,5 +1,6 @@
-"""The opt-in int8-activation mode (``LLM(activations="int8")``): one-token steps quantize the
-inputs of block-format projections to int8; everything else stays exact, and its error against
+"""The opt-in int8-activation mode (``LLM(activations="int8")``): one-token steps (and each node
+of a speculation tree: test_speculative.py) quantize the inputs of block-format projections to
+int8; everything else stays exact, and its error against
 the exact path is measured here, on tiny models and on the embedded default model.
 """
 

@@ -272,12 +272,13 @@ def test_int8_speculation_gives_int8_plain_tokens(tmp_path_factory, seed, n, new
 
     cfg = tiny_config(vocab_size=VOCAB, hidden_size=64, num_heads=4, num_kv_heads=2,
                       num_layers=2)
-    path = tmp_path_factory.mktemp("int8") / f"m-{fmt}.gguf"
-    if not path.exists():
+    path = tmp_path_factory.getbasetemp() / f"int8-{fmt}.gguf"
+    if not path.exists():  # one model per format, written by the first example
         write_gguf(path, cfg, random_weights(cfg, 9), fmt=fmt)
     with kvforge.LLM(path, activations="int8", kv=kvforge.KVCacheConfig(block_size=4)) as m:
         prompt = repetitive(seed, n)
         want = m.generate(prompt, max_new_tokens=new, ignore_eos=True)
-        got = m.generate(prompt, max_new_tokens=new, ignore_eos=True,
-                         speculative=Speculative(PromptLookup(), adaptive=False))
+        # Trees of up to 41 nodes: beyond the 32 rows of the exact multi-token kernels too.
+        spec = Speculative(PromptLookup(num_pred_tokens=40), max_draft=40, adaptive=False)
+        got = m.generate(prompt, max_new_tokens=new, ignore_eos=True, speculative=spec)
         assert got.token_ids == want.token_ids

@@ -192,9 +192,12 @@ class Loki(_Variant):
             path = loki.default_path(llm._loaded.path) if b is None else b
             b, evr = loki.load(path)
         arr = np.ascontiguousarray(b, np.float32)
-        if arr.ndim != 4:
-            raise ConfigError(f"Loki basis must have shape (layers, kv_heads, d, d), "
-                              f"got {arr.shape}")
+        cfg = llm.config
+        want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+        if arr.shape != want:
+            raise ConfigError(f"Loki basis must have shape (layers, kv_heads, d, d) = {want} "
+                              f"for this model, got {arr.shape}: fit one with `kvforge "
+                              f"calibrate`")
         target = self._rank_target()
         rank = int(self.rank) if target is None else loki.rank_for(evr, target)
         return arr, rank

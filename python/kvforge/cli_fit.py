@@ -26,6 +26,8 @@ def add_parsers(sub: Any, model_args: Callable[[argparse.ArgumentParser], None])
                    help="heads file (default: beside the model, NAME.medusa.safetensors)")
     m.add_argument("--tokens", type=int, default=12288, help="tokens of generated text")
     m.add_argument("--heads", type=int, default=4, help="heads (tokens guessed ahead)")
+    m.add_argument("--answer", type=int, default=None,
+                   help="tokens per generated answer (default 256, at most half the context)")
     m.add_argument("--epochs", type=int, default=3)
     m.add_argument("--lr", type=float, default=1e-3)
 
@@ -89,7 +91,8 @@ def cmd_medusa_train(args: argparse.Namespace) -> int:
 
     try:
         heads, rep = medusa_train.train(llm, tokens=args.tokens, heads=args.heads,
-                                        epochs=args.epochs, lr=args.lr, progress=progress)
+                                        answer=args.answer, epochs=args.epochs, lr=args.lr,
+                                        progress=progress)
     finally:
         for bar in bars.values():
             bar.close()

@@ -25,8 +25,9 @@ from .session import Session
 # tokens: on SmolLM2 (2 threads) 64 -> 256 took prefill 512 from 421 to 537 tok/s and 2048
 # from 309 to 371; the scratch grows by about 6 MB.
 PREFILL_CHUNK = 256
-# "int8" quantizes the inputs of one-token projections (decode) to int8 blocks: faster,
-# approximate, opt-in. Prefill and float-format weights stay exact.
+# "int8" quantizes the inputs of decode-like projections (one-token steps, batched decode,
+# speculation trees, each row on its own) to int8 blocks: faster, approximate, opt-in.
+# Prefill, longer steps and float-format weights stay exact.
 ACTIVATIONS = ("float32", "int8")
 # Most sequences one batched decode step carries: up to this many rows, every row of a
 # projection is computed exactly as a one-token step computes it (ops::matmul::EXACT_ROWS),
@@ -40,9 +41,10 @@ class LLM:
 
     ``n_threads``: compute threads (default: all cores). ``max_context``: longest sequence
     (default: the model's trained context). ``kv``: the paged KV cache settings.
-    ``activations``: ``"float32"`` (exact, default) or ``"int8"``: decode steps quantize the
-    inputs of quantized-weight projections to int8 blocks, which is faster but approximate
-    (prefill and float weights stay exact). ``check_finite=True`` reads every weight once at load
+    ``activations``: ``"float32"`` (exact, default) or ``"int8"``: decode steps (and each node
+    of a speculation tree, as if decoded alone) quantize the inputs of quantized-weight
+    projections to int8 blocks, which is faster but approximate (prefill, longer steps and
+    float weights stay exact). ``check_finite=True`` reads every weight once at load
     and refuses NaN or Inf with a ``ModelFormatError`` naming the tensor (otherwise they surface
     as ``NumericalError`` when logits turn non-finite).
     """
@@ -226,24 +228,33 @@ class LLM:
         ids = self._prompt_ids(prompt)
         self._check_length(len(ids), press)
         self._check_params(params)
-        core = self._open(press, attention)
+        # Model drafters (DraftModel, SelfDraft, Medusa) bind to this model now: a missing
+        # heads file or another vocabulary raises at the call.
+        bind = getattr(speculative.drafter, "bind", None) if speculative else None
+        drafter = bind(self) if bind is not None else getattr(speculative, "drafter", None)
         try:
-            self._set_sampling(core, params)
+            core = self._open(press, attention)
+            try:
+                self._set_sampling(core, params)
+            except BaseException:
+                core.release()
+                raise
         except BaseException:
-            core.release()
+            _close_drafter(drafter)
             raise
         room = self._room(len(ids), params, press)
         limit = None if self._bounded(press) else self.max_context
         return self._decode_loop(core, ids, params, room, progress, release=True,
-                                 speculative=(speculative, limit))
+                                 speculative=(speculative, limit, drafter))
 
     def _decode_loop(self, core: Any, ids: list[int], params: SamplingParams, room: int,
                      progress: Any, release: bool, cached: int = 0,
-                     speculative: tuple[Any, int | None] = (None, None)
+                     speculative: tuple[Any, int | None, Any] = (None, None, None)
                      ) -> Iterator[GenerationChunk]:
-        """``speculative``: the :class:`kvforge.spec.Speculative` and the most tokens the
-        session may hold (``None`` under a press that bounds the cache)."""
-        spec, limit = speculative
+        """``speculative``: the :class:`kvforge.spec.Speculative`, the most tokens the
+        session may hold (``None`` under a press that bounds the cache) and the drafter
+        (bound to this model)."""
+        spec, limit, drafter = speculative
         try:
             block_bytes = self._core_engine().kv_stats()["block_bytes"]
             args = (core, ids, params, self.tokenizer, self.eos_token_ids, room, block_bytes)
@@ -252,15 +263,14 @@ class LLM:
             else:
                 from .spec.loop import run_speculative
 
-                # Model drafters (DraftModel, SelfDraft, Medusa) bind to this model first.
-                bind = getattr(spec.drafter, "bind", None)
-                drafter = spec.drafter if bind is None else bind(self)
-                chunks = run_speculative(*args, spec, limit, progress, drafter=drafter)
+                chunks = run_speculative(*args, spec, limit, progress, drafter=drafter,
+                                         vocab_size=self.config.vocab_size)
             for chunk in chunks:
                 if chunk.stats is not None and cached:
                     chunk.stats.cached_prompt_tokens = cached
                 yield chunk
         finally:
+            _close_drafter(drafter)
             if release:
                 core.release()
 
@@ -405,3 +415,10 @@ def _is_batch(prompt: Any) -> bool:
     if isinstance(prompt, (list, tuple)) and prompt:
         return all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
     return False
+
+
+def _close_drafter(drafter: Any) -> None:
+    """Frees what a bound drafter holds (a draft model's session)."""
+    close = getattr(drafter, "close", None)
+    if close is not None:
+        close()

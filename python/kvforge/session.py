@@ -152,7 +152,7 @@ class Session:
     def hidden_states(self) -> np.ndarray:
         """float32 ``(rows, hidden_size)``: the final-norm hidden states (what the LM head
         reads) of the tokens whose logits the last call returned: ``prefill``'s last token,
-        every token of ``step``."""
+        every token of ``step``; empty after ``commit``, ``truncate`` and ``release``."""
         return self._core.hidden_states()
 
     def kv_stats(self) -> dict[str, int]:

@@ -187,7 +187,8 @@ impl Attention for Loki {
 
     fn fits(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<()> {
         let want = (self.layers, self.kv_heads, self.head_dim);
-        if want != (layers, kv_heads, head_dim) {
+        // An early-exit session runs the first layers: their bases are the first ones.
+        if layers > self.layers || (kv_heads, head_dim) != (self.kv_heads, self.head_dim) {
             return Err(Error::Config(format!(
                 "Loki basis has shape (layers, kv_heads, head_dim) = {want:?}, but the model has \
                  ({layers}, {kv_heads}, {head_dim}): fit one for this model with `kvforge \

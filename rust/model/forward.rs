@@ -89,9 +89,9 @@ pub struct Observe<'a> {
 }
 
 /// Runs the batch `seqs` through the model. `out` receives the requested logits, `(rows,
-/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `int8`: batches
-/// of at most `EXACT_ROWS` rows quantize each row's projection inputs (opt-in, approximate;
-/// callers pass it for decode-like steps only, never for prefill chunks).
+/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `int8`: each
+/// row's projection inputs are quantized on their own (opt-in, approximate; callers pass it
+/// for decode-like steps only: decode, batched decode, speculation trees).
 pub fn forward(
     e: &Engine,
     seqs: &mut [SeqWork<'_>],
@@ -125,10 +125,9 @@ pub fn forward(
             r += 1;
         }
     }
-    // Decode-like steps (decode, batched decode, speculation trees: at most EXACT_ROWS rows;
-    // the caller passes `int8` only outside prefill) quantize each row on its own, so a
-    // tree's node gets what decoding it alone would give.
-    let act8 = int8 && n <= EXACT_ROWS;
+    // Decode-like steps (decode, batched decode, speculation trees: the caller decides)
+    // quantize each row on its own, so a tree's node gets what decoding it alone would give.
+    let act8 = int8;
     for (li, layer) in e.model.layers.iter().enumerate().take(depth) {
         attention_block(e, layer, li, seqs, s, n, act8)?;
         mlp_block(layer, s, cfg.rms_norm_eps, n, act8);

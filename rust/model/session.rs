@@ -43,6 +43,9 @@ pub(crate) struct Taps<'a> {
     pub record: Option<&'a mut Record>,
     /// The step is a prefill chunk.
     pub prefill: bool,
+    /// The step is decode-like (a decode step or a speculation tree): in int8 mode its rows
+    /// are quantized, each on its own, as a decode step's would be.
+    pub quantize: bool,
 }
 
 /// This sequence's share of the pool.
@@ -266,6 +269,7 @@ impl Session {
                         probs: None,
                         record: record.as_mut(),
                         prefill: true,
+                        quantize: false,
                     },
                     out,
                 )
@@ -301,7 +305,7 @@ impl Session {
         self.check_step(&[token], None, false)?;
         self.hidden.clear();
         let mut logits = std::mem::take(&mut self.last_logits);
-        let result = self.decode_linear(&[token], None, Logits::Last, None, &mut logits);
+        let result = self.decode_linear(&[token], None, Logits::Last, None, true, &mut logits);
         self.last_logits = logits;
         if result.is_err() {
             self.rollback(self.num_tokens);
@@ -368,7 +372,9 @@ impl Session {
         for (i, chunk) in tokens.chunks(step).enumerate() {
             let pos = positions.map(|p| &p[i * step..i * step + chunk.len()]);
             let logits = &mut out.logits[i * step * vocab..(i * step + chunk.len()) * vocab];
-            self.decode_linear(chunk, pos, Logits::All, out.probs.as_mut(), logits)?;
+            // A one-token step is a decode step (int8 mode quantizes it); longer ones are not.
+            let one = chunk.len() == 1;
+            self.decode_linear(chunk, pos, Logits::All, out.probs.as_mut(), one, logits)?;
         }
         Ok(())
     }
@@ -392,6 +398,7 @@ impl Session {
                 probs: out.probs.as_mut(),
                 record: None,
                 prefill: false,
+                quantize: true,
             },
             &mut out.logits,
         )
@@ -455,8 +462,8 @@ impl Session {
                 }),
             stats: Some(&mut self.attn_last),
         }];
-        // Prefill chunks stay float32 in int8 mode; every decode-like step quantizes.
-        let (int8, hidden) = (self.int8 && !taps.prefill, &mut self.hidden);
+        // In int8 mode decode steps and trees quantize; prefill and plain steps stay float32.
+        let (int8, hidden) = (self.int8 && taps.quantize, &mut self.hidden);
         let rows = want.rows(tokens.len()) * engine.model.cfg.hidden_size;
         engine.with_scratch(|s| {
             engine.install(|| forward(&engine, &mut work, s, int8, out))?;

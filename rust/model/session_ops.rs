@@ -103,6 +103,7 @@ impl Session {
             Error::Config("commit(path): this session holds no uncommitted tree".into())
         })?;
         tree.check_path(path)?;
+        self.hidden.clear(); // the tree's rows: some are gone now
         let mut keep = vec![None; tree.nodes()];
         for (k, &node) in path.iter().enumerate() {
             keep[node] = Some(self.num_tokens + k as u32);
@@ -145,6 +146,7 @@ impl Session {
                 self.num_tokens
             )));
         }
+        self.hidden.clear();
         let engine = Arc::clone(&self.engine);
         let done = engine
             .pool()
@@ -209,6 +211,7 @@ impl Session {
     /// Returns every block to the pool; the session becomes empty (and usable again).
     pub fn release(&mut self) -> Result<()> {
         let mut pool = self.engine.pool()?;
+        self.hidden.clear();
         self.num_tokens = 0;
         self.tree = None;
         self.poisoned = false;
@@ -328,11 +331,13 @@ pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<()>
             engine.chunk
         )));
     }
-    let int8 = first.int8;
+    let (int8, depth) = (first.int8, first.depth());
     for (s, &t) in sessions.iter().zip(tokens) {
-        if !Arc::ptr_eq(&s.engine, &engine) || s.int8 != int8 {
+        if !Arc::ptr_eq(&s.engine, &engine) || s.int8 != int8 || s.depth() != depth {
             return Err(Error::Config(
-                "decode_batch: every session must share one engine and activation mode".into(),
+                "decode_batch: every session must share one engine, activation mode and \
+                 number of layers"
+                    .into(),
             ));
         }
         s.check_step(&[t], None, false)?;

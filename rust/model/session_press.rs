@@ -77,6 +77,7 @@ impl Session {
                 probs: None,
                 record: Some(&mut *rec),
                 prefill: true,
+                quantize: false,
             };
             run = self.linear(chunk, None, Logits::Skip, taps, &mut []);
             if run.is_err() {
@@ -107,13 +108,14 @@ impl Session {
     }
 
     /// A linear step's forward with the press's recent-query recording, then its
-    /// decode-time stages.
+    /// decode-time stages; `quantize`: a decode step (int8 mode quantizes its rows).
     pub(crate) fn decode_linear(
         &mut self,
         tokens: &[u32],
         positions: Option<&[u32]>,
         want: Logits,
         probs: Option<&mut Vec<LayerProbs>>,
+        quantize: bool,
         out: &mut [f32],
     ) -> Result<()> {
         let mut recent = self.scoring.as_mut().and_then(|p| p.recent.take());
@@ -121,6 +123,7 @@ impl Session {
             probs,
             record: recent.as_mut(),
             prefill: false,
+            quantize,
         };
         let r = self.linear(tokens, positions, want, taps, out);
         if let (Some(p), Some(rec)) = (self.scoring.as_mut(), recent) {

@@ -279,19 +279,32 @@ impl PyEngine {
     }
 
     /// Logits `(n, vocab)` of final-norm hidden states `(n, hidden_size)` through the LM head.
+    #[pyo3(signature = (hidden))]
     fn head_logits<'py>(
         &self,
         py: Python<'py>,
         hidden: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let (n, h) = (hidden.shape()[0], hidden.shape()[1]);
+        let cfg = &self.inner.model.cfg;
+        if h != cfg.hidden_size || n == 0 || n > self.inner.chunk {
+            return Err(to_py(
+                py,
+                Error::Config(format!(
+                    "hidden states of shape ({n}, {h}): need (rows, hidden_size={}) with 1 <= \
+                     rows <= {} (prefill_chunk)",
+                    cfg.hidden_size, self.inner.chunk
+                )),
+            ));
+        }
         let x = hidden.as_slice()?.to_vec();
-        let n = hidden.shape()[0];
         let out = run(py, || head::head_logits(&self.inner, &x))?;
         out.into_pyarray(py)
             .reshape([n, self.inner.model.cfg.vocab_size])
     }
 
     /// The LM head's weights, float32 `(vocab, hidden_size)`.
+    #[pyo3(signature = ())]
     fn head_weight<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let w = run(py, || Ok(head::head_weight(&self.inner)))?;
         let cfg = &self.inner.model.cfg;

@@ -172,8 +172,9 @@ impl PySession {
         run(py, || self.lock()?.session.set_attention(variant))
     }
 
-    /// `"float32"` (exact, the default) or `"int8"`: one-token steps quantize projection
-    /// inputs to int8 blocks (faster, approximate; prefill stays exact).
+    /// `"float32"` (exact, the default) or `"int8"`: one-token steps and speculation trees
+    /// quantize projection inputs to int8 blocks, each row on its own (faster, approximate;
+    /// prefill and longer steps stay exact).
     fn set_activations(&self, py: Python<'_>, kind: &str) -> PyResult<()> {
         let kind = kind.to_owned();
         run(py, || {

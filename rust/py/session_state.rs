@@ -141,6 +141,7 @@ impl PySession {
     }
 
     /// Runs only the first `layers` layers from now on (empty session, no press).
+    #[pyo3(signature = (layers))]
     fn set_depth(&self, py: Python<'_>, layers: usize) -> PyResult<()> {
         run(py, || {
             let mut st = self.lock()?;
@@ -151,12 +152,14 @@ impl PySession {
     }
 
     /// Layers this session runs.
+    #[pyo3(signature = ())]
     fn depth(&self, py: Python<'_>) -> PyResult<usize> {
         run(py, || Ok(self.lock()?.session.depth()))
     }
 
     /// Final-norm hidden states `(rows, hidden_size)` of the rows the last prefill, decode or
     /// step computed logits for.
+    #[pyo3(signature = ())]
     fn hidden_states<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let (v, h) = run(py, || {
             let st = self.lock()?;

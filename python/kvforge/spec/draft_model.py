@@ -32,26 +32,43 @@ class _SessionDrafter:
         self.max_context = max_context
         self.cached: list[int] = []  # the draft session's committed tokens
 
+    def begin(self, prompt: list[int]) -> None:
+        """Reads the prompt (counted as prefill time, not as drafting)."""
+        if prompt and len(prompt) < self.max_context:
+            self._guard(lambda: self._catch_up(prompt, len(prompt)))
+
     def propose(self, history: list[int], limit: int) -> list[list[int]]:
         k = min(self.k, limit)
         if k <= 0 or not history or len(history) + k > self.max_context:
             return []
+        draft = self._guard(lambda: self._draft(history, k))
+        return [draft] if draft else []
+
+    def _guard(self, fn: Any) -> Any:
         try:
-            return [self._draft(history, k)]
+            return fn()
         except CacheFullError:
             # Drafting is an optimisation: with the pool full it stops for this generation
             # (its blocks go back at once) and the target decodes plainly.
             self.close()
             self.k = 0
-            return []
+            return None
 
-    def _draft(self, history: list[int], k: int) -> list[int]:
-        keep = min(_common_prefix(self.cached, history), len(history) - 1)
+    def _catch_up(self, history: list[int], keep: int) -> Any:
+        """Rolls back to the prefix shared with ``history`` (at most ``keep`` tokens) and
+        runs the rest; the logits of its last token."""
+        keep = min(_common_prefix(self.cached, history), keep)
         if keep < len(self.cached):
             self.session.truncate(keep)
             del self.cached[keep:]
+        if keep == len(history):
+            return None
         logits = self.session.prefill(history[keep:])
         self.cached.extend(history[keep:])
+        return logits
+
+    def _draft(self, history: list[int], k: int) -> list[int]:
+        logits = self._catch_up(history, len(history) - 1)  # the root always runs
         draft = [int(np.argmax(logits))]
         while len(draft) < k:
             logits = self.session.prefill(draft[-1:])

@@ -30,7 +30,8 @@ from .tree import DraftTree
 def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
                     eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
                     spec: Any, ctx_limit: int | None,
-                    progress: Any = None, drafter: Any = None) -> Iterator[GenerationChunk]:
+                    progress: Any = None, drafter: Any = None,
+                    vocab_size: int | None = None) -> Iterator[GenerationChunk]:
     """Yields chunks as :func:`kvforge.generation.run_generation` does. ``ctx_limit``: the
     most tokens the session may hold (drafts never run past it; ``None`` under a press that
     bounds the cache). ``drafter``: what drafts and gets the hooks (default
@@ -38,7 +39,8 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
     optional ``attach(session)`` gets the target's session first (a self-draft forks it);
     ``close()`` runs however the generation ends (a bound model drafter frees its own
     session there); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
-    hidden state of the last committed token, before each draft."""
+    hidden state of the last committed token, before each draft. ``vocab_size``: a draft
+    token outside the vocabulary (a history file of another model) ends its branch."""
     drafter = spec.drafter if drafter is None else drafter
     dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
     attach = getattr(drafter, "attach", None)
@@ -48,11 +50,11 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
         before = session.attention_totals()
         t0 = time.perf_counter()
         token = session.prefill_sample(prompt, progress)
-        dec.stats.prefill_s = time.perf_counter() - t0
         _observe(drafter, session, -1)
-        _hook(drafter, "begin", list(prompt))
+        _hook(drafter, "begin", list(prompt))  # a draft model reads the prompt here
+        dec.stats.prefill_s = time.perf_counter() - t0
         yield from _steps(session, list(prompt), token, dec, params, spec, drafter, max_new,
-                          ctx_limit)
+                          ctx_limit, vocab_size)
         _hook(drafter, "end", list(dec.token_ids))
         dec.attention_from(session, before)
         yield dec.final()
@@ -64,7 +66,7 @@ def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tok
 
 def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
            params: SamplingParams, spec: Any, drafter: Any, max_new: int,
-           ctx_limit: int | None) -> Iterator[GenerationChunk]:
+           ctx_limit: int | None, vocab_size: int | None) -> Iterator[GenerationChunk]:
     """Draft, verify, accept and commit until the decoder stops; ``history``: the cached
     tokens, ``token`` the sampled one after them."""
     stats = dec.stats
@@ -87,6 +89,8 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
             left = min(left, ctx_limit - len(history) - 1)
         want = ctl.length(max(left, 0))
         branches = drafter.propose(history + [token], want) if want else []
+        if vocab_size is not None:
+            branches = [b for b in (_in_vocab(b, vocab_size) for b in branches) if b]
         if not branches:
             t2 = time.perf_counter()
             nxt = session.decode(token)
@@ -101,8 +105,8 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
         logits, _ = session.step(tree.tokens, None, tree.parents, False)
         verify = time.perf_counter() - t2
         path, nxt = rule(tree, logits, history, params, rng)
+        _observe(drafter, session, path[-1])  # the step's rows; commit clears them
         session.commit(path)
-        _observe(drafter, session, path[-1])
         dt = time.perf_counter() - t1
         stats.decode_s += dt
         ctl.record_step(len(tree), dt)
@@ -125,3 +129,14 @@ def _hook(drafter: Any, name: str, ids: list[int]) -> None:
     fn = getattr(drafter, name, None)
     if fn is not None:
         fn(ids)
+
+
+def _in_vocab(branch: Any, vocab_size: int) -> list[int]:
+    """``branch`` up to its first token outside ``[0, vocab_size)``."""
+    out = []
+    for t in branch:
+        t = int(t)
+        if not 0 <= t < vocab_size:
+            break
+        out.append(t)
+    return out

@@ -3,10 +3,11 @@ token further ahead (head ``i`` the token ``i + 2`` after the hidden state's tok
 LM head gives the next one, the tree's root).
 
 A head is ``medusa_num_layers`` residual blocks ``x + SiLU(W x + b)`` and an LM head. Files
-use Medusa's safetensors layout: ``medusa_head.{i}.{j}.linear.weight`` ``(hidden, hidden)``
-and ``.linear.bias`` for block ``j``, and ``medusa_head.{i}.{L}.weight`` ``(vocab, hidden)``
-for head ``i``'s own LM head. Heads trained by ``kvforge medusa-train`` share the model's LM
-head (frozen in training), so their files leave that tensor out and the model's is used.
+hold Medusa's ``medusa_head`` state dict as safetensors: ``{i}.{j}.linear.weight`` ``(hidden,
+hidden)`` and ``{i}.{j}.linear.bias`` for block ``j`` of head ``i`` and ``{i}.{L}.weight``
+``(vocab, hidden)`` for its own LM head (keys may carry a ``medusa_head.`` prefix; float32,
+float16 or bfloat16). Heads trained by ``kvforge medusa-train`` share the model's LM head
+(frozen in training), so their files leave that tensor out and the model's is used.
 
 Each step the heads' top-``topk`` tokens become one tree: either a Medusa ``choices`` list
 (paths of ranks per depth), or by default the ``limit`` most likely paths, grown best-first
@@ -38,24 +39,39 @@ def default_path(model_path: str | os.PathLike[str]) -> Path:
     return p / "medusa.safetensors" if p.is_dir() else p.with_name(p.stem + SUFFIX)
 
 
-def load(path: str | os.PathLike[str], hidden: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Per head, its residual blocks ``(W, b)`` as float32; checks the layout and shapes.
-    Per-head LM heads are not supported (heads must share the model's)."""
+# One head: its residual blocks (W, b) and its own LM head (None: the model's).
+Head = tuple[list[tuple[np.ndarray, np.ndarray]], "np.ndarray | None"]
+
+
+def load(path: str | os.PathLike[str], hidden: int, vocab: int) -> list[Head]:
+    """The heads of a Medusa file as float32, checked against the model's ``hidden`` size
+    and ``vocab``."""
     heads: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     for name, raw in read_safetensors(path).items():
-        parts = name.split(".")
-        if len(parts) < 4 or parts[0] != "medusa_head" or not (parts[1] + parts[2]).isdigit():
-            if len(parts) == 3 and parts[0] == "medusa_head" and parts[2] == "weight":
-                raise ModelFormatError(f"{path}: head {parts[1]} has its own LM head; kvforge's "
-                                       f"Medusa heads share the model's (medusa-train)")
-            raise ModelFormatError(f"{path}: unexpected tensor {name!r} in a Medusa file")
-        heads.setdefault(int(parts[1]), {}).setdefault(int(parts[2]), {})[
-            ".".join(parts[3:])] = _f32(raw, path)
+        parts = name.removeprefix("medusa_head.").split(".")
+        if len(parts) < 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+            raise ModelFormatError(f"{path}: unexpected tensor {name!r} in a Medusa file "
+                                   f"(expected [medusa_head.]HEAD.LAYER.(linear.)weight/bias)")
+        heads.setdefault(int(parts[0]), {}).setdefault(int(parts[1]), {})[
+            ".".join(parts[2:])] = _f32(raw, path)
     if not heads or sorted(heads) != list(range(len(heads))):
         raise ModelFormatError(f"{path}: Medusa heads must be numbered 0..K-1, got "
                                f"{sorted(heads)}")
-    return [[_block(path, i, j, heads[i].get(j, {}), hidden) for j in range(len(heads[i]))]
-            for i in range(len(heads))]
+    return [_head(path, i, heads[i], hidden, vocab) for i in range(len(heads))]
+
+
+def _head(path: Any, i: int, layers: dict[int, dict[str, np.ndarray]], hidden: int,
+          vocab: int) -> Head:
+    n = len(layers)
+    if sorted(layers) != list(range(n)):
+        raise ModelFormatError(f"{path}: head {i} has layers {sorted(layers)}, not 0..{n - 1}")
+    lm = None
+    if set(layers[n - 1]) == {"weight"}:  # the last entry is the head's own LM head
+        lm = layers.pop(n - 1)["weight"]
+        if lm.shape != (vocab, hidden):
+            raise ModelFormatError(f"{path}: head {i}'s LM head is {lm.shape}, the model's "
+                                   f"is ({vocab}, {hidden})")
+    return [_block(path, i, j, layers[j], hidden) for j in range(len(layers))], lm
 
 
 def _f32(raw: Any, path: Any) -> np.ndarray:
@@ -73,9 +89,6 @@ def _f32(raw: Any, path: Any) -> np.ndarray:
 def _block(path: Any, i: int, j: int, b: dict[str, np.ndarray],
            hidden: int) -> tuple[np.ndarray, np.ndarray]:
     w, bias = b.get("linear.weight"), b.get("linear.bias")
-    if set(b) == {"weight"}:
-        raise ModelFormatError(f"{path}: head {i} has its own LM head; kvforge's Medusa heads "
-                               f"share the model's (medusa-train)")
     if w is None or bias is None or w.shape != (hidden, hidden) or bias.shape != (hidden,):
         got = {k: getattr(a, "shape", None) for k, a in b.items()}
         raise ModelFormatError(f"{path}: medusa_head.{i}.{j} needs linear.weight "
@@ -85,12 +98,12 @@ def _block(path: Any, i: int, j: int, b: dict[str, np.ndarray],
 
 
 def save(path: str | os.PathLike[str], heads: list[list[tuple[np.ndarray, np.ndarray]]]) -> Path:
-    """Writes ``heads`` in Medusa's layout (atomically)."""
+    """Writes the residual blocks of ``heads`` in Medusa's layout, atomically (no LM heads:
+    they share the model's)."""
     records = []
     for i, blocks in enumerate(heads):
         for j, (w, b) in enumerate(blocks):
-            for name, a in ((f"medusa_head.{i}.{j}.linear.weight", w),
-                            (f"medusa_head.{i}.{j}.linear.bias", b)):
+            for name, a in ((f"{i}.{j}.linear.weight", w), (f"{i}.{j}.linear.bias", b)):
                 a = np.ascontiguousarray(a, np.float32)
                 records.append((name, "f32", a.shape, a))
     write_safetensors(path, records)
@@ -101,11 +114,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def head_states(heads: list[list[tuple[np.ndarray, np.ndarray]]],
-                hidden: np.ndarray) -> np.ndarray:
+def head_states(heads: list[Head], hidden: np.ndarray) -> np.ndarray:
     """float32 ``(K, hidden)``: each head's residual blocks applied to ``hidden``."""
     rows = []
-    for blocks in heads:
+    for blocks, _ in heads:
         x = hidden.astype(np.float32)
         for w, b in blocks:
             x = x + silu(w @ x + b)
@@ -126,10 +138,11 @@ class Medusa:
         self.topk = v.integer("Medusa topk", topk, lo=1, hi=64)
         self.choices = None
         if choices is not None:
-            paths, _ = medusa_tree(choices)
+            paths, _ = medusa_tree(choices)  # validates: non-empty, every parent listed
             if any(r >= topk for p in paths for r in p):
                 raise ConfigError(f"Medusa choices use ranks >= topk={topk}")
-            self.choices = paths
+            # Medusa's lists are ordered by value: a smaller tree keeps their first paths.
+            self.choices = list(dict.fromkeys(tuple(int(r) for r in p) for p in choices))
 
     def __repr__(self) -> str:
         return f"Medusa({str(self.path)!r}, topk={self.topk})"
@@ -143,10 +156,11 @@ class Medusa:
         if not Path(path).is_file():
             raise ConfigError(f"no Medusa heads at {path}: train them with "
                               f"`kvforge medusa-train` or pass Medusa(path)")
-        heads = load(path, target.config.hidden_size)
+        heads = load(path, target.config.hidden_size, target.config.vocab_size)
         if self.choices is not None and max(len(p) for p in self.choices) > len(heads):
             raise ConfigError(f"Medusa choices are deeper than the file's {len(heads)} heads")
-        return _MedusaDrafter(heads, target._core_engine(), self.topk, self.choices)
+        return _MedusaDrafter(heads, target._core_engine(), target.config.vocab_size,
+                              self.topk, self.choices)
 
 
 class _MedusaDrafter:
@@ -154,8 +168,10 @@ class _MedusaDrafter:
 
     wants_hidden = True
 
-    def __init__(self, heads: Any, core: Any, topk: int, choices: Any) -> None:
-        self.heads, self.core, self.topk, self.choices = heads, core, topk, choices
+    def __init__(self, heads: list[Head], core: Any, vocab: int, topk: int,
+                 choices: Any) -> None:
+        self.heads, self.core, self.vocab, self.topk = heads, core, vocab, topk
+        self.choices = choices
         self.hidden: np.ndarray | None = None
 
     def observe(self, hidden: np.ndarray) -> None:
@@ -164,8 +180,11 @@ class _MedusaDrafter:
     def propose(self, history: list[int], limit: int) -> list[list[int]]:
         if self.hidden is None or limit <= 0:
             return []
-        logits = self.core.head_logits(head_states(self.heads, self.hidden))
-        top = np.argsort(-logits, axis=1, kind="stable")[:, :self.topk]
+        logits = self._logits(head_states(self.heads, self.hidden))
+        k = min(self.topk, logits.shape[1])
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
         if self.choices is not None:
             paths = [p for p in self.choices if len(p) <= len(self.heads)][:limit]
         else:
@@ -175,6 +194,19 @@ class _MedusaDrafter:
             probs = np.take_along_axis(p, top, axis=1)
             paths = best_first(probs, limit)
         return [[int(top[d, r]) for d, r in enumerate(path)] for path in paths]
+
+
+    def _logits(self, states: np.ndarray) -> np.ndarray:
+        """Each head's logits: through the model's LM head (one pass for all heads sharing
+        it), or through the head's own."""
+        out = np.empty((len(states), self.vocab), np.float32)
+        shared = [i for i, (_, lm) in enumerate(self.heads) if lm is None]
+        if shared:
+            out[shared] = self.core.head_logits(np.ascontiguousarray(states[shared]))
+        for i, (_, lm) in enumerate(self.heads):
+            if lm is not None:
+                out[i] = lm @ states[i]
+        return out
 
 
 def best_first(probs: np.ndarray, limit: int) -> list[tuple[int, ...]]:

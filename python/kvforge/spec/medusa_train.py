@@ -168,15 +168,18 @@ def accuracy(w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray,
     return hit1 / len(h), hit5 / len(h)
 
 
-def train(llm: Any, *, tokens: int = 8192, heads: int = 4, answer: int = 256,
+def train(llm: Any, *, tokens: int = 8192, heads: int = 4, answer: int | None = None,
           epochs: int = 2, lr: float = 1e-3, batch: int = 256, seed: int = 0,
           progress: Callable[[str, int, int], Any] | None = None
           ) -> tuple[list[list[tuple[np.ndarray, np.ndarray]]], Report]:
-    """Heads for ``llm`` (one residual block each) and their held-out accuracy.
+    """Heads for ``llm`` (one residual block each) and their held-out accuracy; ``answer``:
+    tokens per generated answer (default 256, at most half the context).
     ``progress(stage, done, total)`` for the ``"generate"`` and ``"train"`` stages."""
     tokens = v.integer("tokens", tokens, lo=16, hi=2**24)
     heads = v.integer("heads", heads, lo=1, hi=16)
-    answer = v.integer("answer", answer, lo=8, hi=llm.max_context // 2)
+    if answer is None:  # answers of 256 tokens, or half the context of a short model
+        answer = max(8, min(256, llm.max_context // 2))
+    answer = v.integer("answer", answer, lo=8, hi=max(8, llm.max_context // 2))
     epochs = v.integer("epochs", epochs, lo=1, hi=1000)
     batch = v.integer("batch", batch, lo=1, hi=65536)
     lr = v.real("lr", lr, lo=1e-8, hi=1.0)
