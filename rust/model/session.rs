@@ -136,58 +136,6 @@ impl Session {
         Ok(())
     }
 
-    /// Runs only the first `layers` layers, then the final norm and LM head (early exit: a
-    /// draft from the model's own lower layers). Only on an empty session without a press;
-    /// the cache then holds those layers alone.
-    pub fn set_depth(&mut self, layers: usize) -> Result<()> {
-        let cfg = &self.engine.model.cfg;
-        if layers == 0 || layers > cfg.num_layers {
-            return Err(Error::Config(format!(
-                "layers={layers} must be in [1, {}]",
-                cfg.num_layers
-            )));
-        }
-        if self.num_tokens > 0 || self.tree.is_some() {
-            return Err(Error::Config(format!(
-                "set the depth of an empty session ({} tokens cached)",
-                self.num_tokens
-            )));
-        }
-        if layers < cfg.num_layers && (self.press.is_some() || self.scoring.is_some()) {
-            return Err(Error::Config(
-                "an early-exit session runs without a press".into(),
-            ));
-        }
-        self.attention
-            .fits(layers, cfg.num_kv_heads, cfg.head_dim)?;
-        let kv_heads = cfg.num_kv_heads;
-        self.release()?;
-        self.cache = SeqCache::new(layers, kv_heads);
-        Ok(())
-    }
-
-    /// Layers this session runs.
-    pub fn depth(&self) -> usize {
-        self.cache.num_layers()
-    }
-
-    fn full_depth(&self, what: &str) -> Result<()> {
-        let layers = self.engine.model.cfg.num_layers;
-        if self.depth() < layers {
-            return Err(Error::Config(format!(
-                "{what} needs every layer; this session runs {} of {layers}",
-                self.depth()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Final-norm hidden states `(rows, hidden_size)` of the rows the last prefill, decode
-    /// or step computed logits for (prefill: its last token; step: every token).
-    pub fn hidden(&self) -> &[f32] {
-        &self.hidden
-    }
-
     /// Installs the attention variant used by every later step.
     pub fn set_attention(&mut self, attention: Box<dyn Attention>) -> Result<()> {
         let cfg = &self.engine.model.cfg;
@@ -311,97 +259,6 @@ impl Session {
             self.rollback(self.num_tokens);
         }
         result
-    }
-
-    /// Runs `tokens` and returns the logits of each. `positions` (default: the next ones)
-    /// gives each token its own position. With `parents` the tokens form a speculation tree
-    /// (`-1`: hangs off the sequence; else the index of an earlier token of the step): each
-    /// sees the sequence plus its ancestors, positions default to `num_tokens + depth`, and
-    /// the tree stays pending until [`Session::commit`] or [`Session::truncate`].
-    pub fn step(
-        &mut self,
-        tokens: &[u32],
-        positions: Option<&[u32]>,
-        parents: Option<&[i64]>,
-        want_probs: bool,
-    ) -> Result<StepOut> {
-        let tree = parents.map(TreeMask::from_parents).transpose()?;
-        // Explicit positions, trees and recorded probabilities need the whole step in one
-        // forward: across chunks, an earlier chunk could not see a later chunk's positions.
-        let single = want_probs || tree.is_some() || positions.is_some();
-        self.check_step(tokens, positions, single)?;
-        self.hidden.clear();
-        if let (Some(t), Some(p)) = (&tree, parents) {
-            if p.len() != tokens.len() || t.nodes() != tokens.len() {
-                return Err(Error::Config(format!(
-                    "parents has {} entries for {} tokens",
-                    p.len(),
-                    tokens.len()
-                )));
-            }
-        }
-        let vocab = self.engine.model.cfg.vocab_size;
-        let mut out = StepOut {
-            logits: vec![0.0; tokens.len() * vocab],
-            probs: want_probs.then(Vec::new),
-        };
-        let start = self.num_tokens;
-        let result = match &tree {
-            Some(t) => self.tree_step(tokens, positions, t, &mut out),
-            None => self.linear_chunks(tokens, positions, &mut out),
-        };
-        match result {
-            Ok(()) => {
-                self.tree = tree;
-                Ok(out)
-            }
-            Err(e) => {
-                self.rollback(start);
-                Err(e)
-            }
-        }
-    }
-
-    fn linear_chunks(
-        &mut self,
-        tokens: &[u32],
-        positions: Option<&[u32]>,
-        out: &mut StepOut,
-    ) -> Result<()> {
-        let (step, vocab) = (self.step_size(), self.engine.model.cfg.vocab_size);
-        for (i, chunk) in tokens.chunks(step).enumerate() {
-            let pos = positions.map(|p| &p[i * step..i * step + chunk.len()]);
-            let logits = &mut out.logits[i * step * vocab..(i * step + chunk.len()) * vocab];
-            // A one-token step is a decode step (int8 mode quantizes it); longer ones are not.
-            let one = chunk.len() == 1;
-            self.decode_linear(chunk, pos, Logits::All, out.probs.as_mut(), one, logits)?;
-        }
-        Ok(())
-    }
-
-    fn tree_step(
-        &mut self,
-        tokens: &[u32],
-        positions: Option<&[u32]>,
-        tree: &TreeMask,
-        out: &mut StepOut,
-    ) -> Result<()> {
-        let base = self.num_tokens;
-        let default: Vec<u32> = (0..tokens.len()).map(|i| base + tree.depth(i)).collect();
-        let pos = positions.unwrap_or(&default);
-        self.run(
-            tokens,
-            pos,
-            Some(tree),
-            Logits::All,
-            Taps {
-                probs: out.probs.as_mut(),
-                record: None,
-                prefill: false,
-                quantize: true,
-            },
-            &mut out.logits,
-        )
     }
 
     /// A linear (causal) chunk at `positions` or the next ones; commits its tokens.
@@ -540,4 +397,10 @@ mod press;
 
 #[path = "session_attn.rs"]
 mod attn;
+
+#[path = "session_layers.rs"]
+mod layers;
+
+#[path = "session_step.rs"]
+mod step;
 pub use attn::HeadRows;

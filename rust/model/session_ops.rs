@@ -4,11 +4,8 @@
 use std::sync::Arc;
 
 use super::{SeqStats, Session};
-use crate::attention::stats::{AttnStats, AttnTotals};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::evict::scoring::ScoringPress;
-use crate::evict::EvictScratch;
 use crate::model::forward::{forward, Logits, Observe, SeqWork};
 
 impl Session {
@@ -86,7 +83,7 @@ impl Session {
         }
     }
 
-    fn check_usable(&self) -> Result<()> {
+    pub(crate) fn check_usable(&self) -> Result<()> {
         if self.poisoned {
             return Err(Error::Config(
                 "this session was left inconsistent by a failed call that could not be rolled back: release() it first".into(),
@@ -154,57 +151,6 @@ impl Session {
         self.settle_outcome(done, |s| {
             s.num_tokens = n;
             s.tree = None;
-        })
-    }
-
-    /// A new session sharing this one's cache blocks (copy-on-write), with copies of its
-    /// press, attention variant and activation mode.
-    pub fn fork(&mut self) -> Result<Self> {
-        self.fork_layers(self.depth())
-    }
-
-    /// A copy-on-write child running only the first `layers` layers (an early-exit draft
-    /// sharing this sequence's cache of those layers); below full depth it has no press.
-    pub fn fork_layers(&mut self, layers: usize) -> Result<Self> {
-        self.check_usable()?;
-        if self.tree.is_some() {
-            return Err(Error::Config(
-                "fork(): commit or truncate the pending tree first".into(),
-            ));
-        }
-        let full = layers == self.depth();
-        if !full {
-            let cfg = &self.engine.model.cfg;
-            self.attention
-                .fits(layers, cfg.num_kv_heads, cfg.head_dim)?;
-        }
-        let engine = Arc::clone(&self.engine);
-        let cache = self.cache.fork_layers(&mut *engine.pool()?, layers)?;
-        Ok(Self {
-            engine,
-            cache,
-            attention: self.attention.boxed_clone(),
-            press: self
-                .press
-                .as_ref()
-                .filter(|_| full)
-                .map(|p| p.boxed_clone()),
-            scoring: self
-                .scoring
-                .as_ref()
-                .filter(|_| full)
-                .map(ScoringPress::boxed_clone),
-            evict_scratch: EvictScratch::default(),
-            num_tokens: self.num_tokens,
-            tree: None,
-            max_context: self.max_context,
-            chunk: self.chunk,
-            int8: self.int8,
-            poisoned: false,
-            last_logits: self.last_logits.clone(),
-            hidden: self.hidden.clone(),
-            attn_last: AttnStats::default(),
-            attn_totals: AttnTotals::default(),
         })
     }
 
