@@ -7,6 +7,9 @@ Tasks (chat template, greedy):
 - ``quote``: a pydoc topic and a request to quote its sentences about one subject;
 - ``free``: free-form text (a short story), where drafting should not pay.
 
+llama.cpp rows (when llama-cpp-python is installed): the same GGUF, plain and with its
+prompt-lookup drafter, interleaved with the kvforge rows.
+
 Also the cost of verifying ``n`` tokens in one step, relative to one decode step, at the
 rewrite task's context (what the adaptive drafter weighs against acceptance).
 
@@ -89,6 +92,43 @@ def verify_cost(llm: Any, context: int) -> dict[int, float]:
     return {n: t / out[1] for n, t in out.items()}
 
 
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the same GGUF file, plain and with its prompt-lookup
+    drafter (``LlamaPromptLookupDecoding``, 10 tokens): decode tokens/s of a greedy run."""
+
+    def __init__(self, gguf: str) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        def make(draft: Any) -> Any:
+            return Llama(gguf, n_ctx=8192, n_threads=2, n_threads_batch=2, n_batch=512,
+                         flash_attn=True, verbose=False, draft_model=draft)
+
+        self.models = {"llama.cpp": make(None),
+                       "llama.cpp prompt-lookup": make(LlamaPromptLookupDecoding(
+                           num_pred_tokens=10))}
+
+    def rate(self, row: str, ids: list[int], tokens: int) -> tuple[float, list[int]]:
+        """Decode tokens/s (from the first generated token to the last) and the tokens."""
+        llm = self.models[row]
+        out, t_first = [], 0.0
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            out.append(int(tok))
+            if len(out) == 1:
+                t_first = time.perf_counter()
+            if len(out) == tokens:
+                break
+        return (len(out) - 1) / max(time.perf_counter() - t_first, 1e-9), out
+
+
+def llamacpp(gguf: str) -> Any:
+    try:
+        return LlamaCpp(gguf)
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows")
+        return None
+
+
 def main() -> None:
     import kvforge
 
@@ -97,10 +137,13 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["rewrite", "quote", "free"])
     p.add_argument("--rounds", type=int, default=5, help="runs per row (median; interleaved)")
     p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
+    p.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                   help="skip the llama.cpp rows")
     args = p.parse_args()
     # Room for two sequences of the longest task: the draft-self row keeps a second cache.
     llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16", max_kv_bytes=1 << 30))
     prompts = tasks(llm)
+    peer = llamacpp(str(llm._loaded.path)) if args.llamacpp else None
     for name in args.tasks:
         prompt = prompts[name]
         n = len(llm.encode(prompt))
@@ -108,10 +151,15 @@ def main() -> None:
         # row is the median of its rounds.
         rows = ["plain"] + [d for d in args.drafters if d != "plain"]
         runs: dict[str, list[Any]] = {d: [] for d in rows}
+        peers: dict[str, list[tuple[float, list[int]]]] = {r: [] for r in
+                                                            (peer.models if peer else [])}
+        ids = llm.encode(prompt)
         for _ in range(args.rounds):
             for drafter in rows:
                 runs[drafter].append(llm.generate(prompt, max_new_tokens=args.tokens,
                                                   speculative=speculative(drafter, llm)))
+            for row in peers:
+                peers[row].append(peer.rate(row, ids, args.tokens))
         rate = {d: float(np.median([o.stats.decode_tok_s for o in outs]))
                 for d, outs in runs.items()}
         for drafter, outs in runs.items():
@@ -121,6 +169,11 @@ def main() -> None:
                   f"{rate[drafter] / rate['plain']:>5.2f}x  accepted/step "
                   f"{st.mean_acceptance_length:>5.2f}  drafts {st.accepted_tokens:>4}/"
                   f"{st.draft_tokens:<5} same as plain: {same}", flush=True)
+        for row, results in peers.items():
+            r = float(np.median([x[0] for x in results]))
+            same = all(x[1] == runs["plain"][0].token_ids for x in results)
+            print(f"{name:<8} prompt {n:>5}  {row:<24} {r:>6.1f} tok/s {r / rate['plain']:>5.2f}x"
+                  f" of kvforge plain  same tokens as kvforge: {same}", flush=True)
     cost = verify_cost(llm, len(llm.encode(prompts["rewrite"])))
     print("verify cost (x one decode step): " +
           ", ".join(f"{n} tok {c:.2f}x" for n, c in cost.items()))
