@@ -158,8 +158,12 @@ def main() -> None:
             for drafter in rows:
                 runs[drafter].append(llm.generate(prompt, max_new_tokens=args.tokens,
                                                   speculative=speculative(drafter, llm)))
-            for row in peers:
-                peers[row].append(peer.rate(row, ids, args.tokens))
+            for row in list(peers):
+                try:
+                    peers[row].append(peer.rate(row, ids, args.tokens))
+                except ValueError as e:  # llama-cpp-python's own failure: report it, go on
+                    print(f"{name:<8} {row}: failed in llama-cpp-python: {e}", flush=True)
+                    del peers[row]
         rate = {d: float(np.median([o.stats.decode_tok_s for o in outs]))
                 for d, outs in runs.items()}
         for drafter, outs in runs.items():
