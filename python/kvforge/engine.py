@@ -230,8 +230,10 @@ class LLM:
         self._check_params(params)
         # Model drafters (DraftModel, SelfDraft, Medusa) bind to this model now: a missing
         # heads file or another vocabulary raises at the call.
-        bind = getattr(speculative.drafter, "bind", None) if speculative else None
-        drafter = bind(self) if bind is not None else getattr(speculative, "drafter", None)
+        drafter = None
+        if speculative is not None:
+            bind = getattr(speculative.drafter, "bind", None)
+            drafter = speculative.drafter if bind is None else bind(self)
         try:
             core = self._open(press, attention)
             try:

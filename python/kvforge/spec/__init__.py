@@ -30,7 +30,8 @@ class Speculative:
     ``propose(history, limit)`` returns candidate continuations of at most ``limit``
     tokens, the most promising first; it may also have ``begin(prompt_ids)`` and
     ``end(generated_ids)``, called before a generation's first draft and after its last
-    token), the ``acceptance`` rule (``"greedy"``, ``"typical"`` with Medusa's
+    token; or whose ``bind(llm)`` returns such an object for one generation, as the model
+    drafters do), the ``acceptance`` rule (``"greedy"``, ``"typical"`` with Medusa's
     ``posterior_threshold`` and ``posterior_alpha``, or ``"lossless"``), the most draft
     tokens per step, and ``adaptive`` drafting (the draft length that pays on this machine,
     none when none does)."""
@@ -43,10 +44,11 @@ class Speculative:
     posterior_alpha: float = 0.3
 
     def __post_init__(self) -> None:
-        if not callable(getattr(self.drafter, "propose", None)):
+        if not any(callable(getattr(self.drafter, m, None)) for m in ("propose", "bind")):
             raise InputTypeError(f"Speculative drafter must be a drafter (one of "
                                  f"{[d.__name__ for d in DRAFTERS]}, or an object with "
-                                 f"propose(history, limit) -> branches), got {self.drafter!r}")
+                                 f"propose(history, limit) -> branches or bind(llm) -> such "
+                                 f"an object), got {self.drafter!r}")
         if self.acceptance not in ACCEPTANCE:
             raise ConfigError(f"Speculative acceptance={self.acceptance!r} must be one of "
                               f"{ACCEPTANCE}")

@@ -114,10 +114,6 @@ class DraftModel:
             self.model = LLM(self.model)
         return self.model
 
-    def propose(self, history: list[int], limit: int) -> list[list[int]]:
-        raise ConfigError("DraftModel drafts inside generate(speculative=...), which binds it "
-                          "to the target model first")
-
     def bind(self, target: Any) -> _SessionDrafter:
         """The drafter for one generation on ``target``: checks the vocabularies agree."""
         draft = self._llm()
@@ -176,10 +172,6 @@ class SelfDraft:
     def __post_init__(self) -> None:
         v.integer("SelfDraft layers", self.layers, lo=1, hi=4096)
         v.integer("SelfDraft num_pred_tokens", self.num_pred_tokens, lo=1, hi=63)
-
-    def propose(self, history: list[int], limit: int) -> list[list[int]]:
-        raise ConfigError("SelfDraft drafts inside generate(speculative=...), which binds it "
-                          "to the target model first")
 
     def bind(self, target: Any) -> _ForkDrafter:
         n = target.config.num_layers

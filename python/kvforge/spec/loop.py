@@ -30,38 +30,31 @@ from .tree import DraftTree
 def run_speculative(session: Any, prompt: list[int], params: SamplingParams, tokenizer: Any,
                     eos_ids: frozenset[int], max_new: int, kv_block_bytes: int,
                     spec: Any, ctx_limit: int | None,
-                    progress: Any = None, drafter: Any = None,
+                    progress: Any, drafter: Any,
                     vocab_size: int | None = None) -> Iterator[GenerationChunk]:
     """Yields chunks as :func:`kvforge.generation.run_generation` does. ``ctx_limit``: the
     most tokens the session may hold (drafts never run past it; ``None`` under a press that
-    bounds the cache). ``drafter``: what drafts and gets the hooks (default
-    ``spec.drafter``; the engine passes a model drafter bound to the target). A drafter's
-    optional ``attach(session)`` gets the target's session first (a self-draft forks it);
-    ``close()`` runs however the generation ends (a bound model drafter frees its own
-    session there); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
+    bounds the cache). ``drafter``: what drafts and gets the hooks (``spec.drafter``, or
+    what its ``bind`` returned: the engine binds it, and closes it however the generation
+    ends). A drafter's optional ``attach(session)`` gets the target's session first (a
+    self-draft forks it); one with ``wants_hidden`` gets ``observe(hidden)``, the final-norm
     hidden state of the last committed token, before each draft. ``vocab_size``: a draft
     token outside the vocabulary (a history file of another model) ends its branch."""
-    drafter = spec.drafter if drafter is None else drafter
     dec = SequenceDecoder(len(prompt), params, tokenizer, eos_ids, max_new, kv_block_bytes)
     attach = getattr(drafter, "attach", None)
     if attach is not None:
         attach(session)
-    try:
-        before = session.attention_totals()
-        t0 = time.perf_counter()
-        token = session.prefill_sample(prompt, progress)
-        _observe(drafter, session, -1)
-        _hook(drafter, "begin", list(prompt))  # a draft model reads the prompt here
-        dec.stats.prefill_s = time.perf_counter() - t0
-        yield from _steps(session, list(prompt), token, dec, params, spec, drafter, max_new,
-                          ctx_limit, vocab_size)
-        _hook(drafter, "end", list(dec.token_ids))
-        dec.attention_from(session, before)
-        yield dec.final()
-    finally:
-        close = getattr(drafter, "close", None)
-        if close is not None:
-            close()
+    before = session.attention_totals()
+    t0 = time.perf_counter()
+    token = session.prefill_sample(prompt, progress)
+    _observe(drafter, session, -1)
+    _hook(drafter, "begin", list(prompt))  # a draft model reads the prompt here
+    dec.stats.prefill_s = time.perf_counter() - t0
+    yield from _steps(session, list(prompt), token, dec, params, spec, drafter, max_new,
+                      ctx_limit, vocab_size)
+    _hook(drafter, "end", list(dec.token_ids))
+    dec.attention_from(session, before)
+    yield dec.final()
 
 
 def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,

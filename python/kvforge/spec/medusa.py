@@ -147,10 +147,6 @@ class Medusa:
     def __repr__(self) -> str:
         return f"Medusa({str(self.path)!r}, topk={self.topk})"
 
-    def propose(self, history: list[int], limit: int) -> list[list[int]]:
-        raise ConfigError("Medusa drafts inside generate(speculative=...), which binds it to "
-                          "the target model first")
-
     def bind(self, target: Any) -> _MedusaDrafter:
         path = self.path if self.path is not None else default_path(target._loaded.path)
         if not Path(path).is_file():
