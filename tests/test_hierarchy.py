@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from kvforge.errors import ConfigError, InputTypeError, ModelFormatError
 from kvforge.presses import KNorm
 from kvforge.spec import DRAFTERS, DraftTree, HierarchyDrafting, Speculative, parse
-from tiny_models import random_weights, tiny_config, write_hf_folder
 
 CASES = settings(max_examples=max(100, 10 * settings.default.max_examples), deadline=None)
 VOCAB = 300
@@ -238,14 +237,9 @@ def test_a_corpus_file_holds_one_sequence_per_line(tmp_path):
 
 # -- generation -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[3, 8])
-def llm(request, tmp_path_factory):
-    cfg = tiny_config(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_kv_heads=2,
-                      head_dim=8, num_layers=2)
-    path = write_hf_folder(tmp_path_factory.mktemp("hd") / "m", cfg,
-                           random_weights(cfg, request.param))
-    with kvforge.LLM(path, max_context=512, kv=kvforge.KVCacheConfig(block_size=4)) as m:
-        yield m
+@pytest.fixture(scope="module")
+def llm(spec_llm):
+    return spec_llm
 
 
 def repetitive(seed, n):

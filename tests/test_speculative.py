@@ -15,7 +15,7 @@ from kvforge.presses import KNorm
 from kvforge.reference.medusa import medusa_buffers as medusa_reference
 from kvforge.spec import DraftTree, PromptLookup, Speculative, medusa_buffers
 from kvforge.spec import accept as A
-from tiny_models import random_weights, tiny_config, write_hf_folder
+from tiny_models import random_weights, tiny_config
 
 CASES = settings(max_examples=max(100, 10 * settings.default.max_examples), deadline=None)
 VOCAB = 300
@@ -116,14 +116,9 @@ def test_typical_acceptance_is_medusa_s_rule():
 
 # -- generation ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[3, 8])
-def llm(request, tmp_path_factory):
-    cfg = tiny_config(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_kv_heads=2,
-                      head_dim=8, num_layers=2)
-    path = write_hf_folder(tmp_path_factory.mktemp("spec") / "m", cfg,
-                           random_weights(cfg, request.param))
-    with kvforge.LLM(path, max_context=512, kv=kvforge.KVCacheConfig(block_size=4)) as m:
-        yield m
+@pytest.fixture(scope="module")
+def llm(spec_llm):
+    return spec_llm
 
 
 def repetitive(seed: int, n: int) -> list[int]:

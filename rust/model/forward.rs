@@ -89,14 +89,15 @@ pub struct Observe<'a> {
 }
 
 /// Runs the batch `seqs` through the model. `out` receives the requested logits, `(rows,
-/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `int8`: each
-/// row's projection inputs are quantized on their own (opt-in, approximate; callers pass it
-/// for decode-like steps only: decode, batched decode, speculation trees).
+/// vocab)` with the rows of each sequence in batch order ([`Logits::rows`]). `act8`: each
+/// row's projection inputs are quantized on their own, so a tree's node gets what decoding it
+/// alone would give (opt-in, approximate; callers pass it for decode-like steps only:
+/// decode, batched decode, speculation trees).
 pub fn forward(
     e: &Engine,
     seqs: &mut [SeqWork<'_>],
     s: &mut Scratch,
-    int8: bool,
+    act8: bool,
     out: &mut [f32],
 ) -> Result<()> {
     let cfg = &e.model.cfg;
@@ -125,9 +126,6 @@ pub fn forward(
             r += 1;
         }
     }
-    // Decode-like steps (decode, batched decode, speculation trees: the caller decides)
-    // quantize each row on its own, so a tree's node gets what decoding it alone would give.
-    let act8 = int8;
     for (li, layer) in e.model.layers.iter().enumerate().take(depth) {
         attention_block(e, layer, li, seqs, s, n, act8)?;
         mlp_block(layer, s, cfg.rms_norm_eps, n, act8);
