@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvforge.errors import ConfigError, InputTypeError, ModelFormatError
 from kvforge.presses import KNorm
-from kvforge.spec import DraftModel, Medusa, SelfDraft, Speculative
+from kvforge.spec import (
+    DRAFTERS,
+    DraftModel,
+    HierarchyDrafting,
+    Medusa,
+    PromptLookup,
+    SelfDraft,
+    Speculative,
+)
 from kvforge.spec import medusa as medusa_mod
 from kvforge.spec import medusa_train as mt
 from tiny_models import random_weights, tiny_config, write_hf_folder
@@ -49,21 +57,32 @@ def heads_path(models, tmp_path_factory):
     return medusa_mod.save(tmp_path_factory.mktemp("heads") / "m.medusa.safetensors", heads)
 
 
+NAMES = ["draft", "self-target", "self1", "self2", "medusa", "medusa-choices", "lookup",
+         "hierarchy"]
+
+
 def _drafters(models, heads_path):
+    """At least one instance of every registered drafter (``kvforge.spec.DRAFTERS``)."""
     target, other = models
     return {"draft": DraftModel(other, num_pred_tokens=4), "self-target": DraftModel(target),
             "self1": SelfDraft(layers=1), "self2": SelfDraft(layers=2, num_pred_tokens=3),
             "medusa": Medusa(heads_path), "medusa-choices": Medusa(heads_path, topk=3,
                                                                     choices=[[0], [1], [0, 0],
-                                                                             [0, 0, 2]])}
+                                                                             [0, 0, 2]]),
+            "lookup": PromptLookup(), "hierarchy": HierarchyDrafting()}
 
 
+def test_every_registered_drafter_runs_through_the_shared_checks(models, heads_path):
+    made = _drafters(models, heads_path)
+    assert sorted(made) == sorted(NAMES)
+    assert {type(d) for d in made.values()} == set(DRAFTERS)
+
+
+@pytest.mark.parametrize("which", NAMES)  # every drafter, every run
 @settings(deadline=None)
 @given(seed=st.integers(0, 10**6), n=st.integers(2, 40), new=st.integers(1, 30),
-       which=st.sampled_from(["draft", "self-target", "self1", "self2", "medusa",
-                              "medusa-choices"]),
        adaptive=st.booleans(), press=st.booleans())
-def test_greedy_speculation_with_every_model_drafter_gives_plain_tokens(
+def test_greedy_speculation_with_every_drafter_gives_plain_tokens(
         models, heads_path, seed, n, new, which, adaptive, press):
     target, other = models
     prompt = [int(t) for t in np.random.default_rng(seed).integers(0, VOCAB, n)]
