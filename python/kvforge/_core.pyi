@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["AttentionProbe", "Engine", "KernelBench", "Session", "__version__", "cpu_features",
-           "decode_batch", "filtered_probs", "press_plan", "registries"]
+           "decode_batch", "distinct_blocks", "filtered_probs", "press_plan", "registries"]
 __version__: str
 
 _Progress = Callable[[int, int], object] | None
@@ -170,6 +170,7 @@ class KernelBench:
     def run(self, repeat: int) -> None: ...
 
 def decode_batch(sessions: list[Session], token_ids: list[int]) -> list[int]: ...
+def distinct_blocks(sessions: list[Session], exclude: list[Session]) -> int: ...
 def registries() -> tuple[list[str], list[str]]: ...
 def press_plan(
     kind: str,

@@ -24,6 +24,7 @@ use crate::model::forward::{forward, Logits, Observe, SeqWork};
 use crate::model::probs::LayerProbs;
 use crate::model::tree::TreeMask;
 use crate::ops::matmul::EXACT_ROWS;
+use step::prefill_chunks;
 
 /// What a step returns.
 #[derive(Debug, Default)]
@@ -204,8 +205,9 @@ impl Session {
             .and_then(|p| p.record_for(start, tokens.len(), cfg.num_layers, cfg.num_kv_heads));
         let mut logits = std::mem::take(&mut self.last_logits);
         let mut result = Ok(());
-        for (i, chunk) in tokens.chunks(step).enumerate() {
-            let last = (i + 1) * step >= tokens.len();
+        let chunks = prefill_chunks(tokens.len(), step);
+        for (i, &(at, len)) in chunks.iter().enumerate() {
+            let (chunk, last) = (&tokens[at..at + len], i + 1 == chunks.len());
             let want = if last { Logits::Last } else { Logits::Skip };
             let out = if last { &mut logits[..] } else { &mut [][..] };
             result = self
@@ -221,7 +223,7 @@ impl Session {
                     },
                     out,
                 )
-                .and_then(|()| progress(i * step + chunk.len(), tokens.len()));
+                .and_then(|()| progress(at + len, tokens.len()));
             if result.is_err() {
                 break;
             }

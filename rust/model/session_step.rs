@@ -5,6 +5,7 @@ use super::{Session, StepOut, Taps};
 use crate::error::{Error, Result};
 use crate::model::forward::Logits;
 use crate::model::tree::TreeMask;
+use crate::ops::matmul::EXACT_ROWS;
 
 impl Session {
     /// Runs `tokens` and returns the logits of each. `positions` (default: the next ones)
@@ -96,5 +97,54 @@ impl Session {
             },
             &mut out.logits,
         )
+    }
+}
+
+/// The `(start, len)` chunks a prefill of `n` tokens runs in, at most `step` tokens each.
+/// A short tail (at most `EXACT_ROWS` tokens, which the forward would project one token at a
+/// time) is avoided when `step > 2 * EXACT_ROWS` by splitting the last two chunks evenly:
+/// every row of a prefill of more than `EXACT_ROWS` tokens then goes through the panel
+/// `gemm`, whose values do not depend on the chunk, so a prompt prefilled in pieces of more
+/// than `EXACT_ROWS` tokens equals it prefilled at once, bit for bit.
+pub(crate) fn prefill_chunks(n: usize, step: usize) -> Vec<(usize, usize)> {
+    let step = step.max(1);
+    let mut chunks: Vec<(usize, usize)> =
+        (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
+    let tail = n % step;
+    if chunks.len() >= 2 && tail != 0 && tail <= EXACT_ROWS && step > 2 * EXACT_ROWS {
+        let k = chunks.len();
+        let (start, both) = (chunks[k - 2].0, step + tail);
+        chunks[k - 2] = (start, both.div_ceil(2));
+        chunks[k - 1] = (start + both.div_ceil(2), both / 2);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_chunks_cover_the_prompt_without_a_short_tail() {
+        for step in [1, 16, 64, 65, 100, 256] {
+            for n in 0..700 {
+                let c = prefill_chunks(n, step);
+                let mut next = 0;
+                for &(s, len) in &c {
+                    assert!(
+                        s == next && len >= 1 && len <= step,
+                        "n={n} step={step} {c:?}"
+                    );
+                    next = s + len;
+                }
+                assert_eq!(next, n);
+                if n > EXACT_ROWS && step > 2 * EXACT_ROWS {
+                    assert!(
+                        c.iter().all(|&(_, l)| l > EXACT_ROWS),
+                        "n={n} step={step} {c:?}"
+                    );
+                }
+            }
+        }
     }
 }

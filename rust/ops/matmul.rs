@@ -4,7 +4,9 @@
 //! All split the weight's rows across the rayon pool that the caller installed. `gemv` fuses
 //! dequantization into each row's dot product; `gemv_batch` does the same for a group of
 //! tokens at once, each token's value bit-identical to `gemv`'s; `gemm` dequantizes each row
-//! once into a float32 buffer and reuses it for every token of the chunk (other rounding).
+//! once into a float32 buffer and reuses it for every token of the chunk (other rounding),
+//! each token's value independent of the other tokens of the call, so that a prompt
+//! prefilled in pieces of more than `EXACT_ROWS` tokens equals it prefilled at once.
 //!
 //! `project` and `project_many` choose: the int8 kernels for one quantized token, `gemv` for
 //! one token, `gemv_batch` for `2..=EXACT_ROWS` tokens, `gemm` beyond.
@@ -216,8 +218,17 @@ pub fn project_many_act8(ws: &mut [(&Weight, &mut [f32])], x: &[f32], xs: &[Quan
     });
 }
 
-/// Rows of `W` dequantized per task in [`gemm`]: 64 rows of a 576..1536-wide matrix stay in L2.
-const PANEL_ROWS: usize = 64;
+/// Rows of `W` dequantized per task in [`gemm`]: 96 rows of a 576..1536-wide matrix stay in
+/// L2. A matrix's last panel takes up to `PANEL_ROWS + SMALL` rows rather than leave a panel of
+/// `SMALL` or fewer ([`panels`]).
+const PANEL_ROWS: usize = 96;
+
+/// The `gemm` crate's small-matrix bound: with at most 64 rows on both sides of a call it
+/// blocks for small sizes (`kc = min(k, 512)`), beyond for the caches.
+const SMALL: usize = 64;
+
+/// Widest panel [`panels`] makes.
+const MAX_PANEL: usize = PANEL_ROWS + SMALL;
 
 /// The output pointer shared by the tasks of [`gemm`] and [`gemv_batch`], each writing its
 /// own columns of every token row.
@@ -240,11 +251,46 @@ impl OutPtr {
     }
 }
 
+/// The `(first row, rows)` panels of a matrix of `rows` rows: `PANEL_ROWS` each, the last
+/// merged into the one before when it would have `SMALL` rows or fewer, so that every panel
+/// of a matrix wider than `SMALL` rows has more than `SMALL`.
+fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut count = rows.div_ceil(PANEL_ROWS);
+    if count > 1 && rows - (count - 1) * PANEL_ROWS <= SMALL {
+        count -= 1;
+    }
+    (0..count).map(move |p| {
+        let r0 = p * PANEL_ROWS;
+        (
+            r0,
+            if p + 1 == count {
+                rows - r0
+            } else {
+                PANEL_ROWS
+            },
+        )
+    })
+}
+
+/// Fewest tokens per `gemm` crate call on a panel of `pr` rows. The crate chooses how it sums
+/// a value's products by the call's shape: small-matrix blocking when both sides have at most
+/// `SMALL` rows, a horizontal kernel (`kc = 1024`) for at most 256 products, a
+/// matrix-vector product for one token, cache blocking otherwise. Fewer tokens are padded
+/// with zero rows to this count, so that every call on the panel takes the cache-blocked
+/// path (whose `kc` depends on `cols` alone) and a token's values never depend on the other
+/// tokens of the call, nor on how a prompt was cut into chunks.
+fn min_tokens(pr: usize) -> usize {
+    let not_horizontal = 256 / pr.max(1) + 1;
+    let not_small = if pr <= SMALL { SMALL + 1 } else { 2 };
+    not_horizontal.max(not_small)
+}
+
 /// `out = X W^T`. `w`: `(rows, cols)`; `x`: `(n, cols)`; `out`: `(n, rows)`.
 ///
-/// Each rayon task dequantizes a panel of `PANEL_ROWS` weight rows into a float32 buffer and
-/// multiplies it with the whole chunk of tokens using the packed, vectorised kernels of the
-/// `gemm` crate (run-time CPU dispatch), so a weight byte is decoded once per chunk.
+/// Each rayon task dequantizes a panel of about `PANEL_ROWS` weight rows into a float32
+/// buffer and multiplies it with the whole chunk of tokens using the packed, vectorised kernels
+/// of the `gemm` crate (run-time CPU dispatch), so a weight byte is decoded once per chunk.
+/// Every token's values depend on that token alone ([`min_tokens`]).
 pub fn gemm(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
     if n == 1 {
         return gemv(w, x, out);
@@ -252,43 +298,75 @@ pub fn gemm(w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     assert!(x.len() >= n * cols && out.len() >= n * rows, "gemm shapes");
     let dst = OutPtr(out.as_mut_ptr());
-    let panels = rows.div_ceil(PANEL_ROWS);
-    (0..panels).into_par_iter().for_each_init(
-        || vec![0.0f32; PANEL_ROWS * cols],
-        |panel, p| {
-            let r0 = p * PANEL_ROWS;
-            let pr = PANEL_ROWS.min(rows - r0);
+    let list: Vec<(usize, usize)> = panels(rows).collect();
+    list.into_par_iter().for_each_init(
+        || vec![0.0f32; MAX_PANEL * cols],
+        |panel, (r0, pr)| {
             for (i, row) in panel.chunks_exact_mut(cols).take(pr).enumerate() {
                 w.dequant_row(r0 + i, row);
             }
-            // SAFETY: `dst` covers `n x rows` (asserted above) and this task writes only columns
-            // `r0..r0+pr`; `x` is `n x cols` row-major and `panel` holds `pr x cols` row-major,
-            // read as the `cols x pr` matrix `W_panel^T` (row stride 1, column stride `cols`).
-            unsafe {
-                gemm::gemm(
-                    n,
-                    pr,
-                    cols,
-                    dst.at(r0),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    panel.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            let mp = min_tokens(pr);
+            if n >= mp {
+                // SAFETY: `dst` covers `n x rows` (asserted above) and this task writes only
+                // columns `r0..r0 + pr`.
+                unsafe { panel_call(n, pr, &x[..n * cols], panel, dst.at(r0), rows) };
+                return;
+            }
+            // Too few tokens: run them padded with zero rows into a side buffer whose rows
+            // are `MAX_PANEL` apart (never 1, so the crate transposes the call as it does a
+            // direct one, `rows` apart).
+            let mut xp = vec![0.0f32; mp * cols];
+            xp[..n * cols].copy_from_slice(&x[..n * cols]);
+            let mut op = vec![0.0f32; mp * MAX_PANEL];
+            // SAFETY: `op` holds `mp` rows of `MAX_PANEL >= pr` values.
+            unsafe { panel_call(mp, pr, &xp, panel, op.as_mut_ptr(), MAX_PANEL) };
+            for (t, src) in op.chunks_exact(MAX_PANEL).take(n).enumerate() {
+                // SAFETY: token row `t < n`, columns `r0..r0 + pr`, this task's alone.
+                let d = unsafe { std::slice::from_raw_parts_mut(dst.at(t * rows + r0), pr) };
+                d.copy_from_slice(&src[..pr]);
             }
         },
     );
+}
+
+/// `dst[t][j] = xs[t] . panel[j]` for `m` tokens (`xs`: `(m, cols)`) and `pr` panel rows
+/// (`panel`: `(>= pr, cols)`), `dst` rows `dst_rs` apart, through the `gemm` crate.
+///
+/// # Safety
+/// `dst` must be valid for writes of `m` rows of `pr` values, `dst_rs` apart, that nothing
+/// else reads or writes during the call.
+unsafe fn panel_call(m: usize, pr: usize, xs: &[f32], panel: &[f32], dst: *mut f32, dst_rs: usize) {
+    let cols = xs.len() / m.max(1);
+    assert!(
+        panel.len() >= pr * cols && xs.len() == m * cols,
+        "panel_call shapes"
+    );
+    // `panel` is `pr x cols` row-major, read as the `cols x pr` matrix `W_panel^T` (row
+    // stride 1, column stride `cols`).
+    // SAFETY: the caller guarantees `dst`; `xs` and `panel` are read in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            pr,
+            cols,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            xs.as_ptr(),
+            1,
+            cols as isize,
+            panel.as_ptr(),
+            cols as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The matmuls against `gemv`: `gemm` within a tolerance, `project` and `project_many` bit for
-//! bit up to `EXACT_ROWS` tokens, on every format.
+//! bit up to `EXACT_ROWS` tokens, on every format; `gemm`'s rows independent of the chunk.
 
 use super::*;
 use crate::quant::{test_matrix, WeightFormat};
@@ -47,6 +47,46 @@ fn gemm_rows_equal_gemv() {
     gemm(&w, &x, n, &mut out);
     for (a, b) in out.iter().zip(&gemv_each(&w, &x, n)) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+}
+
+/// A token's `gemm` values do not depend on the other tokens of the call: any window of a
+/// chunk gives its rows bit for bit (matrices with one panel, several, a merged last panel and
+/// fewer rows than the crate's small bound; chunks from 2 tokens up).
+#[test]
+fn gemm_rows_do_not_depend_on_the_chunk() {
+    for (rows, cols) in [(40, 64), (96, 64), (200, 96), (250, 64)] {
+        for name in FORMATS {
+            let Some(w) = weight(name, rows, cols) else {
+                continue;
+            };
+            let n = 140;
+            let x = tokens(n, cols);
+            let mut full = vec![0.0; n * rows];
+            gemm(&w, &x, n, &mut full);
+            for (t0, m) in [(0, 2), (3, 4), (5, 63), (7, 65), (70, 70), (1, 139)] {
+                let mut part = vec![0.0; m * rows];
+                gemm(&w, &x[t0 * cols..(t0 + m) * cols], m, &mut part);
+                let want = &full[t0 * rows..(t0 + m) * rows];
+                assert_eq!(
+                    bits(&part),
+                    bits(want),
+                    "{name} {rows}x{cols} tokens {t0}+{m}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn panels_never_leave_a_small_last_panel() {
+    for rows in 1..500 {
+        let p: Vec<_> = panels(rows).collect();
+        assert_eq!(p.iter().map(|&(_, r)| r).sum::<usize>(), rows);
+        assert!(p.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        assert!(p
+            .iter()
+            .all(|&(_, r)| r <= MAX_PANEL && (rows <= SMALL || r > SMALL)));
     }
 }
 

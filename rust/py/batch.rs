@@ -53,3 +53,39 @@ pub fn py_decode_batch(
         guards.iter_mut().map(|(_, st)| sample_next(st)).collect()
     })
 }
+
+/// Distinct KV blocks referenced by `sessions` and by none of `exclude`: the blocks a
+/// prefix cache's sessions hold alone (what freeing them would return to the pool, unless
+/// another session outside both lists shares them).
+#[pyfunction]
+#[pyo3(name = "distinct_blocks")]
+pub fn py_distinct_blocks(
+    py: Python<'_>,
+    sessions: Vec<Py<PySession>>,
+    exclude: Vec<Py<PySession>>,
+) -> PyResult<usize> {
+    run(py, || {
+        let mut excluded = std::collections::HashSet::new();
+        for s in &exclude {
+            excluded.extend(block_ids(s.get())?);
+        }
+        let mut held = std::collections::HashSet::new();
+        for s in &sessions {
+            held.extend(block_ids(s.get())?.filter(|b| !excluded.contains(b)));
+        }
+        Ok(held.len())
+    })
+}
+
+/// The block ids of every head cache of `session` (one lock, released before returning).
+fn block_ids(session: &PySession) -> Result<std::vec::IntoIter<u32>> {
+    let st = session.lock()?;
+    let ids: Vec<u32> = st
+        .session
+        .cache()
+        .heads()
+        .iter()
+        .flat_map(|h| h.blocks.iter().copied())
+        .collect();
+    Ok(ids.into_iter())
+}

@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyEngine>()?;
     m.add_class::<session::PySession>()?;
     m.add_function(wrap_pyfunction!(batch::py_decode_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::py_distinct_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(py_variants, m)?)?;
     m.add_function(wrap_pyfunction!(press::press_plan, m)?)?;
     m.add_class::<bench::PyKernelBench>()?;
