@@ -218,22 +218,6 @@ unsafe fn load_f32(row: &[u8], i: usize) -> __m256 {
 float_multi!(dot_f16, 2, load_f16, "f16");
 float_multi!(dot_f32, 4, load_f32, "f32");
 
-/// `[k::<1>, ..., k::<MULTI_MAX>]`: a kernel for every group size, indexed by `G - 1`.
-macro_rules! by_group {
-    ($k:ident) => {
-        [
-            $k::<1> as MultiKernel,
-            $k::<2>,
-            $k::<3>,
-            $k::<4>,
-            $k::<5>,
-            $k::<6>,
-            $k::<7>,
-            $k::<8>,
-        ]
-    };
-}
-
 pub(super) const Q4_1: [MultiKernel; MULTI_MAX] = by_group!(dot_q4_1);
 pub(super) const Q4_0: [MultiKernel; MULTI_MAX] = by_group!(dot_q4_0);
 pub(super) const Q8_0: [MultiKernel; MULTI_MAX] = by_group!(dot_q8_0);

@@ -23,7 +23,7 @@ pub fn available() -> bool {
 /// the scalar route (`avx2::half`) lets the compiler insert the value into a register that may be
 /// an accumulator (`vpinsrw`), chaining every block on the previous block's multiply-add.
 #[inline(always)]
-unsafe fn half16(b: &[u8], at: usize) -> __m512 {
+pub(super) unsafe fn half16(b: &[u8], at: usize) -> __m512 {
     let bits = i16::from_le_bytes([b[at], b[at + 1]]);
     // SAFETY: AVX-512F enabled by the callers.
     unsafe { _mm512_cvtph_ps(_mm256_set1_epi16(bits)) }
@@ -31,7 +31,7 @@ unsafe fn half16(b: &[u8], at: usize) -> __m512 {
 
 /// `0.0, 1.0, ..., 15.0`: the nibble values.
 #[inline(always)]
-unsafe fn iota16() -> __m512 {
+pub(super) unsafe fn iota16() -> __m512 {
     // SAFETY: AVX-512F enabled by the callers.
     unsafe {
         _mm512_setr_ps(
@@ -40,18 +40,51 @@ unsafe fn iota16() -> __m512 {
     }
 }
 
-/// `sum(table[q] * x)` over one block of nibbles at `p` (16 bytes: low nibbles are elements
-/// 0..16, high nibbles 16..32), added into `acc`.
+/// The 32 weights of one block of nibbles at `p` (16 bytes: low nibbles are elements 0..16,
+/// high nibbles 16..32) through `table`: `(elements 0..16, elements 16..32)`.
 #[inline(always)]
-unsafe fn nibbles_fma(p: *const u8, x: *const f32, table: __m512, acc: &mut [__m512; 2]) {
-    // SAFETY: `p` has 16 bytes and `x` 32 floats; AVX-512F enabled by the callers.
+pub(super) unsafe fn nibble_weights(p: *const u8, table: __m512) -> (__m512, __m512) {
+    // SAFETY: `p` has 16 bytes; AVX-512F enabled by the callers.
     unsafe {
         let wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
         // The permute uses bits 0..4 of each index lane: the low nibble as is.
         let lo = _mm512_permutexvar_ps(wide, table);
         let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(wide, 4), table);
-        acc[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[0]);
-        acc[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.add(16)), acc[1]);
+        (lo, hi)
+    }
+}
+
+/// `acc += w * x` for one block's weights `w` (as [`nibble_weights`] gives them) and its 32
+/// floats at `x`, in two sixteen-lane halves.
+#[inline(always)]
+pub(super) unsafe fn block_fma(w: (__m512, __m512), x: *const f32, acc: &mut [__m512; 2]) {
+    // SAFETY: `x` has 32 floats; AVX-512F enabled by the callers.
+    unsafe {
+        acc[0] = _mm512_fmadd_ps(w.0, _mm512_loadu_ps(x), acc[0]);
+        acc[1] = _mm512_fmadd_ps(w.1, _mm512_loadu_ps(x.add(16)), acc[1]);
+    }
+}
+
+/// `sum(table[q] * x)` over one block of nibbles at `p`, added into `acc`.
+#[inline(always)]
+unsafe fn nibbles_fma(p: *const u8, x: *const f32, table: __m512, acc: &mut [__m512; 2]) {
+    // SAFETY: as in the two helpers.
+    unsafe { block_fma(nibble_weights(p, table), x, acc) }
+}
+
+/// Q4_1's table of one block `b`: `d * q + m` for `q` in `0..16`.
+#[inline(always)]
+pub(super) unsafe fn q4_1_table(b: &[u8]) -> __m512 {
+    // SAFETY: `b` holds at least 4 bytes; AVX-512F and F16C enabled by the callers.
+    unsafe {
+        // d and m are adjacent f16 values: one conversion gives both, and a load of all
+        // four bytes (used whole) leaves no register to merge into.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            b[0], b[1], b[2], b[3],
+        ])));
+        let d = _mm512_broadcastss_ps(dm);
+        let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+        _mm512_fmadd_ps(d, iota16(), m)
     }
 }
 
@@ -67,17 +100,7 @@ pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
         .zip(x.chunks_exact(BLOCK_ELEMS))
     {
         // SAFETY: `b` is one whole block and `xs` 32 floats.
-        unsafe {
-            // d and m are adjacent f16 values: one conversion gives both, and a load of all
-            // four bytes (used whole) leaves no register to merge into.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-                b[0], b[1], b[2], b[3],
-            ])));
-            let d = _mm512_broadcastss_ps(dm);
-            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-            let table = _mm512_fmadd_ps(d, iota16(), m);
-            nibbles_fma(b.as_ptr().add(4), xs.as_ptr(), table, &mut acc);
-        }
+        unsafe { nibbles_fma(b.as_ptr().add(4), xs.as_ptr(), q4_1_table(b), &mut acc) };
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
@@ -104,19 +127,34 @@ pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], _xsum: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
-/// `d * sum(q * x)` of one Q8_0 block at `b` added into `acc`.
+/// One Q8_0 block at `b` (2-byte scale, 32 int8) decoded: `(q 0..16, q 16..32, d)`.
 #[inline(always)]
-unsafe fn q8_block(b: &[u8], xs: &[f32], acc: __m512) -> __m512 {
-    // SAFETY: `b` is one whole block (2-byte scale, 32 int8) and `xs` 32 floats; AVX-512F
-    // enabled by the callers.
+pub(super) unsafe fn q8_decode(b: &[u8]) -> (__m512, __m512, __m512) {
+    // SAFETY: `b` is one whole block; AVX-512F enabled by the callers.
     unsafe {
         let q = b.as_ptr().add(2) as *const __m128i;
         let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
         let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(1))));
-        let s = _mm512_mul_ps(q0, _mm512_loadu_ps(xs.as_ptr()));
-        let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xs.as_ptr().add(16)), s);
-        _mm512_fmadd_ps(half16(b, 0), s, acc)
+        (q0, q1, half16(b, 0))
     }
+}
+
+/// `acc + d * sum(q * x)` of a decoded Q8_0 block and its 32 floats at `x`.
+#[inline(always)]
+pub(super) unsafe fn q8_fma(q: (__m512, __m512, __m512), x: *const f32, acc: __m512) -> __m512 {
+    // SAFETY: `x` has 32 floats; AVX-512F enabled by the callers.
+    unsafe {
+        let s = _mm512_mul_ps(q.0, _mm512_loadu_ps(x));
+        let s = _mm512_fmadd_ps(q.1, _mm512_loadu_ps(x.add(16)), s);
+        _mm512_fmadd_ps(q.2, s, acc)
+    }
+}
+
+/// `d * sum(q * x)` of one Q8_0 block at `b` added into `acc`.
+#[inline(always)]
+unsafe fn q8_block(b: &[u8], xs: &[f32], acc: __m512) -> __m512 {
+    // SAFETY: `b` is one whole block and `xs` 32 floats; AVX-512F enabled by the callers.
+    unsafe { q8_fma(q8_decode(b), xs.as_ptr(), acc) }
 }
 
 /// Q8_0 row · `x`.

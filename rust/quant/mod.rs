@@ -9,10 +9,15 @@
 //! Dispatch: decode goes through `Weight::dot_rows`, which picks one row kernel per call:
 //! `avx512.rs` (block formats), else `avx2.rs`, else the portable `Weight::dot_row`.
 //! Batched decode goes through `Weight::dot_rows_multi` (`multi.rs`): bit-identical per token
-//! to `dot_rows`, with the multi-token kernels of `avx2_multi.rs` where `dot_rows` would run
-//! `avx2.rs`, and `dot_rows`'s own kernel token by token everywhere else.
+//! to `dot_rows`, with the multi-token kernels of `avx2_multi.rs` / `avx512_multi.rs` where
+//! `dot_rows` would run `avx2.rs` / `avx512.rs`, and `dot_rows`'s own kernel token by token
+//! everywhere else.
 //! `Weight::dequant_row` (prefill panels) and `dot_row` use the per-format code in `float.rs`
 //! (f32/f16/bf16) and `blocks.rs` (q8_0/q4_0/q4_1), the scalar twins of the SIMD kernels.
+
+// First, so that its `by_group!` macro is visible in the kernel modules below.
+#[macro_use]
+mod multi;
 
 pub mod act8;
 #[cfg(target_arch = "x86_64")]
@@ -25,9 +30,10 @@ mod avx2;
 mod avx2_multi;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_multi;
 mod blocks;
 mod float;
-mod multi;
 
 pub use blocks::{BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 pub use multi::TokenRows;

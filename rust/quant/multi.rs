@@ -2,9 +2,10 @@
 //! value bit-identical to [`Weight::dot_rows`] of that token alone.
 //!
 //! Dispatch in [`Weight::dot_rows_multi`]:
-//! - where `dot_rows` would run an `avx2.rs` kernel, its multi-token twin in `avx2_multi.rs`
-//!   decodes each block once for a group of up to `MULTI_MAX` tokens;
-//! - everywhere else (the AVX-512 block kernels, bf16, float rows whose width is not a
+//! - where `dot_rows` would run an `avx2.rs` or `avx512.rs` kernel, its multi-token twin in
+//!   `avx2_multi.rs` or `avx512_multi.rs` decodes each block once for a group of up to
+//!   `MULTI_MAX` tokens;
+//! - everywhere else (bf16, float rows whose width is not a
 //!   multiple of 8, CPUs without AVX2, Q4 rows without block sums or wider than
 //!   `MAX_XSUM_BLOCKS` blocks) `dot_rows`'s own kernel runs token after token on each row,
 //!   while that row is hot in L1: exact by construction.
@@ -12,11 +13,27 @@
 //! More tokens than one group pass over the rows tile by tile (`TILE_ROWS`), so a tile's
 //! weight bytes come from memory once and from L1 for the next groups.
 
+/// `[k::<1>, ..., k::<MULTI_MAX>]`: a kernel for every group size, indexed by `G - 1`.
+macro_rules! by_group {
+    ($k:ident) => {
+        [
+            $k::<1> as MultiKernel,
+            $k::<2>,
+            $k::<3>,
+            $k::<4>,
+            $k::<5>,
+            $k::<6>,
+            $k::<7>,
+            $k::<8>,
+        ]
+    };
+}
+
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
-use super::{avx2_multi, FastIsa, WeightFormat};
+use super::{avx2_multi, avx512_multi, FastIsa, WeightFormat};
 use super::{Weight, BLOCK_ELEMS};
 
 /// Most tokens one multi-token kernel call handles: the lanes of the Q4 offset vectors.
@@ -187,6 +204,21 @@ impl Weight {
     /// The multi-token twins of the kernel [`Weight::dot_rows`] picks for block sums
     /// `xsum_len` long, when that kernel has twins (AVX2 only) and they can run.
     fn multi_set(&self, xsum_len: usize) -> Option<MultiSet> {
+        #[cfg(target_arch = "x86_64")]
+        if self.fast_isa() == Some(FastIsa::Avx512) {
+            use WeightFormat as F;
+            let kernels = match self.fmt {
+                F::Q4_1 => &avx512_multi::Q4_1,
+                F::Q4_0 => &avx512_multi::Q4_0,
+                F::Q8_0 => &avx512_multi::Q8_0,
+                _ => return None,
+            };
+            return Some(MultiSet {
+                kernels,
+                group: avx512_multi::GROUP,
+                reads_xsum: false,
+            });
+        }
         #[cfg(target_arch = "x86_64")]
         if self.fast_isa() == Some(FastIsa::Avx2) {
             use avx2_multi::{GROUP_BLOCKS, GROUP_FLOATS};

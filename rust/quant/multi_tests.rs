@@ -123,6 +123,10 @@ fn token_rows_window_writes_only_its_columns() {
     }
 }
 
+/// A single-token row kernel: `(row, x, xsum) -> dot`.
+#[cfg(target_arch = "x86_64")]
+type Single = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_multi_kernels_match_single_kernels_and_scalar_twin() {
@@ -130,17 +134,37 @@ fn avx2_multi_kernels_match_single_kernels_and_scalar_twin() {
     if !avx2::available() {
         return;
     }
-    type Single = unsafe fn(&[u8], &[f32], &[f32]) -> f32;
-    let sets: [(&str, &[MultiKernel; MULTI_MAX], Single); 5] = [
+    twins_match(&[
         ("q4_1", &avx2_multi::Q4_1, avx2::dot_q4_1),
         ("q4_0", &avx2_multi::Q4_0, avx2::dot_q4_0),
         ("q8_0", &avx2_multi::Q8_0, avx2::dot_q8_0),
         ("f16", &avx2_multi::F16, avx2::dot_f16),
         ("f32", &avx2_multi::F32, avx2::dot_f32),
-    ];
+    ]);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_multi_kernels_match_single_kernels_and_scalar_twin() {
+    use super::super::{avx512, avx512_multi};
+    if !avx512::available() {
+        return;
+    }
+    twins_match(&[
+        ("q4_1", &avx512_multi::Q4_1, avx512::dot_q4_1),
+        ("q4_0", &avx512_multi::Q4_0, avx512::dot_q4_0),
+        ("q8_0", &avx512_multi::Q8_0, avx512::dot_q8_0),
+    ]);
+}
+
+/// Every group size of each multi kernel gives every token its single twin's value bit for
+/// bit, close to the scalar twin, and writes nothing past the group. The kernels must run on
+/// this CPU.
+#[cfg(target_arch = "x86_64")]
+fn twins_match(sets: &[(&str, &[MultiKernel; MULTI_MAX], Single)]) {
     let rows = 4;
     let mut buf = [MaybeUninit::<f32>::uninit(); MULTI_MAX * MAX_XSUM_BLOCKS];
-    for (name, multi, single) in sets {
+    for &(name, multi, single) in sets {
         for cols in [32, 64, 96, 576, 8, 24, 40] {
             let Some(w) = weight(name, rows, cols) else {
                 continue;
@@ -152,7 +176,7 @@ fn avx2_multi_kernels_match_single_kernels_and_scalar_twin() {
                 let xsum_t = transpose_sums(&xsums, nb, 0, g, &mut buf);
                 for r in 0..rows {
                     let mut out = [f32::NAN; MULTI_MAX];
-                    // SAFETY: AVX2, FMA and F16C were detected above.
+                    // SAFETY: the callers checked that this CPU runs the kernels.
                     unsafe { multi[g - 1](w.row(r), &xs, xsum_t, &mut out) };
                     for t in 0..g {
                         let x = &xs[t * cols..(t + 1) * cols];
