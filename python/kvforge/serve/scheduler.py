@@ -1,0 +1,358 @@
+"""Continuous batching: one loop thread runs every request of a server.
+
+Each iteration (a *step*) drops cancelled requests, admits waiting ones while their KV
+memory and ``max_running`` allow, runs one batched decode step over every request that has
+its next token (``kvforge._core.decode_batch``: each weight read once for all of them), then
+one prefill chunk of the oldest request still reading its prompt, so running streams keep
+flowing while a long prompt is read. A finished or cancelled request releases its blocks in
+the step that sees it. Requests with speculative decoding run their own decode loop on a
+thread of their own (a tree step does not fit the one-token batch).
+
+Admission: a request starts only when the worst case of its blocks (prompt plus
+``max_tokens``) fits the free blocks minus what the running requests may still take, after
+dropping least recently used prefix-cache entries if that makes room; so a running request
+never runs out of blocks. One that waits longer than ``queue_timeout`` is answered 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from .. import _core
+from ..errors import Error
+from ..generation import GenerationChunk, SequenceDecoder
+from .job import Hooks, Job, api_error
+from .prefix import PrefixCache
+from .protocol import APIError
+
+log = logging.getLogger("kvforge.serve")
+
+# Chunks of at most this many tokens are projected token by token (`EXACT_ROWS` in Rust);
+# prefill chunks are kept longer so that chunking never changes a row (prefix.py).
+_EXACT_ROWS = 32
+
+
+class Scheduler:
+    def __init__(self, llm: Any, *, max_running: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 256, queue_timeout: float = 60.0,
+                 prefix_cache: bool = True, hooks: Hooks | None = None) -> None:
+        self.llm, self.max_running, self.max_queue = llm, max_running, max_queue
+        self.prefill_chunk = max(prefill_chunk, 2 * _EXACT_ROWS + 2)
+        self.queue_timeout = queue_timeout
+        self.hooks = hooks or Hooks()
+        cfg = llm.config
+        self.block_size = llm.kv_config.block_size
+        self.heads = cfg.num_layers * cfg.num_kv_heads
+        self.block_bytes = llm.kv_stats()["block_bytes"]
+        self.cache = PrefixCache(self.block_size) if prefix_cache else None
+        self.cond = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.solo: list[Job] = []
+        self.steps = 0
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kvforge-scheduler", daemon=True)
+
+    # -- the server's side --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def worst_blocks(self, job: Job) -> int:
+        tokens = len(job.ids) + job.room
+        bound = job.press.cache_tokens() if job.press is not None else None
+        if bound is not None:
+            tokens = min(tokens, bound)
+        if job.speculative is not None:  # a verified tree, a draft model's own cache
+            tokens = 2 * (tokens + job.speculative.max_draft + 1)
+        return self.heads * (-(-tokens // self.block_size) + 1)
+
+    def submit(self, job: Job) -> None:
+        """Queues ``job``; raises :class:`APIError` 503 (stopped), 429 (queue full) or 400
+        (it could never fit the pool)."""
+        job.worst = self.worst_blocks(job)
+        total = self.llm.kv_stats()["total_blocks"]
+        if job.worst > total:
+            mib = 2**20
+            raise APIError(400, f"prompt ({len(job.ids)} tokens) plus max_tokens ({job.room}) "
+                           f"needs {job.worst * self.block_bytes / mib:.0f} MiB of KV cache; "
+                           f"this server has {total * self.block_bytes / mib:.0f} MiB",
+                           "max_tokens", "kv_memory_exceeded")
+        with self.cond:
+            if not self.alive:
+                raise APIError(503, "the server is shutting down", None, "unavailable")
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"{len(self.waiting)} requests are already waiting "
+                               f"(--max-queue {self.max_queue}); retry later", None,
+                               "queue_full")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the job leaves at the next step."""
+        with self.cond:
+            if not job.cancelled:
+                job.cancelled, job.cancel_step = True, self.steps
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for job in list(self.running) + list(self.waiting):
+            self._fail(job, APIError(503, "the server shut down", None, "unavailable"))
+        self.running.clear()
+        self.waiting.clear()
+        if self.cache is not None:
+            self.cache.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Queue, running and pool counts, with prefix-cache blocks counted apart from
+        live ones (blocks a cache entry shares with a running request are live)."""
+        with self.cond:
+            waiting, running = len(self.waiting), list(self.running)
+            cached_sessions = self.cache.sessions() if self.cache is not None else []
+            solo = len(self.solo)
+        s = self.llm.kv_stats()
+        cores = [j.core for j in running if j.core is not None]
+        cached = _core.distinct_blocks(cached_sessions, cores) if cached_sessions else 0
+        return {"waiting": waiting, "running": len(running) + solo, "steps": self.steps,
+                "total_blocks": s["total_blocks"], "free_blocks": s["free_blocks"],
+                "cached_blocks": cached, "live_blocks": s["live_blocks"] - cached,
+                "cache_entries": len(cached_sessions)}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stop and not self.waiting and not self.running:
+                    self.cond.wait(timeout=1.0)
+                if self._stop:
+                    return
+            try:
+                self._step()
+            except BaseException as e:  # pragma: no cover - a bug: fail requests, keep serving
+                log.exception("scheduler step failed")
+                self.error = e
+                for job in list(self.running):
+                    self._fail(job, APIError(500, f"internal error: {e}", None, "internal"))
+                self.running.clear()
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        decoding = [j for j in self.running if j.token is not None]
+        if decoding:
+            self._decode(decoding)
+        reading = next((j for j in self.running if j.token is None), None)
+        if reading is not None:
+            self._prefill(reading)
+        with self.cond:
+            self.steps += 1
+
+    def _reap(self) -> None:
+        now = time.perf_counter()
+        with self.cond:
+            keep: deque[Job] = deque()
+            for job in self.waiting:
+                if job.cancelled:
+                    continue
+                if now - job.arrival > self.queue_timeout:
+                    job.emit(APIError(503, f"no room for the request after {self.queue_timeout:g}"
+                                      " s; retry later", None, "timeout"))
+                    continue
+                keep.append(job)
+            self.waiting = keep
+            gone = [j for j in self.running if j.cancelled]
+            self.running = [j for j in self.running if not j.cancelled]
+        for job in gone:
+            self._release(job)
+
+    def _admit(self) -> None:
+        while True:
+            with self.cond:
+                if not self.waiting or len(self.running) + len(self.solo) >= self.max_running:
+                    return
+                job = self.waiting[0]
+            if not self._make_room(job):
+                return
+            with self.cond:
+                self.waiting.popleft()
+            if job.speculative is not None:
+                self._start_solo(job)
+            else:
+                self._start(job)
+
+    def _make_room(self, job: Job) -> bool:
+        while True:
+            free = self.llm.kv_stats()["free_blocks"]
+            promised = sum(max(j.worst - j.core.blocks_held(), 0) for j in self.running
+                           if j.core is not None) + sum(j.worst for j in self.solo)
+            if job.worst <= free - promised:
+                return True
+            if self.cache is None or not self.cache.evict_lru():
+                return False
+
+    def _start(self, job: Job) -> None:
+        llm = self.llm
+        try:
+            if job.cacheable and self.cache is not None:
+                job.core, job.done = self.cache.lookup(job.ids)
+            if job.core is None:
+                job.core = llm._open(job.press, job.attention)
+            llm._set_sampling(job.core, job.params)
+            job.dec = SequenceDecoder(len(job.ids), job.params, llm.tokenizer,
+                                      llm.eos_token_ids, job.room, self.block_bytes)
+            job.dec.stats.cached_prompt_tokens = job.done
+        except BaseException as e:
+            self._fail(job, e)
+            return
+        self.hooks.prompt(len(job.ids), job.done)
+        self.running.append(job)
+
+    def _prefill(self, job: Job) -> None:
+        """One chunk of ``job``'s prompt; the last samples its first token. A press needs the
+        whole prompt in one call (it compresses at the end of the first prefill)."""
+        rest = len(job.ids) - job.done
+        take = rest if job.press is not None or rest <= self.prefill_chunk else (
+            self.prefill_chunk if rest - self.prefill_chunk > _EXACT_ROWS else rest // 2)
+        piece = job.ids[job.done:job.done + take]
+        t0 = time.perf_counter()
+        try:
+            if take < rest:
+                job.core.prefill(piece)
+            else:
+                job.token = job.core.prefill_sample(piece)
+        except BaseException as e:
+            self.running.remove(job)
+            self._fail(job, e)
+            return
+        assert job.dec is not None
+        job.dec.stats.prefill_s += time.perf_counter() - t0
+        job.done += take
+        if job.token is None:
+            return
+        if job.cacheable and self.cache is not None and len(job.ids) >= self.block_size:
+            self._cache_prompt(job)
+        self._feed(job, job.token)
+
+    def _cache_prompt(self, job: Job) -> None:
+        """The prompt's full blocks go into the cache now (a fork), so that requests sharing
+        it while this one still runs reuse them too."""
+        try:
+            fork = job.core.fork()
+            fork.truncate(len(job.ids) // self.block_size * self.block_size)
+        except Error:
+            return
+        self.cache.insert(fork)  # type: ignore[union-attr]
+
+    def _decode(self, jobs: list[Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            tokens = _core.decode_batch([j.core for j in jobs], [j.token for j in jobs])
+        except Error:
+            return self._decode_alone(jobs)
+        dt = time.perf_counter() - t0
+        for job, token in zip(jobs, tokens, strict=True):
+            job.dec.stats.decode_s += dt  # type: ignore[union-attr]
+            self._feed(job, token)
+
+    def _decode_alone(self, jobs: list[Job]) -> None:
+        """A batch failed: each request decodes alone, so only a failing one fails."""
+        for job in jobs:
+            try:
+                token = job.core.decode(job.token)
+            except BaseException as e:
+                self.running.remove(job)
+                self._fail(job, e)
+                continue
+            self._feed(job, token)
+
+    def _feed(self, job: Job, token: int) -> None:
+        dec = job.dec
+        assert dec is not None
+        chunk = dec.feed(token, job.core.blocks_held())
+        job.token = token
+        self._stamp(job)
+        job.emit(chunk)
+        if dec.reason is not None:
+            dec.attention_from(job.core, {"blocks_visited": 0, "blocks_total": 0,
+                                          "max_certificate": 0.0})
+            job.emit(dec.final())
+            self.hooks.finished(dec.reason)
+            self.running.remove(job)
+            self._release(job, keep=True)
+
+    def _stamp(self, job: Job) -> None:
+        """A token of ``job`` comes out now: time to first token, or the gap since the last."""
+        now = time.perf_counter()
+        if job.first_at is None:
+            job.first_at = now
+            self.hooks.first_token(now - job.arrival)
+        else:
+            self.hooks.token(now - (job.last_at or now))
+        job.last_at = now
+
+    def _release(self, job: Job, keep: bool = False) -> None:
+        """Frees ``job``'s session, or hands it to the prefix cache (``keep``)."""
+        core, job.core = job.core, None
+        job.finished = True
+        if core is not None:
+            if keep and job.cacheable and self.cache is not None:
+                try:
+                    self.cache.insert(core)
+                except Error:
+                    core.release()
+            else:
+                core.release()
+        job.freed_step = self.steps
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        self._release(job)
+        self.hooks.finished("error")
+        job.emit(api_error(e))
+
+    # -- speculative requests -----------------------------------------------------------------
+    def _start_solo(self, job: Job) -> None:
+        self.solo.append(job)
+        threading.Thread(target=self._run_solo, args=(job,), daemon=True,
+                         name="kvforge-speculative").start()
+
+    def _run_solo(self, job: Job) -> None:
+        try:
+            it = self.llm.generate(job.ids, job.params, press=job.press,
+                                   attention=job.attention, speculative=job.speculative,
+                                   stream=True)
+            self.hooks.prompt(len(job.ids), 0)
+            try:
+                for chunk in it:
+                    if job.cancelled:
+                        break
+                    self._solo_chunk(job, chunk)
+            finally:
+                it.close()
+        except BaseException as e:
+            job.emit(api_error(e))
+            self.hooks.finished("error")
+        finally:
+            with self.cond:
+                self.solo.remove(job)
+                job.finished, job.freed_step = True, self.steps
+                self.cond.notify()
+
+    def _solo_chunk(self, job: Job, chunk: GenerationChunk) -> None:
+        if chunk.token_ids:
+            self._stamp(job)
+        if chunk.finish_reason is not None:
+            self.hooks.finished(chunk.finish_reason)
+        job.emit(chunk)
