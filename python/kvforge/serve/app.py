@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -200,6 +202,15 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="kvforge", version="0.1.0", lifespan=lifespan)
     app.state.server = server
+    replica = f"{socket.gethostname()}:{os.getpid()}"
+
+    @app.middleware("http")
+    async def name_replica(request: Request, call_next: Any) -> Any:
+        """Which process answered: replicas behind one proxy are told apart by it."""
+        response = await call_next(request)
+        response.headers["x-kvforge-replica"] = replica
+        return response
+
     _handlers(app)
     _routes(app, server)
     return app

@@ -60,7 +60,10 @@ class Scheduler:
 
     # -- the server's side --------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Starts the loop thread (once; later calls do nothing)."""
+        with self.cond:
+            if not self._thread.is_alive() and not self._stop:
+                self._thread.start()
 
     @property
     def alive(self) -> bool:
