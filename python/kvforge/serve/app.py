@@ -202,18 +202,31 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="kvforge", version="0.1.0", lifespan=lifespan)
     app.state.server = server
-    replica = f"{socket.gethostname()}:{os.getpid()}"
-
-    @app.middleware("http")
-    async def name_replica(request: Request, call_next: Any) -> Any:
-        """Which process answered: replicas behind one proxy are told apart by it."""
-        response = await call_next(request)
-        response.headers["x-kvforge-replica"] = replica
-        return response
+    app.add_middleware(_ReplicaHeader, value=f"{socket.gethostname()}:{os.getpid()}")
 
     _handlers(app)
     _routes(app, server)
     return app
+
+
+class _ReplicaHeader:
+    """Names the answering process in ``x-kvforge-replica`` (replicas behind one proxy are
+    told apart by it). Plain ASGI: a ``BaseHTTPMiddleware`` would hide client disconnects
+    from the endpoints."""
+
+    def __init__(self, app: Any, value: str) -> None:
+        self.app, self.header = app, (b"x-kvforge-replica", value.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 def _handlers(app: FastAPI) -> None:
