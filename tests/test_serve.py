@@ -180,6 +180,9 @@ def test_prefix_cache_reuses_a_system_prompt_exactly(live):
     assert [first.choices[0].text, second.choices[0].text] == cold
     stats = live.idle()
     assert stats["cached_blocks"] > 0 and stats["live_blocks"] == 0
+    pool = live.llm.kv_stats()
+    assert pool["cached_blocks"] == stats["cached_blocks"] and pool["live_blocks"] == 0
+    assert pool["free_blocks"] + pool["cached_blocks"] == pool["total_blocks"]
     again = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=12,
                                       temperature=0, extra_body={"repetition_penalty": 1.3})
     assert again.choices[0].text == direct(live.llm, prompts[0], max_new_tokens=12,
@@ -189,14 +192,17 @@ def test_prefix_cache_reuses_a_system_prompt_exactly(live):
 
 def test_prefix_cache_gives_way_when_the_pool_is_full():
     llm = new_llm(kv_mib=24)  # ~2950 blocks: a few hundred tokens of cache per request
+    prompts = [f"Topic {i}. " + SYSTEM for i in range(6)]
+    ref = new_llm(kv_mib=64)  # the server's cache fills its own pool
+    want = [direct(ref, p, max_new_tokens=8).text for p in prompts]
+    ref.close()
     try:
         with LiveServer(llm) as s:
             client = s.client()
-            for i in range(6):
-                prompt = f"Topic {i}. " + SYSTEM
+            for prompt, text in zip(prompts, want, strict=True):
                 out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
                                                 temperature=0)
-                assert out.choices[0].text == direct(llm, prompt, max_new_tokens=8).text
+                assert out.choices[0].text == text
             assert s.scheduler.cache.stats.evictions > 0
             stats = s.idle()
             assert stats["live_blocks"] == 0

@@ -81,6 +81,8 @@ class LLM:
         self._loaded.tensors = {}
         self._closed = False
         self._pid = os.getpid()
+        # Set by a server's prefix cache: the blocks only its entries hold (kv_stats).
+        self._cached_blocks: Any = None
 
     def _num_blocks(self, kv: KVCacheConfig) -> int:
         cfg = self._loaded.config
@@ -375,8 +377,12 @@ class LLM:
 
     # -- memory -------------------------------------------------------------------------------
     def kv_stats(self) -> dict[str, Any]:
-        """Block pool counts and bytes: total, free, live and cached."""
+        """Block pool counts and bytes: total, free, live and cached (blocks a server's prefix
+        cache keeps that no running request shares; 0 without a server)."""
         s = dict(self._core_engine().kv_stats())
+        if self._cached_blocks is not None:
+            cached = self._cached_blocks()
+            s["cached_blocks"], s["live_blocks"] = cached, s["live_blocks"] - cached
         for kind in ("total", "free", "live", "cached"):
             s[f"{kind}_bytes"] = s[f"{kind}_blocks"] * s["block_bytes"]
         return s

@@ -3,8 +3,9 @@
 Each iteration (a *step*) drops cancelled requests, admits waiting ones while their KV
 memory and ``max_running`` allow, runs one batched decode step over every request that has
 its next token (``kvforge._core.decode_batch``: each weight read once for all of them), then
-one prefill chunk of the oldest request still reading its prompt, so running streams keep
-flowing while a long prompt is read. A finished or cancelled request releases its blocks in
+prefills pieces of the prompts still being read, oldest first, up to ``prefill_chunk`` tokens
+in all, so running streams keep flowing while a long prompt is read and several short ones
+start in the same step. A finished or cancelled request releases its blocks in
 the step that sees it. Requests with speculative decoding run their own decode loop on a
 thread of their own (a tree step does not fit the one-token batch).
 
@@ -41,6 +42,7 @@ class Scheduler:
                  prefill_chunk: int = 256, queue_timeout: float = 60.0,
                  prefix_cache: bool = True, hooks: Hooks | None = None) -> None:
         self.llm, self.max_running, self.max_queue = llm, max_running, max_queue
+        # A step's prefill budget: room for a piece of more than `_EXACT_ROWS` tokens.
         self.prefill_chunk = max(prefill_chunk, 2 * _EXACT_ROWS + 2)
         self.queue_timeout = queue_timeout
         self.hooks = hooks or Hooks()
@@ -49,6 +51,8 @@ class Scheduler:
         self.heads = cfg.num_layers * cfg.num_kv_heads
         self.block_bytes = llm.kv_stats()["block_bytes"]
         self.cache = PrefixCache(self.block_size) if prefix_cache else None
+        if self.cache is not None:
+            llm._cached_blocks = self.cached_blocks
         self.cond = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
@@ -118,6 +122,7 @@ class Scheduler:
         self.waiting.clear()
         if self.cache is not None:
             self.cache.clear()
+            self.llm._cached_blocks = None
 
     def stats(self) -> dict[str, int]:
         """Queue, running and pool counts, with prefix-cache blocks counted apart from
@@ -126,13 +131,25 @@ class Scheduler:
             waiting, running = len(self.waiting), list(self.running)
             cached_sessions = self.cache.sessions() if self.cache is not None else []
             solo = len(self.solo)
-        s = self.llm.kv_stats()
-        cores = [j.core for j in running if j.core is not None]
-        cached = _core.distinct_blocks(cached_sessions, cores) if cached_sessions else 0
+        s = self.llm.kv_stats()  # counts cached blocks through `cached_blocks`
         return {"waiting": waiting, "running": len(running) + solo, "steps": self.steps,
                 "total_blocks": s["total_blocks"], "free_blocks": s["free_blocks"],
-                "cached_blocks": cached, "live_blocks": s["live_blocks"] - cached,
+                "cached_blocks": s["cached_blocks"], "live_blocks": s["live_blocks"],
                 "cache_entries": len(cached_sessions)}
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the prefix cache under the lock, so that other threads reading
+        it (``stats``, ``kv_stats``) never see it change under them."""
+        with self.cond:
+            return fn(*args)
+
+    def cached_blocks(self) -> int:
+        """Blocks only prefix-cache entries hold (a block an entry shares with a running
+        request is live)."""
+        with self.cond:
+            running = [j.core for j in self.running if j.core is not None]
+            entries = self.cache.sessions() if self.cache is not None else []
+        return _core.distinct_blocks(entries, running) if entries else 0
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -157,9 +174,12 @@ class Scheduler:
         decoding = [j for j in self.running if j.token is not None]
         if decoding:
             self._decode(decoding)
-        reading = next((j for j in self.running if j.token is None), None)
-        if reading is not None:
-            self._prefill(reading)
+        budget = self.prefill_chunk
+        for job in [j for j in self.running if j.token is None]:
+            used = self._prefill(job, budget)
+            budget -= used
+            if used == 0 or budget <= _EXACT_ROWS:
+                break
         with self.cond:
             self.steps += 1
 
@@ -203,14 +223,14 @@ class Scheduler:
                            if j.core is not None) + sum(j.worst for j in self.solo)
             if job.worst <= free - promised:
                 return True
-            if self.cache is None or not self.cache.evict_lru():
+            if self.cache is None or not self._locked(self.cache.evict_lru):
                 return False
 
     def _start(self, job: Job) -> None:
         llm = self.llm
         try:
             if job.cacheable and self.cache is not None:
-                job.core, job.done = self.cache.lookup(job.ids)
+                job.core, job.done = self._locked(self.cache.lookup, job.ids)
             if job.core is None:
                 job.core = llm._open(job.press, job.attention)
             llm._set_sampling(job.core, job.params)
@@ -223,12 +243,27 @@ class Scheduler:
         self.hooks.prompt(len(job.ids), job.done)
         self.running.append(job)
 
-    def _prefill(self, job: Job) -> None:
-        """One chunk of ``job``'s prompt; the last samples its first token. A press needs the
-        whole prompt in one call (it compresses at the end of the first prefill)."""
+    def _take(self, job: Job, budget: int) -> int:
+        """Prompt tokens of ``job`` to prefill now, at most ``budget`` (0: wait for the next
+        step). A press needs the whole prompt in one call (it compresses at the end of the
+        first prefill), so it goes alone. A piece that is not the whole rest leaves more than
+        ``_EXACT_ROWS`` tokens and has more itself, so that every piece meets the same GEMM a
+        whole-prompt prefill would (prefix.py)."""
         rest = len(job.ids) - job.done
-        take = rest if job.press is not None or rest <= self.prefill_chunk else (
-            self.prefill_chunk if rest - self.prefill_chunk > _EXACT_ROWS else rest // 2)
+        if job.press is not None:
+            return rest if budget == self.prefill_chunk else 0
+        if rest <= budget:
+            return rest
+        take = min(budget, rest - _EXACT_ROWS - 1)
+        return take if take > _EXACT_ROWS else 0
+
+    def _prefill(self, job: Job, budget: int) -> int:
+        """A piece of ``job``'s prompt; the last samples its first token. Returns the tokens
+        prefilled."""
+        take = self._take(job, budget)
+        if take == 0:
+            return 0
+        rest = len(job.ids) - job.done
         piece = job.ids[job.done:job.done + take]
         t0 = time.perf_counter()
         try:
@@ -239,15 +274,16 @@ class Scheduler:
         except BaseException as e:
             self.running.remove(job)
             self._fail(job, e)
-            return
+            return take
         assert job.dec is not None
         job.dec.stats.prefill_s += time.perf_counter() - t0
         job.done += take
         if job.token is None:
-            return
+            return take
         if job.cacheable and self.cache is not None and len(job.ids) >= self.block_size:
             self._cache_prompt(job)
         self._feed(job, job.token)
+        return take
 
     def _cache_prompt(self, job: Job) -> None:
         """The prompt's full blocks go into the cache now (a fork), so that requests sharing
@@ -257,7 +293,7 @@ class Scheduler:
             fork.truncate(len(job.ids) // self.block_size * self.block_size)
         except Error:
             return
-        self.cache.insert(fork)  # type: ignore[union-attr]
+        self._locked(self.cache.insert, fork)  # type: ignore[union-attr]
 
     def _decode(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
@@ -313,7 +349,7 @@ class Scheduler:
         if core is not None:
             if keep and job.cacheable and self.cache is not None:
                 try:
-                    self.cache.insert(core)
+                    self._locked(self.cache.insert, core)
                 except Error:
                     core.release()
             else:
