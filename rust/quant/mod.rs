@@ -6,8 +6,9 @@
 //! Nothing is expanded to float32 up front: kernels dequantize a row (or a block) on the fly,
 //! so the resident size of the model is its file size.
 //!
-//! Dispatch (`dispatch.rs`): decode goes through `Weight::dot_rows`, which picks one row kernel per call:
-//! `avx512.rs` (block formats), else `avx2.rs`, else the portable `Weight::dot_row`.
+//! Dispatch (`dispatch.rs`): decode goes through `Weight::dot_rows`, which picks one row
+//! kernel per call: `avx512.rs` (block formats), else `avx2.rs`, else the portable
+//! `Weight::dot_row`.
 //! Batched decode goes through `Weight::dot_rows_multi` (`multi.rs`): bit-identical per token
 //! to `dot_rows`, with the multi-token kernels of `avx2_multi.rs` / `avx512_multi.rs` where
 //! `dot_rows` would run `avx2.rs` / `avx512.rs`, and `dot_rows`'s own kernel token by token
