@@ -277,3 +277,17 @@ def test_int8_speculation_gives_int8_plain_tokens(tmp_path_factory, seed, n, new
         spec = Speculative(PromptLookup(num_pred_tokens=40), max_draft=40, adaptive=False)
         got = m.generate(prompt, max_new_tokens=new, ignore_eos=True, speculative=spec)
         assert got.token_ids == want.token_ids
+
+
+def test_spec_strings_name_every_drafter(tmp_path):
+    from kvforge.spec import HierarchyDrafting, Medusa, SelfDraft, parse
+
+    assert isinstance(parse("prompt-lookup").drafter, PromptLookup)
+    assert parse("hierarchy").drafter.history is None
+    hist = tmp_path / "history.json"
+    h = parse(f"hierarchy:{hist}").drafter
+    assert isinstance(h, HierarchyDrafting) and h.history == hist
+    assert isinstance(parse("self:12").drafter, SelfDraft)
+    assert isinstance(parse("medusa").drafter, Medusa)
+    with pytest.raises(ConfigError, match="layer count"):
+        parse("self:x")

@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _sampling_args(g)
     g.add_argument("--speculative", default=None, metavar="DRAFTER",
-                   help="speculative decoding with a drafter: prompt-lookup, hierarchy, "
-                        "medusa[:PATH] (after kvforge medusa-train), self:K (the first K "
+                   help="speculative decoding with a drafter: prompt-lookup, "
+                        "hierarchy[:HISTORY.json] (kept across runs), medusa[:PATH] (after kvforge medusa-train), self:K (the first K "
                         "layers), draft:PATH (a model of the same vocabulary)")
     g.add_argument("--acceptance", choices=("greedy", "typical", "lossless"), default=None,
                    help="speculative acceptance rule (default: greedy at temperature 0, "

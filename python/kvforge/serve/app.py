@@ -133,7 +133,7 @@ class Server:
             raise APIError(400, "speculative needs a drafter name", "speculative",
                            "invalid_value")
         name, _, arg = drafter.partition(":")
-        if name.lower() not in _NETWORK_DRAFTERS or (name.lower() == "medusa" and arg):
+        if name.lower() not in _NETWORK_DRAFTERS or (arg and name.lower() != "self"):
             raise APIError(400, f"speculative drafter {drafter!r} is not available over the "
                            f"network; use one of prompt-lookup, hierarchy, self:K, medusa",
                            "speculative", "invalid_value")

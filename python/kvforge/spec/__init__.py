@@ -59,11 +59,12 @@ class Speculative:
         v.real("Speculative posterior_alpha", self.posterior_alpha, lo=0.0, hi=1.0)
 
 
-KNOWN = ("prompt-lookup", "hierarchy", "medusa[:PATH]", "self:K", "draft:PATH")
+KNOWN = ("prompt-lookup", "hierarchy[:HISTORY]", "medusa[:PATH]", "self:K", "draft:PATH")
 
 
 def parse(spec: str) -> Speculative:
-    """The command line's ``--speculative``: ``prompt-lookup``, ``hierarchy``,
+    """The command line's ``--speculative``: ``prompt-lookup``, ``hierarchy[:HISTORY]``
+    (``HISTORY``: the JSON file that keeps the model-history database across runs),
     ``medusa[:PATH]`` (default: the heads ``kvforge medusa-train`` saved beside the model),
     ``self:K`` (the first ``K`` layers) or ``draft:PATH`` (a model of the same vocabulary)."""
     if not isinstance(spec, str):
@@ -72,8 +73,8 @@ def parse(spec: str) -> Speculative:
     name = name.lower()
     if name in ("prompt-lookup", "prompt_lookup", "pld") and not arg:
         return Speculative(PromptLookup())
-    if name in ("hierarchy", "hierarchy-drafting", "hd") and not arg:
-        return Speculative(HierarchyDrafting())
+    if name in ("hierarchy", "hierarchy-drafting", "hd"):
+        return Speculative(HierarchyDrafting(history=arg or None))
     if name == "medusa":
         return Speculative(Medusa(arg or None))
     if name == "self" and arg:
