@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--speculative", default=None, metavar="DRAFTER",
                    help="speculative decoding with a drafter: prompt-lookup, "
-                        "hierarchy[:HISTORY.json] (kept across runs), medusa[:PATH] (after kvforge medusa-train), self:K (the first K "
-                        "layers), draft:PATH (a model of the same vocabulary)")
+                        "hierarchy[:HISTORY.json] (kept across runs), medusa[:PATH] (after "
+                        "kvforge medusa-train), self:K (the first K layers), draft:PATH (a "
+                        "model of the same vocabulary)")
     g.add_argument("--acceptance", choices=("greedy", "typical", "lossless"), default=None,
                    help="speculative acceptance rule (default: greedy at temperature 0, "
                         "else lossless)")
