@@ -227,3 +227,22 @@ def test_press_attention_and_speculative_extensions(live):
                                      extra_body={"speculative": "prompt-lookup"})
     assert spec.choices[0].text == direct(live.llm, prompt, max_new_tokens=10).text
     assert live.idle()["live_blocks"] == 0
+
+
+def test_a_chat_history_resumes_exactly_before_the_latest_reply(live):
+    live.scheduler.cache.clear()
+    client = live.client()
+    short = "Name a colour."  # under 33 tokens: computed token by token, never cached
+    first = client.completions.create(model=MODEL, prompt=short, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn1 = SYSTEM + "User: name a planet.\nAssistant:"
+    reply = client.completions.create(model=MODEL, prompt=turn1, max_tokens=12, temperature=0)
+    turn2 = turn1 + reply.choices[0].text + "\nUser: and a moon?\nAssistant:"
+    second = client.completions.create(model=MODEL, prompt=turn2, max_tokens=12,
+                                       temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached <= len(live.llm.encode(turn1))  # never into the decoded reply
+    assert second.choices[0].text == direct(live.llm, turn2, max_new_tokens=12).text
+    again = client.completions.create(model=MODEL, prompt=short + " Another one?",
+                                      max_tokens=6, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0

@@ -134,6 +134,12 @@ def test_a_request_larger_than_the_pool_is_400():
             r = post(s, "/v1/completions", ok_body(max_tokens=2000))
             assert r.status_code == 400 and r.json()["error"]["code"] == "kv_memory_exceeded"
             assert post(s, "/v1/completions", ok_body()).status_code == 200
+            # Chat's default length (the rest of the context) is capped by the pool.
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count to 3."}],
+                    "temperature": 0}
+            r = post(s, "/v1/chat/completions", chat)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         llm.close()
 

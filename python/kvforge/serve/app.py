@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import Error
+from ..errors import ConfigError, Error
 from ..generation import GenerationChunk
 from .metrics import Metrics
 from .protocol import (
@@ -33,6 +33,9 @@ from .protocol import (
 from .scheduler import Job, Scheduler
 from .shapes import ChatShape, CompletionShape, reason, sse
 
+# Most requests one batched decode step takes (the core's limit).
+MAX_RUNNING = 256
+
 # Drafters a client may ask for: none reads a path the client names.
 _NETWORK_DRAFTERS = ("prompt-lookup", "prompt_lookup", "pld", "hierarchy", "hd", "self",
                      "medusa")
@@ -45,6 +48,8 @@ class Server:
                  max_queue: int = 64, max_prompt_tokens: int | None = None,
                  prefill_chunk: int = 256, queue_timeout: float = 60.0,
                  prefix_cache: bool = True) -> None:
+        if not 1 <= max_running <= MAX_RUNNING:
+            raise ConfigError(f"max_running={max_running} must be in [1, {MAX_RUNNING}]")
         self.llm, self.model_name = llm, model_name
         self.max_prompt_tokens = max_prompt_tokens or llm.max_context - 1
         self.metrics = Metrics()
@@ -75,9 +80,13 @@ class Server:
             raise APIError(400, f"the prompt has {len(ids)} tokens, the model's context is "
                            f"{llm.max_context}: no room for a completion", param,
                            "context_length_exceeded")
-        wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        wanted = getattr(req, "max_completion_tokens", None)
+        wanted = req.max_tokens if wanted is None else wanted
         if wanted is None:
-            wanted = room if default_max is None else min(default_max, room)
+            # Chat's default, the rest of the context, is capped by what the pool can hold,
+            # so that a request without max_tokens is not refused as too large for it.
+            fits = self.scheduler.tokens_that_fit() - len(ids)
+            wanted = max(1, min(room, fits if default_max is None else default_max))
         elif wanted > room:
             raise APIError(400, f"this model's maximum context length is {llm.max_context} "
                            f"tokens; you requested {len(ids) + wanted} ({len(ids)} in the "
@@ -310,7 +319,8 @@ async def _respond(server: Server, request: Request, req: _Common, prompts: list
             server.scheduler.submit(s.job)  # type: ignore[arg-type]
         rid = f"{shape.prefix}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            first = await streams[0].next()  # errors before any token keep their status
+            # Errors before any token keep their status; a client gone meanwhile cancels.
+            (first,) = await _watch(request, [streams[0].next()])
             return _JobStream(streams[0], _sse_events(streams[0], first, rid, server, req,
                                                       shape))
         results = await _watch(request, [_collect(s) for s in streams])

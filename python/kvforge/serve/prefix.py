@@ -1,5 +1,5 @@
-"""Prefix caching: full KV blocks kept after a request, reused by any later request that
-starts with the same tokens.
+"""Prefix caching: the full KV blocks of every prompt, kept after its request ends, reused by
+any later request that starts with the same tokens.
 
 A block of ``block_size`` tokens is keyed by the SHA-256 of its parent block's key and its
 own token ids (vLLM's scheme), so a key names the whole prefix up to the end of its block.
@@ -8,10 +8,12 @@ block boundary); the index maps every key of every chain to the most recent entr
 it. A hit forks that entry (copy-on-write: the blocks are shared, not copied) and truncates
 the fork to the matched blocks, so the new request prefills only the rest.
 
-Exactness: a resumed request must leave more than ``MIN_TAIL - 1`` prompt tokens to prefill.
-The forward projects prefill chunks of more than 32 tokens through a GEMM whose rows do not
-depend on the chunk, and shorter ones token by token (another rounding), so with that tail
-a cached request gets bit for bit the logits a cold one gets.
+Exactness: the forward projects prefill chunks of more than 32 tokens through a GEMM whose
+rows do not depend on the chunk, and shorter ones (and decode steps) token by token, in
+another rounding. So the scheduler caches only prompts of more than 32 tokens, never
+generated tokens, and a resumed request leaves at least ``MIN_TAIL`` tokens to prefill: a
+cached request then gets bit for bit the logits a cold one gets. (A chat history is reused up
+to its latest reply, which the previous turn decoded.)
 
 Only requests without a press or sparse attention use or feed the cache (a press rewrites
 the blocks, a sparse variant reads summaries the entry does not promise). Entries are

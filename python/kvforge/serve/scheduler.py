@@ -49,7 +49,8 @@ class Scheduler:
         cfg = llm.config
         self.block_size = llm.kv_config.block_size
         self.heads = cfg.num_layers * cfg.num_kv_heads
-        self.block_bytes = llm.kv_stats()["block_bytes"]
+        pool = llm._core_engine().kv_stats()
+        self.block_bytes, self.total_blocks = pool["block_bytes"], pool["total_blocks"]
         self.cache = PrefixCache(self.block_size) if prefix_cache else None
         if self.cache is not None:
             llm._cached_blocks = self.cached_blocks
@@ -86,7 +87,7 @@ class Scheduler:
         """Queues ``job``; raises :class:`APIError` 503 (stopped), 429 (queue full) or 400
         (it could never fit the pool)."""
         job.worst = self.worst_blocks(job)
-        total = self.llm.kv_stats()["total_blocks"]
+        total = self.total_blocks
         if job.worst > total:
             mib = 2**20
             raise APIError(400, f"prompt ({len(job.ids)} tokens) plus max_tokens ({job.room}) "
@@ -113,6 +114,8 @@ class Scheduler:
     def close(self) -> None:
         with self.cond:
             self._stop = True
+            for job in self.solo:
+                job.cancelled = True
             self.cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
@@ -121,8 +124,8 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         if self.cache is not None:
-            self.cache.clear()
             self.llm._cached_blocks = None
+            self._locked(self.cache.clear)
 
     def stats(self) -> dict[str, int]:
         """Queue, running and pool counts, with prefix-cache blocks counted apart from
@@ -147,9 +150,17 @@ class Scheduler:
         """Blocks only prefix-cache entries hold (a block an entry shares with a running
         request is live)."""
         with self.cond:
-            running = [j.core for j in self.running if j.core is not None]
+            running = [c for j in self.running if (c := j.core) is not None]
             entries = self.cache.sessions() if self.cache is not None else []
         return _core.distinct_blocks(entries, running) if entries else 0
+
+    def tokens_that_fit(self) -> int:
+        """The longest sequence one request may reach in the whole pool."""
+        return max((self.total_blocks // self.heads - 1) * self.block_size, 1)
+
+    def _free_blocks(self) -> int:
+        """Free blocks of the pool (no scan of the cache's)."""
+        return self.llm._core_engine().kv_stats()["free_blocks"]
 
     # -- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -160,17 +171,24 @@ class Scheduler:
                 if self._stop:
                     return
             try:
-                self._step()
+                busy = self._step()
             except BaseException as e:  # pragma: no cover - a bug: fail requests, keep serving
                 log.exception("scheduler step failed")
-                self.error = e
+                self.error, busy = e, True
                 for job in list(self.running):
-                    self._fail(job, APIError(500, f"internal error: {e}", None, "internal"))
+                    try:
+                        self._fail(job, APIError(500, f"internal error: {e}", None, "internal"))
+                    except BaseException:
+                        log.exception("could not fail a request")
                 self.running.clear()
+            if not busy:  # nothing could run (no room, no slot): wait for a change
+                with self.cond:
+                    self.cond.wait(timeout=0.05)
 
-    def _step(self) -> None:
-        self._reap()
-        self._admit()
+    def _step(self) -> bool:
+        """One step; False when it could do nothing."""
+        busy = self._reap()
+        busy |= self._admit()
         decoding = [j for j in self.running if j.token is not None]
         if decoding:
             self._decode(decoding)
@@ -182,33 +200,41 @@ class Scheduler:
                 break
         with self.cond:
             self.steps += 1
+        return busy or bool(decoding) or budget < self.prefill_chunk
 
-    def _reap(self) -> None:
+    def _reap(self) -> bool:
         now = time.perf_counter()
         with self.cond:
             keep: deque[Job] = deque()
             for job in self.waiting:
                 if job.cancelled:
+                    self.hooks.finished("cancelled")
                     continue
                 if now - job.arrival > self.queue_timeout:
                     job.emit(APIError(503, f"no room for the request after {self.queue_timeout:g}"
                                       " s; retry later", None, "timeout"))
+                    self.hooks.finished("timeout")
                     continue
                 keep.append(job)
+            changed = len(keep) != len(self.waiting)
             self.waiting = keep
             gone = [j for j in self.running if j.cancelled]
             self.running = [j for j in self.running if not j.cancelled]
         for job in gone:
+            self.hooks.finished("cancelled")
             self._release(job)
+        return changed or bool(gone)
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        admitted = False
         while True:
             with self.cond:
                 if not self.waiting or len(self.running) + len(self.solo) >= self.max_running:
-                    return
+                    return admitted
                 job = self.waiting[0]
             if not self._make_room(job):
-                return
+                return admitted
+            admitted = True
             with self.cond:
                 self.waiting.popleft()
             if job.speculative is not None:
@@ -217,14 +243,19 @@ class Scheduler:
                 self._start(job)
 
     def _make_room(self, job: Job) -> bool:
-        while True:
-            free = self.llm.kv_stats()["free_blocks"]
-            promised = sum(max(j.worst - j.core.blocks_held(), 0) for j in self.running
-                           if j.core is not None) + sum(j.worst for j in self.solo)
-            if job.worst <= free - promised:
-                return True
-            if self.cache is None or not self._locked(self.cache.evict_lru):
+        """Whether ``job`` fits now, after dropping prefix-cache entries (least recently used
+        first) if, and only if, that makes it fit."""
+        promised = sum(max(j.worst - c.blocks_held(), 0) for j in self.running
+                       if (c := j.core) is not None) + sum(j.worst for j in self.solo)
+        need = job.worst + promised
+        if need <= self._free_blocks():
+            return True
+        if self.cache is None or need > self._free_blocks() + self.cached_blocks():
+            return False
+        while need > self._free_blocks():
+            if not self._locked(self.cache.evict_lru):
                 return False
+        return True
 
     def _start(self, job: Job) -> None:
         llm = self.llm
@@ -280,7 +311,8 @@ class Scheduler:
         job.done += take
         if job.token is None:
             return take
-        if job.cacheable and self.cache is not None and len(job.ids) >= self.block_size:
+        if job.cacheable and self.cache is not None and len(job.ids) > max(
+                self.block_size - 1, _EXACT_ROWS):
             self._cache_prompt(job)
         self._feed(job, job.token)
         return take
@@ -290,26 +322,33 @@ class Scheduler:
         it while this one still runs reuse them too."""
         try:
             fork = job.core.fork()
-            fork.truncate(len(job.ids) // self.block_size * self.block_size)
         except Error:
             return
-        self._locked(self.cache.insert, fork)  # type: ignore[union-attr]
+        try:
+            fork.truncate(len(job.ids) // self.block_size * self.block_size)
+            self._locked(self.cache.insert, fork)  # type: ignore[union-attr]
+        except Error:
+            fork.release()
 
     def _decode(self, jobs: list[Job]) -> None:
         t0 = time.perf_counter()
+        before = [j.core.num_tokens() for j in jobs]
         try:
             tokens = _core.decode_batch([j.core for j in jobs], [j.token for j in jobs])
         except Error:
-            return self._decode_alone(jobs)
+            return self._decode_alone(jobs, before)
         dt = time.perf_counter() - t0
         for job, token in zip(jobs, tokens, strict=True):
             job.dec.stats.decode_s += dt  # type: ignore[union-attr]
             self._feed(job, token)
 
-    def _decode_alone(self, jobs: list[Job]) -> None:
-        """A batch failed: each request decodes alone, so only a failing one fails."""
-        for job in jobs:
+    def _decode_alone(self, jobs: list[Job], before: list[int]) -> None:
+        """A batch failed: each request is rolled back to where the batch found it (a batch
+        may fail after some sessions ran their token) and decodes alone, so only a failing
+        one fails."""
+        for job, n in zip(jobs, before, strict=True):
             try:
+                job.core.truncate(n)
                 token = job.core.decode(job.token)
             except BaseException as e:
                 self.running.remove(job)
@@ -330,7 +369,7 @@ class Scheduler:
             job.emit(dec.final())
             self.hooks.finished(dec.reason)
             self.running.remove(job)
-            self._release(job, keep=True)
+            self._release(job)
 
     def _stamp(self, job: Job) -> None:
         """A token of ``job`` comes out now: time to first token, or the gap since the last."""
@@ -342,18 +381,16 @@ class Scheduler:
             self.hooks.token(now - (job.last_at or now))
         job.last_at = now
 
-    def _release(self, job: Job, keep: bool = False) -> None:
-        """Frees ``job``'s session, or hands it to the prefix cache (``keep``)."""
-        core, job.core = job.core, None
-        job.finished = True
+    def _release(self, job: Job) -> None:
+        """Frees ``job``'s session. Its generated tokens are not cached: decode computed them
+        one at a time, in another rounding than a prefill of the same tokens, so a later
+        prompt holding them could not resume bit for bit (its prompt is cached at the end of
+        its prefill)."""
+        with self.cond:
+            core, job.core = job.core, None
+            job.finished = True
         if core is not None:
-            if keep and job.cacheable and self.cache is not None:
-                try:
-                    self._locked(self.cache.insert, core)
-                except Error:
-                    core.release()
-            else:
-                core.release()
+            core.release()
         job.freed_step = self.steps
 
     def _fail(self, job: Job, e: BaseException) -> None:
