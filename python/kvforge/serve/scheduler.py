@@ -119,6 +119,9 @@ class Scheduler:
             self.cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._thread.is_alive():  # a step still runs: its sessions are not ours to free
+            log.error("the scheduler did not stop within 30 s; leaving its sessions")
+            return
         for job in list(self.running) + list(self.waiting):
             self._fail(job, APIError(503, "the server shut down", None, "unavailable"))
         self.running.clear()
@@ -366,10 +369,12 @@ class Scheduler:
         if dec.reason is not None:
             dec.attention_from(job.core, {"blocks_visited": 0, "blocks_total": 0,
                                           "max_certificate": 0.0})
-            job.emit(dec.final())
+            final = dec.final()
             self.hooks.finished(dec.reason)
+            # Freed before the client hears the end: whoever it tells finds the blocks back.
             self.running.remove(job)
             self._release(job)
+            job.emit(final)
 
     def _stamp(self, job: Job) -> None:
         """A token of ``job`` comes out now: time to first token, or the gap since the last."""
@@ -400,9 +405,15 @@ class Scheduler:
 
     # -- speculative requests -----------------------------------------------------------------
     def _start_solo(self, job: Job) -> None:
-        self.solo.append(job)
-        threading.Thread(target=self._run_solo, args=(job,), daemon=True,
-                         name="kvforge-speculative").start()
+        with self.cond:
+            self.solo.append(job)
+        try:
+            threading.Thread(target=self._run_solo, args=(job,), daemon=True,
+                             name="kvforge-speculative").start()
+        except BaseException as e:  # no thread to be had: the job must not hold its slot
+            with self.cond:
+                self.solo.remove(job)
+            job.emit(api_error(e))
 
     def _run_solo(self, job: Job) -> None:
         try:
