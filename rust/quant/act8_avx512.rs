@@ -32,8 +32,15 @@ pub fn available() -> bool {
 /// against the regrouped activations at `x` (128 bytes); lanes `4j..4j+4` belong to block `j`.
 #[inline(always)]
 unsafe fn nibbles4(p: *const u8, stride: usize, x: *const i8) -> __m512i {
-    // SAFETY: the callers pass four readable blocks and 128 readable activation bytes;
-    // AVX-512F/BW/VNNI are enabled by their target features.
+    // SAFETY: as in the two helpers.
+    unsafe { nibble_dots(nibbles4_decode(p, stride), x) }
+}
+
+/// The low and high nibbles of four Q4 blocks at `p + j * stride` (16 bytes each), as bytes.
+#[inline(always)]
+pub(super) unsafe fn nibbles4_decode(p: *const u8, stride: usize) -> (__m512i, __m512i) {
+    // SAFETY: the callers pass four readable blocks; AVX-512F/BW are enabled by their target
+    // features.
     unsafe {
         // No closure for the loads: it would compile without this function's features.
         let v = _mm512_castsi128_si512(_mm_loadu_si128(p as *const __m128i));
@@ -43,15 +50,25 @@ unsafe fn nibbles4(p: *const u8, stride: usize, x: *const i8) -> __m512i {
         let mask = _mm512_set1_epi8(0x0f);
         let lo = _mm512_and_si512(v, mask);
         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-        let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x as _));
-        _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(x.add(64) as _))
+        (lo, hi)
+    }
+}
+
+/// Integer dots of four decoded Q4 blocks against the regrouped activations at `x` (128
+/// bytes); lanes `4j..4j+4` belong to block `j`.
+#[inline(always)]
+pub(super) unsafe fn nibble_dots(w: (__m512i, __m512i), x: *const i8) -> __m512i {
+    // SAFETY: 128 activation bytes are readable at `x`; AVX-512F/VNNI enabled by the callers.
+    unsafe {
+        let d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.0, _mm512_loadu_si512(x as _));
+        _mm512_dpbusd_epi32(d, w.1, _mm512_loadu_si512(x.add(64) as _))
     }
 }
 
 /// Spreads four of the eight block scales over sixteen lanes: lanes `4j..4j+4` get
 /// `scale[first + j]`.
 #[inline(always)]
-unsafe fn spread4(scale: __m256, first: i32) -> __m512 {
+pub(super) unsafe fn spread4(scale: __m256, first: i32) -> __m512 {
     // SAFETY: AVX-512F is enabled by the callers' target features.
     unsafe {
         let f = first;

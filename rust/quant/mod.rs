@@ -26,6 +26,8 @@ mod act8_avx2;
 #[cfg(target_arch = "x86_64")]
 mod act8_avx512;
 #[cfg(target_arch = "x86_64")]
+mod act8_avx512_multi;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_multi;

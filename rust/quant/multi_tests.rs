@@ -197,3 +197,56 @@ fn twins_match(sets: &[(&str, &[MultiKernel; MULTI_MAX], Single)]) {
         }
     }
 }
+
+/// The int8 multi-token twins give every token of every group size what the single int8
+/// kernel gives it, bit for bit (rows with whole 8-block groups, tails, and both).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn act8_multi_kernels_match_single_kernels() {
+    use super::super::act8::QuantizedX;
+    use super::super::{act8_avx512, act8_avx512_multi};
+    if !act8_avx512::available() {
+        return;
+    }
+    type Single = unsafe fn(&[u8], &QuantizedX) -> f32;
+    let sets: [(
+        &str,
+        &[act8_avx512_multi::Act8MultiKernel; MULTI_MAX],
+        Single,
+    ); 3] = [
+        ("q4_1", &act8_avx512_multi::Q4_1, act8_avx512::dot_q4_1),
+        ("q4_0", &act8_avx512_multi::Q4_0, act8_avx512::dot_q4_0),
+        ("q8_0", &act8_avx512_multi::Q8_0, act8_avx512::dot_q8_0),
+    ];
+    for (name, multi, single) in sets {
+        for cols in [32, 96, 256, 288, 576] {
+            let w = weight(name, 3, cols).unwrap();
+            for g in 1..=MULTI_MAX {
+                let x = tokens(g, cols);
+                let xs: Vec<QuantizedX> = x
+                    .chunks_exact(cols)
+                    .map(|t| {
+                        let mut q = QuantizedX::default();
+                        q.quantize(t);
+                        q
+                    })
+                    .collect();
+                for r in 0..3 {
+                    let mut out = [f32::NAN; MULTI_MAX];
+                    // SAFETY: AVX-512 VNNI was detected above.
+                    unsafe { multi[g - 1](w.row(r), &xs, &mut out) };
+                    for (t, xt) in xs.iter().enumerate() {
+                        // SAFETY: as above.
+                        let one = unsafe { single(w.row(r), xt) };
+                        let label = format!("{name} cols={cols} g={g} row={r} token={t}");
+                        assert_eq!(out[t].to_bits(), one.to_bits(), "{label}");
+                    }
+                    assert!(
+                        out[g..].iter().all(|v| v.is_nan()),
+                        "{name} wrote past g={g}"
+                    );
+                }
+            }
+        }
+    }
+}
