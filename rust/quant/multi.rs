@@ -10,6 +10,10 @@
 //!   `MAX_XSUM_BLOCKS` blocks) `dot_rows`'s own kernel runs token after token on each row,
 //!   while that row is hot in L1: exact by construction.
 //!
+//! With int8 activations, [`Weight::dot_rows_act8_multi`] runs the VNNI twins of
+//! `act8_avx512_multi.rs` where [`Weight::dot_rows_act8`] would run `act8_avx512.rs`, and the
+//! single int8 kernel token by token elsewhere.
+//!
 //! More tokens than one group pass over the rows tile by tile (`TILE_ROWS`), so a tile's
 //! weight bytes come from memory once and from L1 for the next groups.
 
