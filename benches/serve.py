@@ -6,7 +6,7 @@
 - time to first token of a request whose 500-token system prompt is in the prefix cache,
   against the same request with the cache off (a second server on the same model).
 
-    python benches/serve.py [--tokens 64] [--rounds 3]
+    python benches/serve.py [--tokens 64] [--rounds 3] [--activations int8]
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--activations", choices=("float32", "int8"), default="float32")
     args = ap.parse_args()
-    llm = new_llm(kv_mib=1024)
+    llm = new_llm(kv_mib=1024, activations=args.activations)
     system = SYSTEM_WORDS * 12
     n_sys = len(llm.encode(system))
     rows: dict[int, list[dict[str, Any]]] = {1: [], 8: [], 16: []}
@@ -96,7 +97,8 @@ def main() -> None:
                 for i in range(args.rounds * 3)]
     llm.close()
     one = statistics.median(r["tok_s"] for r in rows[1])
-    print(f"streams of {args.tokens} tokens, median of {args.rounds} rounds")
+    print(f"streams of {args.tokens} tokens, median of {args.rounds} rounds, "
+          f"activations {args.activations}")
     print("| streams | tok/s | vs 1 stream | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|")
     for n, rs in rows.items():
