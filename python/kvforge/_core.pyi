@@ -6,9 +6,11 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AttentionProbe", "Engine", "KernelBench", "Session", "__version__", "cpu_features",
+__all__ = ["EXACT_ROWS", "AttentionProbe", "Engine", "KernelBench", "Session", "__version__",
+           "cpu_features",
            "decode_batch", "distinct_blocks", "filtered_probs", "press_plan", "registries"]
 __version__: str
+EXACT_ROWS: int
 
 _Progress = Callable[[int, int], object] | None
 

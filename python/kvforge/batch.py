@@ -22,7 +22,20 @@ from .config import SamplingParams
 from .generation import GenerationOutput, SequenceDecoder
 
 # A batch's sessions are fresh: their totals start at zero.
-_NO_TOTALS = {"blocks_visited": 0, "blocks_total": 0, "max_certificate": 0.0}
+NO_TOTALS = {"blocks_visited": 0, "blocks_total": 0, "max_certificate": 0.0}
+
+
+def cached_tokens(tokens: int, press: Any) -> int:
+    """Tokens a sequence of ``tokens`` keeps cached at most under ``press``."""
+    bound = press.cache_tokens() if press is not None else None
+    return tokens if bound is None else min(tokens, bound)
+
+
+def blocks_for(llm: Any, tokens: int) -> int:
+    """Blocks ``tokens`` cached tokens take in every head, with one spare block per head for
+    a copy-on-write."""
+    cfg, bs = llm.config, llm.kv_config.block_size
+    return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
 
 
 @dataclass
@@ -49,12 +62,7 @@ class BatchRun:
 
     def worst_blocks(self, n: int) -> int:
         """Blocks one sequence of an ``n``-token prompt may hold at its longest."""
-        cfg, bs = self.llm.config, self.llm.kv_config.block_size
-        tokens = n + self.room(n)
-        bound = self.press.cache_tokens() if self.press is not None else None
-        if bound is not None:
-            tokens = min(tokens, bound)
-        return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
+        return blocks_for(self.llm, cached_tokens(n + self.room(n), self.press))
 
     def run(self) -> list[GenerationOutput]:
         queue, running = deque(range(len(self.prompts))), []
@@ -119,6 +127,6 @@ class BatchRun:
         return still
 
     def _finish(self, live: _Live) -> None:
-        live.dec.attention_from(live.core, _NO_TOTALS)
+        live.dec.attention_from(live.core, NO_TOTALS)
         self.outputs[live.index] = live.dec.output()
         live.core.release()

@@ -68,7 +68,7 @@ class GenerationOutput:
 
     def to_openai(self) -> dict[str, Any]:
         return {"object": "text_completion", "choices": [
-            {"index": 0, "text": self.text, "finish_reason": _openai_reason(self.finish_reason)}],
+            {"index": 0, "text": self.text, "finish_reason": openai_reason(self.finish_reason)}],
             "usage": {"prompt_tokens": self.stats.prompt_tokens,
                       "completion_tokens": self.stats.generated_tokens}}
 
@@ -83,7 +83,8 @@ class GenerationChunk:
     stats: GenerationStats | None = None
 
 
-def _openai_reason(reason: str) -> str:
+def openai_reason(reason: str) -> str:
+    """OpenAI's ``finish_reason`` for ours: ``"length"``, or ``"stop"`` (eos and stops)."""
     return "length" if reason == "length" else "stop"
 
 

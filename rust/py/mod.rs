@@ -38,5 +38,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample::py_filtered_probs, m)?)?;
     m.add_function(wrap_pyfunction!(sample::py_cpu_features, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Most tokens a step projects token by token (bit-identical to decode); longer prefill
+    // chunks take the chunk-independent GEMM.
+    m.add("EXACT_ROWS", crate::ops::matmul::EXACT_ROWS)?;
     Ok(())
 }

@@ -33,9 +33,6 @@ from .protocol import (
 from .scheduler import Job, Scheduler
 from .shapes import ChatShape, CompletionShape, reason, sse
 
-# Most requests one batched decode step takes (the core's limit).
-MAX_RUNNING = 256
-
 # Drafters a client may ask for: none reads a path the client names.
 _NETWORK_DRAFTERS = ("prompt-lookup", "prompt_lookup", "pld", "hierarchy", "hd", "self",
                      "medusa")
@@ -48,8 +45,9 @@ class Server:
                  max_queue: int = 64, max_prompt_tokens: int | None = None,
                  prefill_chunk: int = 256, queue_timeout: float = 60.0,
                  prefix_cache: bool = True) -> None:
-        if not 1 <= max_running <= MAX_RUNNING:
-            raise ConfigError(f"max_running={max_running} must be in [1, {MAX_RUNNING}]")
+        most = llm._core_engine().prefill_chunk  # one batched step takes at most this many
+        if not 1 <= max_running <= most:
+            raise ConfigError(f"max_running={max_running} must be in [1, {most}]")
         self.llm, self.model_name = llm, model_name
         self.max_prompt_tokens = max_prompt_tokens or llm.max_context - 1
         self.metrics = Metrics()

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
-# One more than the forward's largest token-by-token chunk (`EXACT_ROWS` in rust/ops/matmul.rs).
-MIN_TAIL = 33
+from .. import _core
+
+# One more than the forward's largest token-by-token chunk.
+MIN_TAIL = _core.EXACT_ROWS + 1
 
 
 @dataclass(eq=False)

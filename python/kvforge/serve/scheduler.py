@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any
 
 from .. import _core
+from ..batch import NO_TOTALS, blocks_for, cached_tokens
 from ..errors import Error
 from ..generation import GenerationChunk, SequenceDecoder
 from .job import Hooks, Job, api_error
@@ -32,9 +33,9 @@ from .protocol import APIError
 
 log = logging.getLogger("kvforge.serve")
 
-# Chunks of at most this many tokens are projected token by token (`EXACT_ROWS` in Rust);
-# prefill chunks are kept longer so that chunking never changes a row (prefix.py).
-_EXACT_ROWS = 32
+# Chunks of at most this many tokens are projected token by token; prefill pieces are kept
+# longer so that chunking never changes a row (prefix.py).
+_EXACT_ROWS = _core.EXACT_ROWS
 
 
 class Scheduler:
@@ -75,13 +76,10 @@ class Scheduler:
         return self._thread.is_alive() and not self._stop
 
     def worst_blocks(self, job: Job) -> int:
-        tokens = len(job.ids) + job.room
-        bound = job.press.cache_tokens() if job.press is not None else None
-        if bound is not None:
-            tokens = min(tokens, bound)
+        tokens = cached_tokens(len(job.ids) + job.room, job.press)
         if job.speculative is not None:  # a verified tree, a draft model's own cache
             tokens = 2 * (tokens + job.speculative.max_draft + 1)
-        return self.heads * (-(-tokens // self.block_size) + 1)
+        return blocks_for(self.llm, tokens)
 
     def submit(self, job: Job) -> None:
         """Queues ``job``; raises :class:`APIError` 503 (stopped), 429 (queue full) or 400
@@ -134,14 +132,13 @@ class Scheduler:
         """Queue, running and pool counts, with prefix-cache blocks counted apart from
         live ones (blocks a cache entry shares with a running request are live)."""
         with self.cond:
-            waiting, running = len(self.waiting), list(self.running)
-            cached_sessions = self.cache.sessions() if self.cache is not None else []
-            solo = len(self.solo)
+            waiting, running = len(self.waiting), len(self.running) + len(self.solo)
+            entries = len(self.cache) if self.cache is not None else 0
         s = self.llm.kv_stats()  # counts cached blocks through `cached_blocks`
-        return {"waiting": waiting, "running": len(running) + solo, "steps": self.steps,
+        return {"waiting": waiting, "running": running, "steps": self.steps,
                 "total_blocks": s["total_blocks"], "free_blocks": s["free_blocks"],
                 "cached_blocks": s["cached_blocks"], "live_blocks": s["live_blocks"],
-                "cache_entries": len(cached_sessions)}
+                "cache_entries": entries}
 
     def _locked(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the prefix cache under the lock, so that other threads reading
@@ -367,8 +364,7 @@ class Scheduler:
         self._stamp(job)
         job.emit(chunk)
         if dec.reason is not None:
-            dec.attention_from(job.core, {"blocks_visited": 0, "blocks_total": 0,
-                                          "max_certificate": 0.0})
+            dec.attention_from(job.core, NO_TOTALS)
             final = dec.final()
             self.hooks.finished(dec.reason)
             # Freed before the client hears the end: whoever it tells finds the blocks back.

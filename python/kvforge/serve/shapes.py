@@ -7,9 +7,18 @@ import json
 import time
 from typing import Any
 
+from ..generation import GenerationStats, openai_reason
+
 
 def reason(why: str | None) -> str | None:
-    return None if why is None else ("length" if why == "length" else "stop")
+    """OpenAI's finish reason of a chunk (``None`` while it goes on)."""
+    return None if why is None else openai_reason(why)
+
+
+def _body(rid: str, server: Any, obj: str, **fields: Any) -> dict[str, Any]:
+    """The fields every response body starts with, then ``fields``."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": server.model_name,
+            **fields}
 
 
 def sse(obj: Any) -> bytes:
@@ -33,30 +42,24 @@ class CompletionShape:
 
     @staticmethod
     def delta(rid: str, server: Any, text: str, reason: str | None) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": server.model_name, "choices": [
-                    {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+        return _body(rid, server, "text_completion", choices=[
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}])
 
     @staticmethod
     def usage_chunk(rid: str, server: Any, stats: Any) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": server.model_name, "choices": [], "usage": _usage(stats)}
+        return _body(rid, server, "text_completion", choices=[], usage=_usage(stats))
 
     @staticmethod
     def full(rid: str, server: Any, results: list[Any]) -> dict[str, Any]:
         choices = [{"index": i, "text": text, "logprobs": None,
                     "finish_reason": reason(last.finish_reason)}
                    for i, (text, _, last) in enumerate(results)]
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                 "prompt_tokens_details": {"cached_tokens": 0}}
-        for _, _, last in results:
-            u = _usage(last.stats)
-            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                usage[k] += u[k]
-            usage["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"][
-                "cached_tokens"]
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": server.model_name, "choices": choices, "usage": usage}
+        stats = [last.stats for _, _, last in results]
+        usage = _usage(GenerationStats(
+            prompt_tokens=sum(s.prompt_tokens for s in stats),
+            generated_tokens=sum(s.generated_tokens for s in stats),
+            cached_prompt_tokens=sum(s.cached_prompt_tokens for s in stats)))
+        return _body(rid, server, "text_completion", choices=choices, usage=usage)
 
 
 class ChatShape:
@@ -66,28 +69,23 @@ class ChatShape:
 
     @staticmethod
     def start(rid: str, server: Any) -> dict[str, Any] | None:
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": server.model_name, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""},
-                     "logprobs": None, "finish_reason": None}]}
+        return _body(rid, server, "chat.completion.chunk", choices=[
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}])
 
     @staticmethod
     def delta(rid: str, server: Any, text: str, reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text else {}
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": server.model_name, "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        return _body(rid, server, "chat.completion.chunk", choices=[
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}])
 
     @staticmethod
     def usage_chunk(rid: str, server: Any, stats: Any) -> dict[str, Any]:
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": server.model_name, "choices": [], "usage": _usage(stats)}
+        return _body(rid, server, "chat.completion.chunk", choices=[], usage=_usage(stats))
 
     @staticmethod
     def full(rid: str, server: Any, results: list[Any]) -> dict[str, Any]:
         text, _, last = results[0]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": server.model_name, "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": reason(last.finish_reason)}],
-                "usage": _usage(last.stats)}
+        return _body(rid, server, "chat.completion", choices=[
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+             "finish_reason": reason(last.finish_reason)}], usage=_usage(last.stats))
