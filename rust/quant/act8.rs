@@ -19,59 +19,66 @@ use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// An activation vector quantized to int8 blocks. Reused across steps (it lives in the
 /// session's scratch), so decode allocates nothing once it has seen the widest vector.
+///
+/// Every array is zero-padded to a whole group of eight blocks: the AVX-512 kernels run the
+/// last, partial group of a row like the others, with zero activations and scales in the
+/// missing blocks, instead of a slower block-by-block tail.
 #[derive(Debug, Default)]
 pub struct QuantizedX {
-    /// Int8 values, `(blocks * 32,)`.
+    /// Int8 values, `(padded * 32,)`, zero beyond `blocks * 32`.
     pub q: Vec<i8>,
     /// The same values regrouped for the AVX-512 nibble kernels: per group of four blocks,
-    /// the four first halves (elements 0..16) then the four second halves, `(blocks / 4 * 128,)`.
+    /// the four first halves (elements 0..16) then the four second halves, `(padded * 32,)`.
     pub q4: Vec<i8>,
-    /// Per-block scales `dx`, `(blocks,)`.
+    /// Per-block scales `dx`, `(padded,)`, zero beyond `blocks`.
     pub d: Vec<f32>,
-    /// Per-block `dx * sum(q)`, `(blocks,)`.
+    /// Per-block `dx * sum(q)`, `(padded,)`, zero beyond `blocks`.
     pub s: Vec<f32>,
     /// Number of blocks: `x.len() / 32`, or 0 when `x.len()` is not a multiple of 32.
     pub blocks: usize,
 }
 
+/// Blocks per group of the padded layout.
+pub const PAD_BLOCKS: usize = 8;
+
 impl QuantizedX {
     /// Quantizes `x` (`(cols,)`) with one scale per 32 elements (`amax / 127`, round to
-    /// nearest).
+    /// nearest, halves away from zero).
     pub fn quantize(&mut self, x: &[f32]) {
         self.blocks = if x.len().is_multiple_of(BLOCK_ELEMS) {
             x.len() / BLOCK_ELEMS
         } else {
             0
         };
-        self.q.resize(self.blocks * BLOCK_ELEMS, 0);
-        self.d.resize(self.blocks, 0.0);
-        self.s.resize(self.blocks, 0.0);
-        let qs = self.q.chunks_exact_mut(BLOCK_ELEMS);
-        let meta = self.d.iter_mut().zip(self.s.iter_mut());
-        for ((xs, qb), (d, s)) in x.chunks_exact(BLOCK_ELEMS).zip(qs).zip(meta) {
-            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            *d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xs) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(*q);
-            }
-            *s = *d * sum as f32;
+        let padded = self.blocks.div_ceil(PAD_BLOCKS) * PAD_BLOCKS;
+        // Cleared first: a longer vector quantized before must not leave values in the pad.
+        self.q.clear();
+        self.q.resize(padded * BLOCK_ELEMS, 0);
+        self.d.clear();
+        self.d.resize(padded, 0.0);
+        self.s.clear();
+        self.s.resize(padded, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::simd::avx2_available() {
+            // SAFETY: AVX2 and FMA are present.
+            unsafe { quantize_avx2(x, &mut self.q, &mut self.d, &mut self.s) };
+            self.regroup();
+            return;
         }
+        quantize_blocks(x, &mut self.q, &mut self.d, &mut self.s);
         self.regroup();
     }
 
     /// Fills `q4` from `q` (see its layout).
     fn regroup(&mut self) {
-        let groups = self.blocks / 4;
-        self.q4.resize(groups * 4 * BLOCK_ELEMS, 0);
+        self.q4.clear();
+        self.q4.resize(self.q.len(), 0);
         let half = BLOCK_ELEMS / 2;
-        for (g, out) in self.q4.chunks_exact_mut(4 * BLOCK_ELEMS).enumerate() {
-            let src = self
-                .q
-                .get(g * 4 * BLOCK_ELEMS..(g + 1) * 4 * BLOCK_ELEMS)
-                .unwrap_or(&[]);
+        for (src, out) in self
+            .q
+            .chunks_exact(4 * BLOCK_ELEMS)
+            .zip(self.q4.chunks_exact_mut(4 * BLOCK_ELEMS))
+        {
             let (firsts, seconds) = out.split_at_mut(4 * half);
             for ((blk, f), s) in src
                 .chunks_exact(BLOCK_ELEMS)
@@ -97,6 +104,38 @@ impl QuantizedX {
             .get(b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS)
             .unwrap_or(&[])
     }
+}
+
+/// The quantizer: `x` (`(blocks * 32,)`) into `q`, `d` and `s` (at least as long).
+#[inline(always)]
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let meta = d.iter_mut().zip(s.iter_mut());
+    for ((xs, qb), (d, s)) in x
+        .chunks_exact(BLOCK_ELEMS)
+        .zip(q.chunks_exact_mut(BLOCK_ELEMS))
+        .zip(meta)
+    {
+        let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xs) {
+            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            sum += i32::from(*q);
+        }
+        *s = *d * sum as f32;
+    }
+}
+
+/// [`quantize_blocks`] compiled for AVX2: the same operations (`round` is exact in any
+/// build), but inlined and vectorised instead of a `roundf` call per element.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_blocks(x, q, d, s)
 }
 
 /// Integer dot of the 32 nibbles of `nib` (16 bytes, ggml order) with `qx` (32 values).
@@ -272,7 +311,8 @@ mod tests {
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
         let mut qx = QuantizedX::default();
         qx.quantize(&x);
-        assert_eq!((qx.blocks, qx.q.len(), qx.q4.len()), (3, 96, 0));
+        assert_eq!((qx.blocks, qx.q.len(), qx.q4.len()), (3, 256, 256));
+        assert!(qx.q[96..].iter().all(|&v| v == 0) && qx.d[3..].iter().all(|&v| v == 0.0));
         assert_eq!(qx.d[1], 0.0);
         for (i, &v) in x.iter().enumerate() {
             let d = qx.d[i / BLOCK_ELEMS];
