@@ -300,6 +300,43 @@ pub unsafe fn scores<T: Elem>(
     scores_portable(q, kb, sh, scale, out)
 }
 
+/// Scores of two consecutive blocks of a chunk: `kb0` into columns `0..bs` of each row of
+/// `out`, `kb1` into `bs..2 bs`, exactly as two [`scores`] calls would write them (`sh.n`
+/// is the second block's fill; the first is full). One pass where that is faster.
+///
+/// # Safety
+/// As [`scores`].
+#[inline(always)]
+pub unsafe fn scores_pair<T: Elem>(
+    isa: Isa,
+    q: &[f32],
+    kbs: [&[T]; 2],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let first = BlockShape { n: sh.bs, ..sh };
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && sh.bs == 16 {
+        let rows = sh.g.saturating_sub(1);
+        assert!(
+            sh.n <= sh.bs
+                && 2 * sh.bs <= sh.os
+                && kbs.iter().all(|kb| kb.len() >= sh.hd * sh.bs)
+                && q.len() >= sh.g * sh.hd
+                && out.len() >= rows * sh.os + 2 * sh.bs,
+            "attention scores: shapes do not match"
+        );
+        // SAFETY: forwarded contract and the shapes just checked.
+        return unsafe { super::kernels_avx512::scores_pair(q, kbs[0], kbs[1], sh, scale, out) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe {
+        scores(isa, q, kbs[0], first, scale, out);
+        scores(isa, q, kbs[1], sh, scale, &mut out[sh.bs..]);
+    }
+}
+
 /// `acc[gi] += sum_s p[gi * ps + s] * vb[s]` for the whole query group (shapes as in
 /// [`weighted_sum_portable`]) with the fastest kernel for `isa`. `skip`: zero-probability
 /// slots may hold non-finite values and must not be read (they are masked ones).

@@ -57,21 +57,54 @@ unsafe fn score_heads<T: Elem, const G: usize>(
     unsafe {
         let mut c = 0;
         while c + 32 <= full {
-            score_columns::<T, G, 2>(q, kb, sh, scale, out, g0, c);
+            let keys = [kb.as_ptr().add(c), kb.as_ptr().add(c + 16)];
+            score_columns::<T, G, 2>(q, keys, sh, scale, out, g0, c);
             c += 32;
         }
         if c < full {
-            score_columns::<T, G, 1>(q, kb, sh, scale, out, g0, c);
+            score_columns::<T, G, 1>(q, [kb.as_ptr().add(c)], sh, scale, out, g0, c);
         }
     }
 }
 
-/// [`score_heads`] for the `16 W` slots from `c`.
+/// Scores of two 16-slot blocks (`sh.bs == 16`) for the whole group in one pass: `kb0` into
+/// columns `0..16` of each output row, `kb1` into `16..32`, as [`scores`] would write them
+/// block by block (same operations per slot, bit for bit). With 16-slot blocks one block
+/// gives each head a single FMA chain, which waits on the FMA latency; two blocks interleaved
+/// give two. `sh.os >= 32`.
+///
+/// # Safety
+/// As [`scores`]; both blocks hold `sh.hd * 16` keys.
+#[inline(always)]
+pub unsafe fn scores_pair<T: Elem>(
+    q: &[f32],
+    kb0: &[T],
+    kb1: &[T],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    for g0 in (0..sh.g).step_by(4) {
+        let keys = [kb0.as_ptr(), kb1.as_ptr()];
+        // SAFETY: forwarded contract; heads g0.. exist in `q` and `out`.
+        unsafe {
+            match sh.g - g0 {
+                1 => score_columns::<T, 1, 2>(q, keys, sh, scale, out, g0, 0),
+                2 => score_columns::<T, 2, 2>(q, keys, sh, scale, out, g0, 0),
+                3 => score_columns::<T, 3, 2>(q, keys, sh, scale, out, g0, 0),
+                _ => score_columns::<T, 4, 2>(q, keys, sh, scale, out, g0, 0),
+            }
+        }
+    }
+}
+
+/// Scores of query heads `g0..g0 + G` for `16 W` slots: slots `16 w..16 w + 16` are read at
+/// `keys[w] + d * bs` (d < hd) and written to columns `c + 16 w..` of each output row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn score_columns<T: Elem, const G: usize, const W: usize>(
     q: &[f32],
-    kb: &[T],
+    keys: [*const T; W],
     sh: BlockShape,
     scale: f32,
     out: &mut [f32],
@@ -83,8 +116,7 @@ unsafe fn score_columns<T: Elem, const G: usize, const W: usize>(
         let qp = q.as_ptr().add(g0 * sh.hd);
         let mut s = [[_mm512_setzero_ps(); W]; G];
         for d in 0..sh.hd {
-            let row = kb.as_ptr().add(d * sh.bs + c);
-            let k: [__m512; W] = std::array::from_fn(|w| T::load16(row.add(16 * w)));
+            let k: [__m512; W] = std::array::from_fn(|w| T::load16(keys[w].add(d * sh.bs)));
             for (j, sj) in s.iter_mut().enumerate() {
                 let qv = _mm512_set1_ps(*qp.add(j * sh.hd + d));
                 for (sw, kw) in sj.iter_mut().zip(&k) {

@@ -26,6 +26,29 @@ pub unsafe fn scores<T: Elem>(
     }
 }
 
+/// [`super::kernels::scores_pair`] compiled for `isa`.
+///
+/// # Safety
+/// `isa` must be supported by this CPU.
+pub unsafe fn scores_pair<T: Elem>(
+    isa: Isa,
+    q: &[f32],
+    kbs: [&[T]; 2],
+    sh: BlockShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY (all arms): forwarded contract.
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::pair512(q, kbs, sh, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::pair256(q, kbs, sh, scale, out) },
+        // SAFETY: the portable build needs no feature.
+        _ => unsafe { super::kernels::scores_pair(Isa::Portable, q, kbs, sh, scale, out) },
+    }
+}
+
 /// [`super::kernels::weighted_sum`] compiled for `isa`.
 ///
 /// # Safety
@@ -71,10 +94,12 @@ pub unsafe fn exp_shift(isa: Isa, s: &mut [f32], m: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::kernels::{exp_shift, scores, weighted_sum, BlockShape, Elem, Isa};
+    use super::super::kernels::{
+        exp_shift, scores, scores_pair, weighted_sum, BlockShape, Elem, Isa,
+    };
 
     macro_rules! built_for {
-        ($isa:expr, $features:literal, $sc:ident, $ws:ident, $ex:ident) => {
+        ($isa:expr, $features:literal, $sc:ident, $sp:ident, $ws:ident, $ex:ident) => {
             #[target_feature(enable = $features)]
             pub unsafe fn $ex(s: &mut [f32], m: f32) -> f32 {
                 // SAFETY: the caller checked the features this function enables.
@@ -94,6 +119,18 @@ mod x86 {
             }
 
             #[target_feature(enable = $features)]
+            pub unsafe fn $sp<T: Elem>(
+                q: &[f32],
+                kbs: [&[T]; 2],
+                sh: BlockShape,
+                scale: f32,
+                out: &mut [f32],
+            ) {
+                // SAFETY: as above.
+                unsafe { scores_pair($isa, q, kbs, sh, scale, out) }
+            }
+
+            #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn $ws<T: Elem>(
                 acc: &mut [f32],
@@ -109,11 +146,19 @@ mod x86 {
             }
         };
     }
-    built_for!(Isa::Avx2, "avx2,fma,f16c", scores256, sum256, exp256);
+    built_for!(
+        Isa::Avx2,
+        "avx2,fma,f16c",
+        scores256,
+        pair256,
+        sum256,
+        exp256
+    );
     built_for!(
         Isa::Avx512,
         "avx512f,avx2,fma,f16c",
         scores512,
+        pair512,
         sum512,
         exp512
     );

@@ -21,6 +21,54 @@ fn simd_isas() -> Vec<Isa> {
 /// A score no kernel produces: marks the columns a block's kernel must leave alone.
 const SENTINEL: f32 = -12345.0;
 
+/// Scoring two blocks in one call writes exactly what two single-block calls write, bit for
+/// bit, on every instruction set (the sweep pairs full blocks with any next one), and nothing
+/// past the pair's columns.
+#[test]
+fn paired_block_scores_equal_two_single_calls() {
+    let mut isas = simd_isas();
+    isas.push(Isa::Portable);
+    for isa in isas {
+        for (bs, n, hd, g) in [
+            (16, 16, 64, 3),
+            (16, 5, 64, 1),
+            (16, 1, 64, 5),
+            (32, 17, 80, 4),
+            (8, 3, 16, 2),
+        ] {
+            let os = 3 * bs;
+            let key = |seed: usize| -> Vec<u16> {
+                (0..hd * bs)
+                    .map(|i| f16::from_f32((((i + seed) * 37) % 19) as f32 / 9.0 - 1.0).to_bits())
+                    .collect()
+            };
+            let (k0, k1) = (key(0), key(5));
+            let q: Vec<f32> = (0..g * hd)
+                .map(|i| ((i * 13) % 7) as f32 / 3.0 - 1.0)
+                .collect();
+            let sh = BlockShape { g, hd, bs, os, n };
+            let (mut pair, mut two) = (vec![SENTINEL; g * os], vec![SENTINEL; g * os]);
+            // SAFETY: `isa` is supported (listed by `simd_isas`, or portable).
+            unsafe {
+                entry::scores_pair(isa, &q, [&k0[..], &k1[..]], sh, 0.5, &mut pair);
+                entry::scores(isa, &q, &k0, BlockShape { n: bs, ..sh }, 0.5, &mut two);
+                entry::scores(isa, &q, &k1, sh, 0.5, &mut two[bs..]);
+            }
+            for gi in 0..g {
+                let row = gi * os;
+                let used = |v: &[f32]| -> Vec<u32> {
+                    v[row..row + bs + n].iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(used(&pair), used(&two), "{isa:?} bs={bs} n={n} g={g}");
+                assert!(
+                    pair[row + 2 * bs..row + os].iter().all(|&v| v == SENTINEL),
+                    "{isa:?} wrote past the pair"
+                );
+            }
+        }
+    }
+}
+
 /// Every SIMD build against the portable twins, over block sizes, fill levels, head widths
 /// and group sizes that hit each kernel's main loop and its leftovers, with the scores row
 /// wider than the block (`os > bs`) so that writes past the block's columns would show.

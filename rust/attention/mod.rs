@@ -16,6 +16,7 @@
 
 pub mod basis;
 pub mod bounds;
+mod chunk;
 pub mod dense;
 pub mod hsr;
 pub mod kernels;

@@ -12,7 +12,8 @@
 //! the sweep after any chunk (a certified bound reached). The loop is generic over the hook,
 //! so [`NoHook`] (dense attention) compiles to the plain loop.
 
-use super::kernels::{self, BlockShape, Elem, Isa};
+use super::chunk::chunk_scores;
+use super::kernels::{self, Elem, Isa};
 use super::online::Online;
 use super::Query;
 use crate::error::{Error, Result};
@@ -43,11 +44,11 @@ impl Hook for NoHook {}
 
 /// One attention call: the head's blocks in their element type, the query and the blocks to
 /// visit.
-struct Job<'a, T: Stored> {
-    head: TypedHead<'a, T>,
-    view: &'a HeadView<'a>,
-    query: &'a Query<'a>,
-    blocks: &'a [usize],
+pub(super) struct Job<'a, T: Stored> {
+    pub(super) head: TypedHead<'a, T>,
+    pub(super) view: &'a HeadView<'a>,
+    pub(super) query: &'a Query<'a>,
+    pub(super) blocks: &'a [usize],
 }
 
 /// Attends `query` over the blocks `blocks` of `view` in list order: `acc` (`(g, head_dim)`)
@@ -137,13 +138,13 @@ const PREFETCH_BYTES: usize = 8 << 10;
 
 /// Blocks of `(bs, hd)` elements of `T` (keys and values) that fill [`PREFETCH_BYTES`], at
 /// least one.
-fn prefetch_ahead<T>(bs: usize, hd: usize) -> usize {
+pub(super) fn prefetch_ahead<T>(bs: usize, hd: usize) -> usize {
     (PREFETCH_BYTES / (2 * bs * hd * std::mem::size_of::<T>()).max(1)).max(1)
 }
 
 /// Requests block `bi` of the job's head (keys and values) into the outer caches.
 #[inline(always)]
-fn prefetch_block<T: Elem + Stored>(job: &Job<'_, T>, bi: usize) {
+pub(super) fn prefetch_block<T: Elem + Stored>(job: &Job<'_, T>, bi: usize) {
     if let Ok((k, v)) = job.head.block(bi) {
         kernels::prefetch(k);
         kernels::prefetch(v);
@@ -155,7 +156,7 @@ fn prefetch_block<T: Elem + Stored>(job: &Job<'_, T>, bi: usize) {
 const CHUNK_SLOTS: usize = 128;
 
 /// Blocks per softmax step for blocks of `bs` slots.
-fn chunk_blocks(bs: usize) -> usize {
+pub(super) fn chunk_blocks(bs: usize) -> usize {
     (CHUNK_SLOTS / bs).max(1)
 }
 
@@ -268,64 +269,6 @@ fn record<T: Stored>(job: &Job<'_, T>, ids: &[usize], scores: &[f32], os: usize,
             row[bi * bs..bi * bs + n].copy_from_slice(src);
         }
     }
-}
-
-/// Scores of the blocks `ids` (the `first`-th on of the job's list) into consecutive column
-/// ranges of `scores` (row stride `chunk * block_size`), with slots the query does not see
-/// set to `-inf`. Returns the used columns and whether any slot was masked, or `None` when
-/// every slot was. Blocks further down the job's list are prefetched ahead.
-///
-/// # Safety
-/// `isa` must be supported by this CPU.
-#[inline(always)]
-unsafe fn chunk_scores<T: Elem + Stored>(
-    isa: Isa,
-    job: &Job<'_, T>,
-    first: usize,
-    ids: &[usize],
-    scores: &mut [f32],
-) -> Result<Option<(usize, bool)>> {
-    let (bs, hd) = (job.view.block_size(), job.view.head_dim());
-    let g = job.query.q.len() / hd;
-    let os = chunk_blocks(bs) * bs;
-    let (mut used, mut masked, mut any) = (0, false, false);
-    let ahead = prefetch_ahead::<T>(bs, hd);
-    let (q, mask) = (job.query, &job.query.mask);
-    for (j, &bi) in ids.iter().enumerate() {
-        let n = job.view.block_len(bi);
-        let (kb, _) = job.head.block(bi)?;
-        // Blocks sit anywhere in the pool, so the hardware prefetcher cannot see the later
-        // ones coming: ask for the one `ahead` blocks on while this one is computed.
-        if let Some(&next) = job.blocks.get(first + j + ahead) {
-            prefetch_block(job, next);
-        }
-        let sh = BlockShape { g, hd, bs, os, n };
-        let out = &mut scores[j * bs..];
-        // SAFETY: forwarded contract.
-        unsafe { kernels::scores(isa, q.q, kb, sh, q.scale, out) };
-        // A partial block before the chunk's last one (a variant may list the tail block
-        // anywhere) leaves columns `n..bs` from an earlier chunk: they must not count.
-        if n < bs && j + 1 < ids.len() {
-            for gi in 0..g {
-                out[gi * os + n..gi * os + bs].fill(f32::NEG_INFINITY);
-            }
-        }
-        let (positions, _) = job.view.meta(bi)?;
-        if mask.all_visible(bi * bs, positions, q.pos) {
-            any = true;
-        } else {
-            for (s, &p) in positions.iter().enumerate() {
-                if mask.visible(bi * bs + s, p, q.pos) {
-                    any = true;
-                } else {
-                    (0..g).for_each(|gi| out[gi * os + s] = f32::NEG_INFINITY);
-                    masked = true;
-                }
-            }
-        }
-        used = j * bs + n;
-    }
-    Ok(any.then_some((used, masked)))
 }
 
 /// Folds one chunk of scores for query head `gi` into the running max and sum, turning the
