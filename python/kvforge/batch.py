@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _core
 from .config import SamplingParams
 from .generation import GenerationOutput, SequenceDecoder
@@ -36,6 +38,13 @@ def blocks_for(llm: Any, tokens: int) -> int:
     a copy-on-write."""
     cfg, bs = llm.config, llm.kv_config.block_size
     return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
+
+
+def is_batch(prompt: Any) -> bool:
+    """True when ``prompt`` is a list of prompts (texts or id sequences), not one prompt."""
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
+    return False
 
 
 @dataclass

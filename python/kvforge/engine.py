@@ -11,11 +11,11 @@ import numpy as np
 from . import _core
 from . import _validate as v
 from . import attention as _attention
-from .batch import BatchRun
+from .batch import BatchRun, is_batch
 from .chat_template import render_chat
 from .config import KVCacheConfig, SamplingParams
 from .errors import ConfigError, Error, InputTypeError, NumericalError
-from .generation import GenerationChunk, GenerationOutput, run_generation
+from .generation import GenerationChunk, GenerationOutput, close_drafter, collect, run_generation
 from .loader import LoadedModel, default_model_path, load_model
 from .loader.finite import check_finite as _check_finite
 from .presses import PRESSES
@@ -73,8 +73,8 @@ class LLM:
         self._engine: Any = _core.Engine(
             cfg.to_dict() | {"rope_scaling": cfg.rope_scaling},
             [(t.name, t.fmt, list(t.shape), t.data) for t in self._loaded.tensors.values()],
-            block_size=kv.block_size, num_blocks=self._num_blocks(kv), kv_dtype=kv.dtype,
-            n_threads=threads, prefill_chunk=PREFILL_CHUNK)
+            block_size=kv.block_size, num_blocks=kv.pool_blocks(cfg, self.max_context),
+            kv_dtype=kv.dtype, n_threads=threads, prefill_chunk=PREFILL_CHUNK)
         if kv.block_summaries:
             self._engine.enable_summaries()
         # The core now holds every weight (read-only mappings in place, others copied).
@@ -83,18 +83,6 @@ class LLM:
         self._pid = os.getpid()
         # Set by a server's prefix cache: the blocks only its entries hold (kv_stats).
         self._cached_blocks: Any = None
-
-    def _num_blocks(self, kv: KVCacheConfig) -> int:
-        cfg = self._loaded.config
-        heads = cfg.num_layers * cfg.num_kv_heads
-        if kv.num_blocks is not None:
-            return kv.num_blocks
-        if kv.max_kv_bytes is not None:
-            elem = 4 if kv.dtype == "float32" else 2
-            block_bytes = kv.block_size * (2 * cfg.head_dim * elem + 8)
-            return max(kv.max_kv_bytes // block_bytes, 1)
-        # One full-context sequence, plus one spare block per head for a copy-on-write.
-        return heads * (-(-self.max_context // kv.block_size) + 1)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -244,7 +232,7 @@ class LLM:
                 core.release()
                 raise
         except BaseException:
-            _close_drafter(drafter)
+            close_drafter(drafter)
             raise
         room = self._room(len(ids), params, press)
         limit = None if self._bounded(press) else self.max_context
@@ -274,7 +262,7 @@ class LLM:
                     chunk.stats.cached_prompt_tokens = cached
                 yield chunk
         finally:
-            _close_drafter(drafter)
+            close_drafter(drafter)
             if release:
                 core.release()
 
@@ -300,14 +288,14 @@ class LLM:
             if not isinstance(speculative, Speculative):
                 raise InputTypeError(f"speculative must be a kvforge.spec.Speculative, "
                                      f"got {speculative!r}")
-        if _is_batch(prompt):
+        if is_batch(prompt):
             if stream:
                 raise ConfigError("stream=True takes a single prompt, not a list")
             if speculative is not None:
                 raise ConfigError("speculative decoding takes a single prompt, not a list")
             return self._generate_batch(prompt, params, press, attention, max_batch)
         it = self._stream(prompt, params, press, attention, progress, speculative)
-        return it if stream else _collect(it)
+        return it if stream else collect(it)
 
     @staticmethod
     def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
@@ -348,7 +336,7 @@ class LLM:
             raise ConfigError("chat(session=...) uses the session's own press and attention")
         params = self._params(params, param_overrides)
         it = self._continue(session, self._prompt_ids(prompt), params, progress)
-        return it if stream else _collect(it)
+        return it if stream else collect(it)
 
     def _continue(self, session: Session, ids: list[int], params: SamplingParams,
                   progress: Any) -> Iterator[GenerationChunk]:
@@ -407,26 +395,3 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _collect(chunks: Iterator[GenerationChunk]) -> GenerationOutput:
-    texts, ids = [], []
-    for chunk in chunks:
-        texts.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        if chunk.finish_reason is not None:
-            return GenerationOutput("".join(texts), ids, chunk.finish_reason, chunk.stats)
-    raise Error("generation ended without a finish reason")  # pragma: no cover
-
-
-def _is_batch(prompt: Any) -> bool:
-    if isinstance(prompt, (list, tuple)) and prompt:
-        return all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
-    return False
-
-
-def _close_drafter(drafter: Any) -> None:
-    """Frees what a bound drafter holds (a draft model's session)."""
-    close = getattr(drafter, "close", None)
-    if close is not None:
-        close()

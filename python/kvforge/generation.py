@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SamplingParams
+from .errors import Error
 
 
 @dataclass
@@ -213,3 +214,21 @@ def run_generation(session: Any, prompt: list[int], params: SamplingParams, toke
         dec.stats.decode_s += time.perf_counter() - t1
     dec.attention_from(session, before)
     yield dec.final()
+
+
+def collect(chunks: Iterator[GenerationChunk]) -> GenerationOutput:
+    """The whole output of a stream of chunks (``generate(..., stream=False)``)."""
+    texts, ids = [], []
+    for chunk in chunks:
+        texts.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            return GenerationOutput("".join(texts), ids, chunk.finish_reason, chunk.stats)
+    raise Error("generation ended without a finish reason")  # pragma: no cover
+
+
+def close_drafter(drafter: Any) -> None:
+    """Frees what a bound drafter holds (a draft model's session)."""
+    close = getattr(drafter, "close", None)
+    if close is not None:
+        close()

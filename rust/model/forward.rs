@@ -24,32 +24,10 @@ use crate::model::llama::Layer;
 use crate::model::probs::{gather_probs, LayerProbs};
 use crate::model::scratch::Scratch;
 use crate::model::tree::TreeMask;
-use crate::ops::matmul::{project, project_many, project_many_act8, EXACT_ROWS};
+use crate::ops::matmul::{project_many, project_many_act8, EXACT_ROWS};
 use crate::ops::{add_assign, norm::rmsnorm, rope, swiglu};
 use crate::quant::act8::QuantizedX;
 use crate::quant::Weight;
-
-/// Which logits a sequence of the batch wants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// Only its last token's.
-    Last,
-    /// Every token's.
-    All,
-    /// None (an inner prefill chunk whose logits nobody reads).
-    Skip,
-}
-
-impl Logits {
-    /// Rows of logits this asks for out of `n` tokens.
-    pub fn rows(self, n: usize) -> usize {
-        match self {
-            Logits::Last => usize::from(n > 0),
-            Logits::All => n,
-            Logits::Skip => 0,
-        }
-    }
-}
 
 /// One sequence's part of a batch.
 pub struct SeqWork<'a> {
@@ -373,49 +351,6 @@ fn mlp_block(layer: &Layer, s: &mut Scratch, eps: f32, n: usize, act8: bool) {
     add_assign(&mut s.x[..n * h], &s.xb[..n * h]);
 }
 
-/// Final norm of the rows whose logits were asked for, gathered in batch order into
-/// `xb`, then the LM head into `out` (`(want, vocab)`).
-fn final_logits(
-    e: &Engine,
-    seqs: &[SeqWork<'_>],
-    s: &mut Scratch,
-    want: usize,
-    act8: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    let cfg = &e.model.cfg;
-    let h = cfg.hidden_size;
-    let (mut r0, mut j) = (0, 0);
-    for w in seqs {
-        let nt = w.tokens.len();
-        let first = nt - w.logits.rows(nt);
-        for r in r0 + first..r0 + nt {
-            rmsnorm(
-                &s.x[r * h..(r + 1) * h],
-                &e.model.norm,
-                cfg.rms_norm_eps,
-                &mut s.xb[j * h..(j + 1) * h],
-            );
-            j += 1;
-        }
-        r0 += nt;
-    }
-    if want > 0 {
-        let xb = &s.xb[..want * h];
-        if act8 {
-            let mut q = Act8Rows {
-                one: &mut s.qx,
-                rows: &mut s.qxs,
-            };
-            project_rows(&mut [(e.model.head(), out)], xb, &mut q, want, true);
-        } else {
-            s.qx.blocks = 0;
-            project(e.model.head(), xb, &s.qx, want, out);
-        }
-    }
-    Ok(())
-}
-
 #[path = "forward_check.rs"]
 mod check;
 use check::{batch_depth, check_batch};
@@ -423,3 +358,8 @@ use check::{batch_depth, check_batch};
 #[path = "forward_record.rs"]
 mod record;
 use record::{observe_rows, record_keys, record_pass, record_queries, record_sums, to_basis};
+
+#[path = "forward_logits.rs"]
+mod logits;
+use logits::final_logits;
+pub use logits::Logits;

@@ -18,7 +18,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::evict::record::Record;
 use crate::evict::scoring::ScoringPress;
-use crate::evict::{evict_all, EvictScratch, EvictionPolicy};
+use crate::evict::{EvictScratch, EvictionPolicy};
 use crate::kv::paged::SeqCache;
 use crate::model::forward::{forward, Logits, Observe, SeqWork};
 use crate::model::probs::LayerProbs;
@@ -334,46 +334,6 @@ impl Session {
             self.attn_totals.add(&self.attn_last);
         }
         Ok(())
-    }
-
-    /// Applies the press and reserves `n` slots in every head, under the pool lock.
-    pub(crate) fn prepare(&mut self, n: usize) -> Result<()> {
-        let engine = Arc::clone(&self.engine);
-        let mut pool = engine.pool()?;
-        if let Some(press) = &self.press {
-            let scratch = &mut self.evict_scratch;
-            evict_all(
-                press.as_ref(),
-                &mut self.cache,
-                &mut pool,
-                engine.store(),
-                n,
-                scratch,
-            )?;
-        }
-        if self.attention.needs_summaries() {
-            self.cache.ensure_summaries(&mut pool, engine.store())?;
-        }
-        if self
-            .scoring
-            .as_ref()
-            .is_some_and(|p| p.observer().is_some())
-        {
-            self.cache.own_all(&mut pool, engine.store())?;
-        }
-        self.cache.reserve(&mut pool, engine.store(), n)
-    }
-
-    /// Rolls back to the first `n` tokens after a failed call; poisons the session when
-    /// even that fails.
-    pub(crate) fn rollback(&mut self, n: u32) {
-        let engine = Arc::clone(&self.engine);
-        let undone = engine
-            .pool()
-            .and_then(|mut pool| self.cache.truncate_tokens(&mut pool, engine.store(), n));
-        self.num_tokens = n;
-        self.tree = None;
-        self.poisoned |= undone.is_err();
     }
 
     fn step_size(&self) -> usize {

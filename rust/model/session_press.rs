@@ -1,16 +1,58 @@
-//! The press side of a session: its scoring press's hooks after prefills and steps, KVzip's
+//! The press side of a session: eviction and reservation before a step (and rollback after
+//! a failed one), its scoring press's hooks after prefills and steps, KVzip's
 //! reconstruction passes and DuoAttention's calibration means.
 
 use std::sync::Arc;
 
 use super::{Session, Taps};
 use crate::error::{Error, Result};
+use crate::evict::evict_all;
 use crate::evict::press::Needs;
 use crate::evict::record::{Pass, Record};
 use crate::model::forward::Logits;
 use crate::model::probs::LayerProbs;
 
 impl Session {
+    /// Applies the press and reserves `n` slots in every head, under the pool lock.
+    pub(crate) fn prepare(&mut self, n: usize) -> Result<()> {
+        let engine = Arc::clone(&self.engine);
+        let mut pool = engine.pool()?;
+        if let Some(press) = &self.press {
+            let scratch = &mut self.evict_scratch;
+            evict_all(
+                press.as_ref(),
+                &mut self.cache,
+                &mut pool,
+                engine.store(),
+                n,
+                scratch,
+            )?;
+        }
+        if self.attention.needs_summaries() {
+            self.cache.ensure_summaries(&mut pool, engine.store())?;
+        }
+        if self
+            .scoring
+            .as_ref()
+            .is_some_and(|p| p.observer().is_some())
+        {
+            self.cache.own_all(&mut pool, engine.store())?;
+        }
+        self.cache.reserve(&mut pool, engine.store(), n)
+    }
+
+    /// Rolls back to the first `n` tokens after a failed call; poisons the session when
+    /// even that fails.
+    pub(crate) fn rollback(&mut self, n: u32) {
+        let engine = Arc::clone(&self.engine);
+        let undone = engine
+            .pool()
+            .and_then(|mut pool| self.cache.truncate_tokens(&mut pool, engine.store(), n));
+        self.num_tokens = n;
+        self.tree = None;
+        self.poisoned |= undone.is_err();
+    }
+
     /// The means over `tokens` (run at the next positions, then rolled back) of every
     /// layer's pre-RoPE queries `(layers, q_dim)` and keys `(layers, kv_dim)`: the
     /// calibration DuoAttention's head scores read.

@@ -5,9 +5,8 @@ memory and ``max_running`` allow, runs one batched decode step over every reques
 its next token (``kvforge._core.decode_batch``: each weight read once for all of them), then
 prefills pieces of the prompts still being read, oldest first, up to ``prefill_chunk`` tokens
 in all, so running streams keep flowing while a long prompt is read and several short ones
-start in the same step. A finished or cancelled request releases its blocks in
-the step that sees it. Requests with speculative decoding run their own decode loop on a
-thread of their own (a tree step does not fit the one-token batch).
+start in the same step. A finished or cancelled request releases its blocks in the step
+that sees it. Requests with speculative decoding run on threads of their own (solo.py).
 
 Admission: a request starts only when the worst case of its blocks (prompt plus
 ``max_tokens``) fits the free blocks minus what the running requests may still take, after
@@ -26,10 +25,11 @@ from typing import Any
 from .. import _core
 from ..batch import NO_TOTALS, blocks_for, cached_tokens
 from ..errors import Error
-from ..generation import GenerationChunk, SequenceDecoder
+from ..generation import SequenceDecoder
 from .job import Hooks, Job, api_error
 from .prefix import PrefixCache
 from .protocol import APIError
+from .solo import SoloRunner
 
 log = logging.getLogger("kvforge.serve")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("kvforge.serve")
 _EXACT_ROWS = _core.EXACT_ROWS
 
 
-class Scheduler:
+class Scheduler(SoloRunner):
     def __init__(self, llm: Any, *, max_running: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, queue_timeout: float = 60.0,
                  prefix_cache: bool = True, hooks: Hooks | None = None) -> None:
@@ -398,44 +398,3 @@ class Scheduler:
         self._release(job)
         self.hooks.finished("error")
         job.emit(api_error(e))
-
-    # -- speculative requests -----------------------------------------------------------------
-    def _start_solo(self, job: Job) -> None:
-        with self.cond:
-            self.solo.append(job)
-        try:
-            threading.Thread(target=self._run_solo, args=(job,), daemon=True,
-                             name="kvforge-speculative").start()
-        except BaseException as e:  # no thread to be had: the job must not hold its slot
-            with self.cond:
-                self.solo.remove(job)
-            job.emit(api_error(e))
-
-    def _run_solo(self, job: Job) -> None:
-        try:
-            it = self.llm.generate(job.ids, job.params, press=job.press,
-                                   attention=job.attention, speculative=job.speculative,
-                                   stream=True)
-            self.hooks.prompt(len(job.ids), 0)
-            try:
-                for chunk in it:
-                    if job.cancelled:
-                        break
-                    self._solo_chunk(job, chunk)
-            finally:
-                it.close()
-        except BaseException as e:
-            job.emit(api_error(e))
-            self.hooks.finished("error")
-        finally:
-            with self.cond:
-                self.solo.remove(job)
-                job.finished, job.freed_step = True, self.steps
-                self.cond.notify()
-
-    def _solo_chunk(self, job: Job, chunk: GenerationChunk) -> None:
-        if chunk.token_ids:
-            self._stamp(job)
-        if chunk.finish_reason is not None:
-            self.hooks.finished(chunk.finish_reason)
-        job.emit(chunk)
