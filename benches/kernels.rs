@@ -13,7 +13,7 @@ use _core::attention::online::{normalise, Online};
 use _core::attention::{Attention, Mask, Query};
 use _core::kv::paged::SeqCache;
 use _core::kv::{KvDtype, LocalKv};
-use _core::ops::matmul::{gemm, gemv, project};
+use _core::ops::matmul::{gemm, gemv, project, project_many_act8};
 use _core::quant::act8::QuantizedX;
 use _core::quant::{synthetic_weight, Weight, WeightFormat};
 
@@ -89,6 +89,21 @@ fn bench_project_batch(c: &mut Criterion) {
                 let id = BenchmarkId::new(format!("project/{label}"), n);
                 group.bench_function(id, |b| {
                     pool.install(|| b.iter(|| project(&w, x, &qx, n, &mut out)))
+                });
+                // The opt-in int8 path: each token's row quantized alone, as a decode step's.
+                let xs: Vec<QuantizedX> = x
+                    .chunks_exact(cols)
+                    .map(|t| {
+                        let mut q = QuantizedX::default();
+                        q.quantize(t);
+                        q
+                    })
+                    .collect();
+                let id = BenchmarkId::new(format!("act8/{label}"), n);
+                group.bench_function(id, |b| {
+                    pool.install(|| {
+                        b.iter(|| project_many_act8(&mut [(&w, &mut out[..])], x, &xs, n))
+                    })
                 });
                 if n > 1 {
                     let id = BenchmarkId::new(format!("gemm/{label}"), n);

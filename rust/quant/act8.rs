@@ -19,27 +19,17 @@ use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
 
 /// An activation vector quantized to int8 blocks. Reused across steps (it lives in the
 /// session's scratch), so decode allocates nothing once it has seen the widest vector.
-///
-/// Every array is zero-padded to a whole group of eight blocks: the AVX-512 kernels run the
-/// last, partial group of a row like the others, with zero activations and scales in the
-/// missing blocks, instead of a slower block-by-block tail.
 #[derive(Debug, Default)]
 pub struct QuantizedX {
-    /// Int8 values, `(padded * 32,)`, zero beyond `blocks * 32`.
+    /// Int8 values, `(blocks * 32,)`.
     pub q: Vec<i8>,
-    /// The same values regrouped for the AVX-512 nibble kernels: per group of four blocks,
-    /// the four first halves (elements 0..16) then the four second halves, `(padded * 32,)`.
-    pub q4: Vec<i8>,
-    /// Per-block scales `dx`, `(padded,)`, zero beyond `blocks`.
+    /// Per-block scales `dx`, `(blocks,)`.
     pub d: Vec<f32>,
-    /// Per-block `dx * sum(q)`, `(padded,)`, zero beyond `blocks`.
+    /// Per-block `dx * sum(q)`, `(blocks,)`.
     pub s: Vec<f32>,
     /// Number of blocks: `x.len() / 32`, or 0 when `x.len()` is not a multiple of 32.
     pub blocks: usize,
 }
-
-/// Blocks per group of the padded layout.
-pub const PAD_BLOCKS: usize = 8;
 
 impl QuantizedX {
     /// Quantizes `x` (`(cols,)`) with one scale per 32 elements (`amax / 127`, round to
@@ -50,46 +40,15 @@ impl QuantizedX {
         } else {
             0
         };
-        let padded = self.blocks.div_ceil(PAD_BLOCKS) * PAD_BLOCKS;
-        // Cleared first: a longer vector quantized before must not leave values in the pad.
-        self.q.clear();
-        self.q.resize(padded * BLOCK_ELEMS, 0);
-        self.d.clear();
-        self.d.resize(padded, 0.0);
-        self.s.clear();
-        self.s.resize(padded, 0.0);
+        self.q.resize(self.blocks * BLOCK_ELEMS, 0);
+        self.d.resize(self.blocks, 0.0);
+        self.s.resize(self.blocks, 0.0);
         #[cfg(target_arch = "x86_64")]
         if crate::ops::simd::avx2_available() {
             // SAFETY: AVX2 and FMA are present.
-            unsafe { quantize_avx2(x, &mut self.q, &mut self.d, &mut self.s) };
-            self.regroup();
-            return;
+            return unsafe { quantize_avx2(x, &mut self.q, &mut self.d, &mut self.s) };
         }
         quantize_blocks(x, &mut self.q, &mut self.d, &mut self.s);
-        self.regroup();
-    }
-
-    /// Fills `q4` from `q` (see its layout).
-    fn regroup(&mut self) {
-        self.q4.clear();
-        self.q4.resize(self.q.len(), 0);
-        let half = BLOCK_ELEMS / 2;
-        for (src, out) in self
-            .q
-            .chunks_exact(4 * BLOCK_ELEMS)
-            .zip(self.q4.chunks_exact_mut(4 * BLOCK_ELEMS))
-        {
-            let (firsts, seconds) = out.split_at_mut(4 * half);
-            for ((blk, f), s) in src
-                .chunks_exact(BLOCK_ELEMS)
-                .zip(firsts.chunks_exact_mut(half))
-                .zip(seconds.chunks_exact_mut(half))
-            {
-                let (a, b) = blk.split_at(half);
-                f.copy_from_slice(a);
-                s.copy_from_slice(b);
-            }
-        }
     }
 
     /// True when this vector can multiply a `cols`-wide row.
@@ -244,7 +203,7 @@ mod tests {
         )];
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::quant::{act8_avx2 as a2, act8_avx512 as a5};
+            use crate::quant::act8_avx2 as a2;
             if crate::ops::simd::avx2_available() {
                 let k: Kernel = match fmt {
                     F::Q8_0 => a2::dot_q8_0,
@@ -252,14 +211,6 @@ mod tests {
                     _ => a2::dot_q4_1,
                 };
                 out.push(("avx2", k));
-            }
-            if a5::available() {
-                let k: Kernel = match fmt {
-                    F::Q8_0 => a5::dot_q8_0,
-                    F::Q4_0 => a5::dot_q4_0,
-                    _ => a5::dot_q4_1,
-                };
-                out.push(("avx512", k));
             }
         }
         out
@@ -311,8 +262,7 @@ mod tests {
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
         let mut qx = QuantizedX::default();
         qx.quantize(&x);
-        assert_eq!((qx.blocks, qx.q.len(), qx.q4.len()), (3, 256, 256));
-        assert!(qx.q[96..].iter().all(|&v| v == 0) && qx.d[3..].iter().all(|&v| v == 0.0));
+        assert_eq!((qx.blocks, qx.q.len()), (3, 96));
         assert_eq!(qx.d[1], 0.0);
         for (i, &v) in x.iter().enumerate() {
             let d = qx.d[i / BLOCK_ELEMS];

@@ -68,25 +68,6 @@ pub(super) unsafe fn halves8(p: *const u8, stride: i32) -> (__m256, __m256) {
     }
 }
 
-/// [`halves8`] for the first `n < 8` blocks only; the other lanes are zero and their blocks
-/// are not read.
-#[inline(always)]
-pub(super) unsafe fn halves8_n(p: *const u8, stride: i32, n: usize) -> (__m256, __m256) {
-    // SAFETY: as in `halves8`, for the lanes the mask keeps.
-    unsafe {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let idx = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(stride));
-        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-        let zero = _mm256_setzero_si256();
-        split_halves(_mm256_mask_i32gather_epi32::<1>(
-            zero,
-            p as *const i32,
-            idx,
-            keep,
-        ))
-    }
-}
-
 /// Eight gathered pairs of f16 (low half, high half of each lane) as two float vectors.
 #[inline(always)]
 unsafe fn split_halves(g: __m256i) -> (__m256, __m256) {

@@ -3,7 +3,7 @@
 
 use super::{act8, Act8Kernel, RowKernel, Weight, WeightFormat, BLOCK_ELEMS};
 #[cfg(target_arch = "x86_64")]
-use super::{act8_avx2, act8_avx512, avx2, avx512, FastIsa};
+use super::{act8_avx2, avx2, avx512, FastIsa};
 
 impl Weight {
     /// True when [`Weight::dot_rows`] reads the block sums of `x` (see [`block_sums`]): only
@@ -49,6 +49,13 @@ impl Weight {
     pub fn dot_rows_act8(&self, first: usize, x: &act8::QuantizedX, out: &mut [f32]) {
         assert_eq!(x.blocks * BLOCK_ELEMS, self.cols, "dot_rows_act8: x blocks");
         assert!(first + out.len() <= self.rows, "dot_rows_act8: rows");
+        #[cfg(target_arch = "x86_64")]
+        if let Some(il) = self.interleaved() {
+            let width = out.len();
+            return self.il_rows(il, first, width, std::slice::from_ref(x), |_, i, v| {
+                out[i] = v
+            });
+        }
         let kernel = self.act8_kernel().expect("dot_rows_act8 on a float weight");
         for (i, o) in out.iter_mut().enumerate() {
             // SAFETY: `act8_kernel` only returns kernels this CPU runs; the row holds
@@ -60,15 +67,6 @@ impl Weight {
     /// The int8-activation row kernel for this format on this CPU (AVX2, else scalar).
     pub(crate) fn act8_kernel(&self) -> Option<Act8Kernel> {
         use WeightFormat as F;
-        #[cfg(target_arch = "x86_64")]
-        if act8_avx512::available() {
-            return match self.fmt {
-                F::Q8_0 => Some(act8_avx512::dot_q8_0),
-                F::Q4_0 => Some(act8_avx512::dot_q4_0),
-                F::Q4_1 => Some(act8_avx512::dot_q4_1),
-                _ => None,
-            };
-        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             return match self.fmt {

@@ -23,10 +23,9 @@ mod multi;
 pub mod act8;
 #[cfg(target_arch = "x86_64")]
 mod act8_avx2;
+pub mod act8_il;
 #[cfg(target_arch = "x86_64")]
-mod act8_avx512;
-#[cfg(target_arch = "x86_64")]
-mod act8_avx512_multi;
+mod act8_il_avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -196,6 +195,9 @@ pub struct Weight {
     data: SharedBytes,
     /// `data`'s bytes, resolved once: the hot loops must not go through a vtable per row.
     base: *const u8,
+    /// The row-interleaved copy of the int8 kernels on AVX-512 VNNI CPUs, built on first
+    /// use (`act8_il.rs`); shared by clones.
+    il: Arc<std::sync::OnceLock<Option<act8_il::Interleaved>>>,
 }
 
 // SAFETY: `base` points into `data`, which is immutable, never moves while the `Arc` lives,
@@ -243,6 +245,7 @@ impl Weight {
             row_bytes,
             data: bytes,
             base,
+            il: Arc::default(),
         })
     }
 

@@ -10,9 +10,9 @@
 //!   `MAX_XSUM_BLOCKS` blocks) `dot_rows`'s own kernel runs token after token on each row,
 //!   while that row is hot in L1: exact by construction.
 //!
-//! With int8 activations, [`Weight::dot_rows_act8_multi`] runs the VNNI twins of
-//! `act8_avx512_multi.rs` where [`Weight::dot_rows_act8`] would run `act8_avx512.rs`, and the
-//! single int8 kernel token by token elsewhere.
+//! With int8 activations, [`Weight::dot_rows_act8_multi`] runs the row-interleaved VNNI
+//! kernel (`act8_il.rs`) for up to eight tokens per pass where [`Weight::dot_rows_act8`] runs
+//! it for one, and the single int8 kernel token by token elsewhere.
 //!
 //! More tokens than one group pass over the rows tile by tile (`TILE_ROWS`), so a tile's
 //! weight bytes come from memory once and from L1 for the next groups.
@@ -40,7 +40,7 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
-use super::{act8_avx512_multi, avx2_multi, avx512_multi, FastIsa, WeightFormat};
+use super::{avx2_multi, avx512_multi, FastIsa, WeightFormat};
 use super::{Weight, BLOCK_ELEMS};
 
 /// Most tokens one multi-token kernel call handles: the lanes of the Q4 offset vectors.
@@ -156,8 +156,9 @@ impl Weight {
             "dot_rows_act8_multi: rows"
         );
         #[cfg(target_arch = "x86_64")]
-        if let Some(kernels) = self.act8_multi_set() {
-            return self.rows_act8_multi(kernels, first, xs, out);
+        if let Some(il) = self.interleaved() {
+            let width = out.width();
+            return self.il_rows(il, first, width, &xs[..n], |t, i, v| out.set(t, i, v));
         }
         let kernel = self
             .act8_kernel()
@@ -168,48 +169,6 @@ impl Weight {
                 // SAFETY: `act8_kernel` only returns kernels this CPU runs; the row holds
                 // `x.blocks` blocks (asserted above).
                 out.set(t, i, unsafe { kernel(row, x) });
-            }
-        }
-    }
-
-    /// The multi-token twins of the int8 kernel [`Weight::act8_kernel`] picks, where it has
-    /// them (AVX-512 VNNI).
-    #[cfg(target_arch = "x86_64")]
-    fn act8_multi_set(&self) -> Option<&'static [act8_avx512_multi::Act8MultiKernel; MULTI_MAX]> {
-        use WeightFormat as F;
-        if !super::act8_avx512::available() {
-            return None;
-        }
-        match self.fmt {
-            F::Q4_1 => Some(&act8_avx512_multi::Q4_1),
-            F::Q4_0 => Some(&act8_avx512_multi::Q4_0),
-            F::Q8_0 => Some(&act8_avx512_multi::Q8_0),
-            _ => None,
-        }
-    }
-
-    /// [`Weight::dot_rows_act8_multi`] through multi-token twins, equal groups of tokens.
-    #[cfg(target_arch = "x86_64")]
-    fn rows_act8_multi(
-        &self,
-        kernels: &[act8_avx512_multi::Act8MultiKernel; MULTI_MAX],
-        first: usize,
-        xs: &[super::act8::QuantizedX],
-        out: &mut TokenRows<'_>,
-    ) {
-        let n = out.tokens();
-        let size = n.div_ceil(n.div_ceil(MULTI_MAX).max(1)).max(1);
-        let mut vals = [0.0f32; MULTI_MAX];
-        for t0 in (0..n).step_by(size) {
-            let g = size.min(n - t0);
-            let kernel = kernels[g - 1];
-            for i in 0..out.width() {
-                // SAFETY: `act8_multi_set` only returns kernels this CPU runs; every token's
-                // activations have the row's `cols / 32` blocks (asserted by the caller).
-                unsafe { kernel(self.row(first + i), &xs[t0..t0 + g], &mut vals) };
-                for (j, &v) in vals[..g].iter().enumerate() {
-                    out.set(t0 + j, i, v);
-                }
             }
         }
     }

@@ -1,0 +1,207 @@
+//! Row-interleaved copies of block-format weights for the int8-activation kernels on AVX-512
+//! VNNI CPUs, where one vector lane is one output row.
+//!
+//! The row-major kernels (`act8_avx512.rs`) put a block's products in lanes of one row, so
+//! every block needs its scale spread over those lanes, and every row a horizontal sum at the
+//! end: about 13 vector operations per token for 256 multiply-adds. Here sixteen rows are
+//! stored side by side: lane `r` of a vector holds four consecutive quants of row `r`, and
+//! `vpdpbusd` against four activation bytes broadcast to every lane adds four products into
+//! each row's own lane. A block then costs a token eight `vpdpbusd`, one conversion and two
+//! FMAs for 16 x 32 multiply-adds, and no row is ever reduced across lanes.
+//!
+//! Layout: per group of [`IL_ROWS`] rows (the last zero-padded) and per block `b`, a record of
+//! - `dw`: 16 f32, each row's block scale;
+//! - `w2`: 16 f32, the per-block offset weight: Q4_1's `m`, Q4_0's `-8 dw`, Q8_0's `-128 dw`;
+//! - the quants: Q4 formats 4 x 64 bytes, vector `p`'s lane `r` = bytes `4p..4p + 4` of row
+//!   `r`'s nibbles (low nibbles are elements `4p..`, high nibbles `16 + 4p..`); Q8_0 8 x 64
+//!   bytes, vector `j`'s lane `r` = quants `4j..4j + 4` of row `r` plus 128 (unsigned).
+//!
+//! Per row, the value is `sum_b (dw * dx_b) * dot_b + w2 * sx_b`, accumulated block by block
+//! with two fused multiply-adds (`sx_b = dx_b * sum(qx)`); integer dots are exact in any
+//! order. [`rows_portable`] is the scalar twin, bit for bit.
+
+use super::act8::QuantizedX;
+use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+use super::{Weight, WeightFormat};
+
+/// Rows per interleaved group: the f32 lanes of a 512-bit vector.
+pub const IL_ROWS: usize = 16;
+
+/// Bytes of one group's record for one block.
+pub fn record_bytes(fmt: WeightFormat) -> usize {
+    let quants = if fmt == WeightFormat::Q8_0 { 512 } else { 256 };
+    2 * 4 * IL_ROWS + quants
+}
+
+/// An interleaved weight: `groups` groups of `blocks` records.
+#[derive(Debug)]
+pub struct Interleaved {
+    pub fmt: WeightFormat,
+    pub blocks: usize,
+    pub groups: usize,
+    pub data: Box<[u8]>,
+}
+
+impl Interleaved {
+    /// The records of group `g`, `(blocks, record_bytes)`.
+    pub fn group(&self, g: usize) -> &[u8] {
+        let n = self.blocks * record_bytes(self.fmt);
+        &self.data[g * n..(g + 1) * n]
+    }
+}
+
+/// Interleaves `rows` rows (`row(i)`: that row's block bytes) of a `cols`-wide block-format
+/// matrix; `None` for the other formats.
+pub fn interleave<'a>(
+    fmt: WeightFormat,
+    rows: usize,
+    cols: usize,
+    row: impl Fn(usize) -> &'a [u8],
+) -> Option<Interleaved> {
+    let (bytes, q_at) = match fmt {
+        WeightFormat::Q4_1 => (Q4_1_BYTES, 4),
+        WeightFormat::Q4_0 => (Q4_0_BYTES, 2),
+        WeightFormat::Q8_0 => (Q8_0_BYTES, 2),
+        _ => return None,
+    };
+    let (blocks, groups, rec) = (
+        cols / BLOCK_ELEMS,
+        rows.div_ceil(IL_ROWS),
+        record_bytes(fmt),
+    );
+    let mut data = vec![0u8; groups * blocks * rec].into_boxed_slice();
+    for (i, r) in (0..rows).map(|i| (i, row(i))) {
+        let (g, lane) = (i / IL_ROWS, i % IL_ROWS);
+        for b in 0..blocks {
+            let blk = &r[b * bytes..(b + 1) * bytes];
+            let out = &mut data[(g * blocks + b) * rec..(g * blocks + b + 1) * rec];
+            let dw = half_at(blk, 0);
+            let w2 = match fmt {
+                WeightFormat::Q4_1 => half_at(blk, 2),
+                WeightFormat::Q4_0 => -8.0 * dw,
+                _ => -128.0 * dw,
+            };
+            out[4 * lane..4 * lane + 4].copy_from_slice(&dw.to_le_bytes());
+            let at = 4 * (IL_ROWS + lane);
+            out[at..at + 4].copy_from_slice(&w2.to_le_bytes());
+            let quants = &blk[q_at..];
+            for (v, four) in quants.chunks_exact(4).enumerate() {
+                let at = 8 * IL_ROWS + v * 64 + 4 * lane;
+                for (o, &q) in out[at..at + 4].iter_mut().zip(four) {
+                    // Q8_0 quants become unsigned (+128); nibble bytes stay as stored.
+                    *o = if fmt == WeightFormat::Q8_0 {
+                        q ^ 0x80
+                    } else {
+                        q
+                    };
+                }
+            }
+        }
+    }
+    Some(Interleaved {
+        fmt,
+        blocks,
+        groups,
+        data,
+    })
+}
+
+impl Weight {
+    /// The interleaved copy the int8 kernels run on this CPU (AVX-512 VNNI, block formats),
+    /// built on first use: about 1.2x the weight's bytes, beside the row-major ones that the
+    /// exact float path reads.
+    pub(crate) fn interleaved(&self) -> Option<&Interleaved> {
+        #[cfg(target_arch = "x86_64")]
+        if super::act8_il_avx512::available() {
+            let il = self
+                .il
+                .get_or_init(|| interleave(self.fmt, self.rows, self.cols, |r| self.row(r)));
+            return il.as_ref();
+        }
+        None
+    }
+
+    /// `put(t, i, row(first + i) · xs[t])` for `width` rows through the interleaved kernel,
+    /// tokens in equal groups of at most eight. A group of rows cut by `first` or the width
+    /// is computed whole and only its rows in range are put, so every value is the kernel's
+    /// for that row and token alone, whatever the split.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn il_rows(
+        &self,
+        il: &Interleaved,
+        first: usize,
+        width: usize,
+        xs: &[QuantizedX],
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        use super::act8_il_avx512::KERNELS;
+        use super::multi::MULTI_MAX;
+        let n = xs.len();
+        assert!(
+            first + width <= self.rows && xs.iter().all(|x| x.fits(self.cols)),
+            "act8_il rows"
+        );
+        let size = n.div_ceil(n.div_ceil(MULTI_MAX).max(1)).max(1);
+        let mut vals = [[0.0f32; IL_ROWS]; MULTI_MAX];
+        for g in first / IL_ROWS..(first + width).div_ceil(IL_ROWS) {
+            let rows = (g * IL_ROWS).max(first)..((g + 1) * IL_ROWS).min(first + width);
+            for t0 in (0..n).step_by(size) {
+                let k = size.min(n - t0);
+                // SAFETY: `interleaved` is only built where the kernels run; every token
+                // has the row's `cols / 32` blocks (asserted above).
+                unsafe { KERNELS[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
+                for r in rows.clone() {
+                    for (j, v) in vals[..k].iter().enumerate() {
+                        put(t0 + j, r - first, v[r - g * IL_ROWS]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The f32 at `rec[4 * i..]`.
+fn f32_at(rec: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([rec[4 * i], rec[4 * i + 1], rec[4 * i + 2], rec[4 * i + 3]])
+}
+
+/// Scalar twin of the AVX-512 kernel: `out[t][r]` = row `r` of group `g` of `il` times
+/// token `xs[t]`, the same operations in the same order.
+pub fn rows_portable(il: &Interleaved, g: usize, xs: &[&QuantizedX], out: &mut [[f32; IL_ROWS]]) {
+    let rec = record_bytes(il.fmt);
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        *o = [0.0; IL_ROWS];
+        for (b, r) in il.group(g).chunks_exact(rec).enumerate() {
+            let (dx, sx) = (x.d[b], x.s[b]);
+            for (lane, acc) in o.iter_mut().enumerate() {
+                let dot = lane_dot(il.fmt, r, lane, x.block(b));
+                let scale = f32_at(r, lane) * dx;
+                *acc = (dot as f32).mul_add(scale, *acc);
+                *acc = f32_at(r, IL_ROWS + lane).mul_add(sx, *acc);
+            }
+        }
+    }
+}
+
+/// Integer dot of lane `lane`'s 32 quants in record `r` with the block's activations `qx`.
+fn lane_dot(fmt: WeightFormat, r: &[u8], lane: usize, qx: &[i8]) -> i32 {
+    let q = &r[8 * IL_ROWS..];
+    let mut dot = 0i32;
+    if fmt == WeightFormat::Q8_0 {
+        for k in 0..BLOCK_ELEMS {
+            let u = q[(k / 4) * 64 + 4 * lane + k % 4];
+            dot += i32::from(u) * i32::from(qx[k]);
+        }
+        return dot;
+    }
+    for k in 0..16 {
+        let byte = q[(k / 4) * 64 + 4 * lane + k % 4];
+        dot += i32::from(byte & 0x0f) * i32::from(qx[k]);
+        dot += i32::from(byte >> 4) * i32::from(qx[16 + k]);
+    }
+    dot
+}
+
+#[cfg(test)]
+#[path = "act8_il_tests.rs"]
+mod tests;
