@@ -132,6 +132,19 @@ impl LlamaModel {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Builds every weight's int8 layout where this CPU has one (`Weight::interleaved`), the
+    /// matrices in parallel on the engine's threads.
+    pub fn prepare_int8(&self, e: &crate::engine::Engine) {
+        use rayon::prelude::*;
+        let mut all: Vec<&Weight> = self.layers.iter().flat_map(Layer::matrices).collect();
+        all.push(self.head());
+        e.install(|| {
+            all.par_iter().for_each(|w| {
+                w.interleaved();
+            })
+        });
+    }
+
     /// Bytes held by all weights.
     pub fn nbytes(&self) -> usize {
         let layer_bytes: usize = self
