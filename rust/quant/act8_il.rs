@@ -10,15 +10,17 @@
 //! FMAs for 16 x 32 multiply-adds, and no row is ever reduced across lanes.
 //!
 //! Layout: per group of [`IL_ROWS`] rows (the last zero-padded) and per block `b`, a record of
-//! - `dw`: 16 f32, each row's block scale;
-//! - `w2`: 16 f32, the per-block offset weight: Q4_1's `m`, Q4_0's `-8 dw`, Q8_0's `-128 dw`;
+//! - `dw`: 16 f16, each row's block scale;
+//! - Q4_1 only, `m`: 16 f16, each row's block minimum;
 //! - the quants: Q4 formats 4 x 64 bytes, vector `p`'s lane `r` = bytes `4p..4p + 4` of row
 //!   `r`'s nibbles (low nibbles are elements `4p..`, high nibbles `16 + 4p..`); Q8_0 8 x 64
 //!   bytes, vector `j`'s lane `r` = quants `4j..4j + 4` of row `r` plus 128 (unsigned).
 //!
-//! Per row, the value is `sum_b (dw * dx_b) * dot_b + w2 * sx_b`, accumulated block by block
-//! with two fused multiply-adds (`sx_b = dx_b * sum(qx)`); integer dots are exact in any
-//! order. [`rows_portable`] is the scalar twin, bit for bit.
+//! so a group takes exactly the bytes of its sixteen rows. Per row, the value is
+//! `sum_b (dw * dx_b) * dot_b + w2 * sx_b`, accumulated block by block with two fused
+//! multiply-adds, where `sx_b = dx_b * sum(qx)` and the offset weight `w2` is Q4_1's `m`,
+//! Q4_0's `-8 dw` or Q8_0's `-128 dw` (the unsigned quants' offset); integer dots are exact
+//! in any order. [`rows_portable`] is the scalar twin, bit for bit.
 
 use super::act8::QuantizedX;
 use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
@@ -29,8 +31,22 @@ pub const IL_ROWS: usize = 16;
 
 /// Bytes of one group's record for one block.
 pub fn record_bytes(fmt: WeightFormat) -> usize {
-    let quants = if fmt == WeightFormat::Q8_0 { 512 } else { 256 };
-    2 * 4 * IL_ROWS + quants
+    scale_bytes(fmt) + if fmt == WeightFormat::Q8_0 { 512 } else { 256 }
+}
+
+/// Bytes of a record's f16 scales (`dw`, and Q4_1's `m`): where its quants start.
+pub fn scale_bytes(fmt: WeightFormat) -> usize {
+    let halves = if fmt == WeightFormat::Q4_1 { 2 } else { 1 };
+    2 * IL_ROWS * halves
+}
+
+/// The offset weight `w2 = OFFSET * dw` of the formats without a stored minimum.
+pub fn offset_factor(fmt: WeightFormat) -> f32 {
+    if fmt == WeightFormat::Q8_0 {
+        -128.0
+    } else {
+        -8.0
+    }
 }
 
 /// An interleaved weight: `groups` groups of `blocks` records.
@@ -75,18 +91,15 @@ pub fn interleave<'a>(
         for b in 0..blocks {
             let blk = &r[b * bytes..(b + 1) * bytes];
             let out = &mut data[(g * blocks + b) * rec..(g * blocks + b + 1) * rec];
-            let dw = half_at(blk, 0);
-            let w2 = match fmt {
-                WeightFormat::Q4_1 => half_at(blk, 2),
-                WeightFormat::Q4_0 => -8.0 * dw,
-                _ => -128.0 * dw,
-            };
-            out[4 * lane..4 * lane + 4].copy_from_slice(&dw.to_le_bytes());
-            let at = 4 * (IL_ROWS + lane);
-            out[at..at + 4].copy_from_slice(&w2.to_le_bytes());
+            // The f16 scales as stored: `dw` at 0, Q4_1's `m` at 2.
+            out[2 * lane..2 * lane + 2].copy_from_slice(&blk[..2]);
+            if fmt == WeightFormat::Q4_1 {
+                let at = 2 * (IL_ROWS + lane);
+                out[at..at + 2].copy_from_slice(&blk[2..4]);
+            }
             let quants = &blk[q_at..];
             for (v, four) in quants.chunks_exact(4).enumerate() {
-                let at = 8 * IL_ROWS + v * 64 + 4 * lane;
+                let at = scale_bytes(fmt) + v * 64 + 4 * lane;
                 for (o, &q) in out[at..at + 4].iter_mut().zip(four) {
                     // Q8_0 quants become unsigned (+128); nibble bytes stay as stored.
                     *o = if fmt == WeightFormat::Q8_0 {
@@ -108,7 +121,7 @@ pub fn interleave<'a>(
 
 impl Weight {
     /// The interleaved copy the int8 kernels run on this CPU (AVX-512 VNNI, block formats),
-    /// built on first use: about 1.2x the weight's bytes, beside the row-major ones that the
+    /// built on first use: as many bytes as the weight, beside the row-major ones that the
     /// exact float path reads.
     pub(crate) fn interleaved(&self) -> Option<&Interleaved> {
         #[cfg(target_arch = "x86_64")]
@@ -160,9 +173,9 @@ impl Weight {
     }
 }
 
-/// The f32 at `rec[4 * i..]`.
-fn f32_at(rec: &[u8], i: usize) -> f32 {
-    f32::from_le_bytes([rec[4 * i], rec[4 * i + 1], rec[4 * i + 2], rec[4 * i + 3]])
+/// The f16 at `rec[2 * i..]` as f32.
+fn half_of(rec: &[u8], i: usize) -> f32 {
+    half_at(rec, 2 * i)
 }
 
 /// Scalar twin of the AVX-512 kernel: `out[t][r]` = row `r` of group `g` of `il` times
@@ -175,9 +188,14 @@ pub fn rows_portable(il: &Interleaved, g: usize, xs: &[&QuantizedX], out: &mut [
             let (dx, sx) = (x.d[b], x.s[b]);
             for (lane, acc) in o.iter_mut().enumerate() {
                 let dot = lane_dot(il.fmt, r, lane, x.block(b));
-                let scale = f32_at(r, lane) * dx;
-                *acc = (dot as f32).mul_add(scale, *acc);
-                *acc = f32_at(r, IL_ROWS + lane).mul_add(sx, *acc);
+                let dw = half_of(r, lane);
+                let w2 = if il.fmt == WeightFormat::Q4_1 {
+                    half_of(r, IL_ROWS + lane)
+                } else {
+                    offset_factor(il.fmt) * dw
+                };
+                *acc = (dot as f32).mul_add(dw * dx, *acc);
+                *acc = w2.mul_add(sx, *acc);
             }
         }
     }
@@ -185,7 +203,7 @@ pub fn rows_portable(il: &Interleaved, g: usize, xs: &[&QuantizedX], out: &mut [
 
 /// Integer dot of lane `lane`'s 32 quants in record `r` with the block's activations `qx`.
 fn lane_dot(fmt: WeightFormat, r: &[u8], lane: usize, qx: &[i8]) -> i32 {
-    let q = &r[8 * IL_ROWS..];
+    let q = &r[scale_bytes(fmt)..];
     let mut dot = 0i32;
     if fmt == WeightFormat::Q8_0 {
         for k in 0..BLOCK_ELEMS {

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::act8_il::{record_bytes, Interleaved, IL_ROWS};
+use super::act8_il::{offset_factor, record_bytes, scale_bytes, Interleaved, IL_ROWS};
 use super::blocks::BLOCK_ELEMS;
 use super::multi::MULTI_MAX;
 use super::WeightFormat;
@@ -39,6 +39,7 @@ pub unsafe fn rows_g<const G: usize>(
         "act8_il shapes"
     );
     let (rec, q8) = (record_bytes(il.fmt), il.fmt == WeightFormat::Q8_0);
+    let (q41, at) = (il.fmt == WeightFormat::Q4_1, scale_bytes(il.fmt));
     let group = il.group(g);
     // SAFETY: every record is `rec` bytes inside `group`; every token has `il.blocks`
     // blocks of 32 values and their scales (checked above); features enabled on this fn.
@@ -47,9 +48,13 @@ pub unsafe fn rows_g<const G: usize>(
         let mut acc = [_mm512_setzero_ps(); G];
         for b in 0..il.blocks {
             let r = group.as_ptr().add(b * rec);
-            let dw = _mm512_loadu_ps(r as *const f32);
-            let w2 = _mm512_loadu_ps(r.add(4 * IL_ROWS) as *const f32);
-            let w = quants(r.add(8 * IL_ROWS), q8);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(r as *const __m256i));
+            let w2 = if q41 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(r.add(2 * IL_ROWS) as *const __m256i))
+            } else {
+                _mm512_mul_ps(_mm512_set1_ps(offset_factor(il.fmt)), dw)
+            };
+            let w = quants(r.add(at), q8);
             for (t, a) in acc.iter_mut().enumerate() {
                 let x = &xs[t];
                 let xq = x.q.as_ptr().add(b * BLOCK_ELEMS) as *const i32;
