@@ -134,7 +134,8 @@ impl Weight {
         None
     }
 
-    /// `put(t, i, row(first + i) · xs[t])` for `width` rows through the interleaved kernel,
+    /// `put(t, i, vals)`: `vals[j] = row(first + i + j) · xs[t]`, for `width` rows in runs of
+    /// at most one group, through the interleaved kernel,
     /// tokens in equal groups of at most eight. A group of rows cut by `first` or the width
     /// is computed whole and only its rows in range are put, so every value is the kernel's
     /// for that row and token alone, whatever the split.
@@ -145,7 +146,7 @@ impl Weight {
         first: usize,
         width: usize,
         xs: &[QuantizedX],
-        mut put: impl FnMut(usize, usize, f32),
+        mut put: impl FnMut(usize, usize, &[f32]),
     ) {
         use super::act8_il_avx512::KERNELS;
         use super::multi::MULTI_MAX;
@@ -163,10 +164,9 @@ impl Weight {
                 // SAFETY: `interleaved` is only built where the kernels run; every token
                 // has the row's `cols / 32` blocks (asserted above).
                 unsafe { KERNELS[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
-                for r in rows.clone() {
-                    for (j, v) in vals[..k].iter().enumerate() {
-                        put(t0 + j, r - first, v[r - g * IL_ROWS]);
-                    }
+                let lanes = rows.start - g * IL_ROWS..rows.end - g * IL_ROWS;
+                for (j, v) in vals[..k].iter().enumerate() {
+                    put(t0 + j, rows.start - first, &v[lanes.clone()]);
                 }
             }
         }

@@ -52,8 +52,9 @@ impl Weight {
         #[cfg(target_arch = "x86_64")]
         if let Some(il) = self.interleaved() {
             let width = out.len();
-            return self.il_rows(il, first, width, std::slice::from_ref(x), |_, i, v| {
-                out[i] = v
+            let x = std::slice::from_ref(x);
+            return self.il_rows(il, first, width, x, |_, i, v| {
+                out[i..i + v.len()].copy_from_slice(v)
             });
         }
         let kernel = self.act8_kernel().expect("dot_rows_act8 on a float weight");

@@ -112,6 +112,22 @@ impl<'a> TokenRows<'a> {
         self.width
     }
 
+    /// `out[t][i..i + vals.len()] = vals`.
+    #[inline(always)]
+    pub(super) fn set_run(&mut self, t: usize, i: usize, vals: &[f32]) {
+        assert!(
+            t < self.n && i + vals.len() <= self.width,
+            "TokenRows: ({t}, {i}..+{}) out of range",
+            vals.len()
+        );
+        // SAFETY: the run is inside the window (asserted), which the constructor made
+        // writable and exclusive to `self` for `'a`.
+        unsafe {
+            let dst = self.ptr.add(t * self.stride + i);
+            std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, vals.len());
+        }
+    }
+
     /// `out[t][i] = v`.
     #[inline(always)]
     fn set(&mut self, t: usize, i: usize, v: f32) {
@@ -158,7 +174,7 @@ impl Weight {
         #[cfg(target_arch = "x86_64")]
         if let Some(il) = self.interleaved() {
             let width = out.width();
-            return self.il_rows(il, first, width, &xs[..n], |t, i, v| out.set(t, i, v));
+            return self.il_rows(il, first, width, &xs[..n], |t, i, v| out.set_run(t, i, v));
         }
         let kernel = self
             .act8_kernel()
