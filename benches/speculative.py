@@ -14,6 +14,7 @@ Also the cost of verifying ``n`` tokens in one step, relative to one decode step
 rewrite task's context (what the adaptive drafter weighs against acceptance).
 
     python benches/speculative.py [--tokens 256] [--tasks rewrite quote free]
+                                  [--activations int8]
 """
 
 from __future__ import annotations
@@ -139,9 +140,12 @@ def main() -> None:
     p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
     p.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
                    help="skip the llama.cpp rows")
+    p.add_argument("--activations", choices=("float32", "int8"), default="float32",
+                   help="int8: plain and speculative decoding both with int8 activations")
     args = p.parse_args()
     # Room for two sequences of the longest task: the draft-self row keeps a second cache.
-    llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16", max_kv_bytes=1 << 30))
+    llm = kvforge.LLM(kv=kvforge.KVCacheConfig(dtype="float16", max_kv_bytes=1 << 30),
+                      activations=args.activations)
     prompts = tasks(llm)
     peer = llamacpp(str(llm._loaded.path)) if args.llamacpp else None
     for name in args.tasks:
