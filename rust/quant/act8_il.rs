@@ -1,9 +1,10 @@
 //! Row-interleaved copies of block-format weights for the int8-activation kernels on AVX-512
 //! VNNI CPUs, where one vector lane is one output row.
 //!
-//! The row-major kernels (`act8_avx512.rs`) put a block's products in lanes of one row, so
-//! every block needs its scale spread over those lanes, and every row a horizontal sum at the
-//! end: about 13 vector operations per token for 256 multiply-adds. Here sixteen rows are
+//! On the stored row-major layout (as `act8_avx2.rs` reads it), a block's products land in
+//! lanes of one row, so every block needs its scale spread over those lanes and every row a
+//! horizontal sum at the end: with VNNI, about 13 vector operations per token for 256
+//! multiply-adds. Here sixteen rows are
 //! stored side by side: lane `r` of a vector holds four consecutive quants of row `r`, and
 //! `vpdpbusd` against four activation bytes broadcast to every lane adds four products into
 //! each row's own lane. A block then costs a token eight `vpdpbusd`, one conversion and two
