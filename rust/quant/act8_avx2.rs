@@ -64,15 +64,7 @@ pub(super) unsafe fn halves8(p: *const u8, stride: i32) -> (__m256, __m256) {
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             _mm256_set1_epi32(stride),
         );
-        split_halves(_mm256_i32gather_epi32::<1>(p as *const i32, idx))
-    }
-}
-
-/// Eight gathered pairs of f16 (low half, high half of each lane) as two float vectors.
-#[inline(always)]
-unsafe fn split_halves(g: __m256i) -> (__m256, __m256) {
-    // SAFETY: AVX2 and F16C are enabled by the callers' target features.
-    unsafe {
+        let g = _mm256_i32gather_epi32::<1>(p as *const i32, idx);
         let lo = _mm256_and_si256(g, _mm256_set1_epi32(0xffff));
         let hi = _mm256_srli_epi32::<16>(g);
         // packus interleaves per 128-bit lane; the permute puts the eight `lo` first.
