@@ -275,15 +275,7 @@ pub unsafe fn scores<T: Elem>(
     // The SIMD kernels index through raw pointers: the shapes are checked here, once per
     // block, so that a wrong call panics (as the portable twin would) instead of reading or
     // writing outside the slices.
-    let rows = sh.g.saturating_sub(1);
-    assert!(
-        sh.n <= sh.bs
-            && sh.bs <= sh.os
-            && kb.len() >= sh.hd * sh.bs
-            && q.len() >= sh.g * sh.hd
-            && out.len() >= rows * sh.os + sh.bs,
-        "attention scores: shapes do not match"
-    );
+    check_scores(q, &[kb.len()], sh, out.len());
     // SAFETY (both arms): forwarded contract and the shapes just checked; the AVX-512 kernel
     // needs whole 16-slot rows.
     #[cfg(target_arch = "x86_64")]
@@ -298,6 +290,21 @@ pub unsafe fn scores<T: Elem>(
     }
     let _ = isa;
     scores_portable(q, kb, sh, scale, out)
+}
+
+/// Panics unless `q` holds the group, each of the blocks (`kb_lens`, written side by side)
+/// holds `hd * bs` keys, and an output of `out_len` values takes their `kb_lens.len() * bs`
+/// columns in each of the group's rows of stride `os`.
+fn check_scores(q: &[f32], kb_lens: &[usize], sh: BlockShape, out_len: usize) {
+    let (rows, cols) = (sh.g.saturating_sub(1), kb_lens.len() * sh.bs);
+    assert!(
+        sh.n <= sh.bs
+            && cols <= sh.os
+            && kb_lens.iter().all(|&n| n >= sh.hd * sh.bs)
+            && q.len() >= sh.g * sh.hd
+            && out_len >= rows * sh.os + cols,
+        "attention scores: shapes do not match"
+    );
 }
 
 /// Scores of two consecutive blocks of a chunk: `kb0` into columns `0..bs` of each row of
@@ -318,15 +325,7 @@ pub unsafe fn scores_pair<T: Elem>(
     let first = BlockShape { n: sh.bs, ..sh };
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && sh.bs == 16 {
-        let rows = sh.g.saturating_sub(1);
-        assert!(
-            sh.n <= sh.bs
-                && 2 * sh.bs <= sh.os
-                && kbs.iter().all(|kb| kb.len() >= sh.hd * sh.bs)
-                && q.len() >= sh.g * sh.hd
-                && out.len() >= rows * sh.os + 2 * sh.bs,
-            "attention scores: shapes do not match"
-        );
+        check_scores(q, &[kbs[0].len(), kbs[1].len()], sh, out.len());
         // SAFETY: forwarded contract and the shapes just checked.
         return unsafe { super::kernels_avx512::scores_pair(q, kbs[0], kbs[1], sh, scale, out) };
     }
