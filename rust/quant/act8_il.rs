@@ -4,10 +4,9 @@
 //! On the stored row-major layout (as `act8_avx2.rs` reads it), a block's products land in
 //! lanes of one row, so every block needs its scale spread over those lanes and every row a
 //! horizontal sum at the end: with VNNI, about 13 vector operations per token for 256
-//! multiply-adds. Here sixteen rows are
-//! stored side by side: lane `r` of a vector holds four consecutive quants of row `r`, and
-//! `vpdpbusd` against four activation bytes broadcast to every lane adds four products into
-//! each row's own lane. A block then costs a token eight `vpdpbusd`, one conversion and two
+//! multiply-adds. Here sixteen rows are stored side by side: lane `r` of a vector holds four
+//! consecutive quants of row `r`, and `vpdpbusd` against four activation bytes broadcast to
+//! every lane adds four products into each row's own lane. A block then costs a token eight `vpdpbusd`, one conversion and two
 //! FMAs for 16 x 32 multiply-adds, and no row is ever reduced across lanes.
 //!
 //! Layout: per group of [`IL_ROWS`] rows (the last zero-padded) and per block `b`, a record of
@@ -15,7 +14,7 @@
 //! - Q4_1 only, `m`: 16 f16, each row's block minimum;
 //! - the quants: Q4 formats 4 x 64 bytes, vector `p`'s lane `r` = bytes `4p..4p + 4` of row
 //!   `r`'s nibbles (low nibbles are elements `4p..`, high nibbles `16 + 4p..`); Q8_0 8 x 64
-//!   bytes, vector `j`'s lane `r` = quants `4j..4j + 4` of row `r` plus 128 (unsigned).
+//!   bytes, vector `j`'s lane `r` = quants `4j..4j + 4` of row `r` plus 128 (unsigned);
 //!
 //! so a group takes exactly the bytes of its sixteen rows. Per row, the value is
 //! `sum_b (dw * dx_b) * dot_b + w2 * sx_b`, accumulated block by block with two fused
@@ -86,6 +85,8 @@ pub fn interleave<'a>(
         rows.div_ceil(IL_ROWS),
         record_bytes(fmt),
     );
+    // Q8_0 quants become unsigned (+128); nibble bytes stay as stored.
+    let flip = if fmt == WeightFormat::Q8_0 { 0x80 } else { 0 };
     let mut data = vec![0u8; groups * blocks * rec].into_boxed_slice();
     for (i, r) in (0..rows).map(|i| (i, row(i))) {
         let (g, lane) = (i / IL_ROWS, i % IL_ROWS);
@@ -102,12 +103,7 @@ pub fn interleave<'a>(
             for (v, four) in quants.chunks_exact(4).enumerate() {
                 let at = scale_bytes(fmt) + v * 64 + 4 * lane;
                 for (o, &q) in out[at..at + 4].iter_mut().zip(four) {
-                    // Q8_0 quants become unsigned (+128); nibble bytes stay as stored.
-                    *o = if fmt == WeightFormat::Q8_0 {
-                        q ^ 0x80
-                    } else {
-                        q
-                    };
+                    *o = q ^ flip;
                 }
             }
         }
@@ -136,10 +132,10 @@ impl Weight {
     }
 
     /// `put(t, i, vals)`: `vals[j] = row(first + i + j) · xs[t]`, for `width` rows in runs of
-    /// at most one group, through the interleaved kernel,
-    /// tokens in equal groups of at most eight. A group of rows cut by `first` or the width
-    /// is computed whole and only its rows in range are put, so every value is the kernel's
-    /// for that row and token alone, whatever the split.
+    /// at most one group, through the interleaved kernel, tokens in equal groups of at most
+    /// eight. A group of rows cut by `first` or the width is computed whole and only its rows
+    /// in range are put, so every value is the kernel's for that row and token alone,
+    /// whatever the split. The callers check the rows and the activations' width.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn il_rows(
         &self,
@@ -150,20 +146,16 @@ impl Weight {
         mut put: impl FnMut(usize, usize, &[f32]),
     ) {
         use super::act8_il_avx512::KERNELS;
-        use super::multi::MULTI_MAX;
+        use super::multi::{equal_groups, MULTI_MAX};
         let n = xs.len();
-        assert!(
-            first + width <= self.rows && xs.iter().all(|x| x.fits(self.cols)),
-            "act8_il rows"
-        );
-        let size = n.div_ceil(n.div_ceil(MULTI_MAX).max(1)).max(1);
+        let size = equal_groups(n, MULTI_MAX);
         let mut vals = [[0.0f32; IL_ROWS]; MULTI_MAX];
         for g in first / IL_ROWS..(first + width).div_ceil(IL_ROWS) {
             let rows = (g * IL_ROWS).max(first)..((g + 1) * IL_ROWS).min(first + width);
             for t0 in (0..n).step_by(size) {
                 let k = size.min(n - t0);
-                // SAFETY: `interleaved` is only built where the kernels run; every token
-                // has the row's `cols / 32` blocks (asserted above).
+                // SAFETY: `interleaved` is only built where the kernels run, which check
+                // that every token has the row's `cols / 32` blocks.
                 unsafe { KERNELS[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
                 let lanes = rows.start - g * IL_ROWS..rows.end - g * IL_ROWS;
                 for (j, v) in vals[..k].iter().enumerate() {

@@ -141,6 +141,14 @@ impl<'a> TokenRows<'a> {
     }
 }
 
+/// Tokens per pass when `n` tokens go through kernels taking at most `most`: equal groups
+/// rather than full ones and a remainder, since a one-token tail pass costs almost a whole
+/// single-token pass (f16 1536x576, 8 tokens: 7 + 1 took 234 µs on one Zen 3 core, 4 + 4
+/// takes 209 µs).
+pub(super) fn equal_groups(n: usize, most: usize) -> usize {
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
 /// The multi-token kernels of one format: one per group size, the group size to use, and
 /// whether they read the transposed block sums.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -287,10 +295,7 @@ impl Weight {
         let (cols, nb, width) = (self.cols, self.cols / BLOCK_ELEMS, out.width());
         let mut sums_buf = [MaybeUninit::<f32>::uninit(); MULTI_MAX * MAX_XSUM_BLOCKS];
         let mut vals = [0.0f32; MULTI_MAX];
-        // Equal groups rather than full ones and a remainder: a one-token tail pass costs
-        // almost a whole single-token pass (f16 1536x576, 8 tokens: 7 + 1 took 234 µs on one
-        // Zen 3 core, 4 + 4 takes 209 µs).
-        let size = n.div_ceil(n.div_ceil(set.group).max(1)).max(1);
+        let size = equal_groups(n, set.group);
         // One group never revisits a row: no tiles, and its sums are transposed once.
         let tile = if n <= set.group { width } else { TILE_ROWS };
         for r0 in (0..width).step_by(tile.max(1)) {
