@@ -91,14 +91,7 @@ fn bench_project_batch(c: &mut Criterion) {
                     pool.install(|| b.iter(|| project(&w, x, &qx, n, &mut out)))
                 });
                 // The opt-in int8 path: each token's row quantized alone, as a decode step's.
-                let xs: Vec<QuantizedX> = x
-                    .chunks_exact(cols)
-                    .map(|t| {
-                        let mut q = QuantizedX::default();
-                        q.quantize(t);
-                        q
-                    })
-                    .collect();
+                let xs = QuantizedX::rows(x, cols);
                 let id = BenchmarkId::new(format!("act8/{label}"), n);
                 group.bench_function(id, |b| {
                     pool.install(|| {

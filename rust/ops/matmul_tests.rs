@@ -199,14 +199,7 @@ fn project_many_act8_rows_equal_one_token_steps() {
     let ws: Vec<Weight> = names.iter().filter_map(|f| weight(f, 45, cols)).collect();
     for n in [2, 3, 8, 17] {
         let x = tokens(n, cols);
-        let xs: Vec<QuantizedX> = x
-            .chunks(cols)
-            .map(|row| {
-                let mut q = QuantizedX::default();
-                q.quantize(row);
-                q
-            })
-            .collect();
+        let xs = QuantizedX::rows(&x, cols);
         let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n * w.rows()]).collect();
         let mut pairs: Vec<(&Weight, &mut [f32])> = ws
             .iter()

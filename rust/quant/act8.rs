@@ -51,6 +51,18 @@ impl QuantizedX {
         quantize_blocks(x, &mut self.q, &mut self.d, &mut self.s);
     }
 
+    /// Each `cols`-wide row of `x` (`(n, cols)`) quantized on its own, as a decode step
+    /// quantizes each token's activations.
+    pub fn rows(x: &[f32], cols: usize) -> Vec<Self> {
+        x.chunks_exact(cols.max(1))
+            .map(|row| {
+                let mut q = Self::default();
+                q.quantize(row);
+                q
+            })
+            .collect()
+    }
+
     /// True when this vector can multiply a `cols`-wide row.
     pub fn fits(&self, cols: usize) -> bool {
         self.blocks > 0 && self.blocks * BLOCK_ELEMS == cols

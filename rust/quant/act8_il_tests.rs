@@ -8,16 +8,13 @@ const FORMATS: [WeightFormat; 3] = [WeightFormat::Q4_1, WeightFormat::Q4_0, Weig
 
 /// Quantized `(n, cols)` activations with mixed signs and magnitudes.
 fn tokens(n: usize, cols: usize) -> Vec<QuantizedX> {
-    (0..n)
-        .map(|t| {
-            let x: Vec<f32> = (0..cols)
-                .map(|i| (((i + 31 * t) * 7919) % 1999) as f32 / 999.5 - 1.0)
-                .collect();
-            let mut q = QuantizedX::default();
-            q.quantize(&x);
-            q
+    let x: Vec<f32> = (0..n * cols)
+        .map(|k| {
+            let (t, i) = (k / cols, k % cols);
+            (((i + 31 * t) * 7919) % 1999) as f32 / 999.5 - 1.0
         })
-        .collect()
+        .collect();
+    QuantizedX::rows(&x, cols)
 }
 
 fn interleaved(w: &Weight) -> Interleaved {

@@ -210,14 +210,7 @@ fn act8_multi_rows_equal_single_rows() {
             let w = weight(name, rows, cols).unwrap();
             for n in [1, 2, 5, 8, 9, 16] {
                 let x = tokens(n, cols);
-                let xs: Vec<QuantizedX> = x
-                    .chunks_exact(cols)
-                    .map(|t| {
-                        let mut q = QuantizedX::default();
-                        q.quantize(t);
-                        q
-                    })
-                    .collect();
+                let xs = QuantizedX::rows(&x, cols);
                 for (first, width) in [(0, rows), (3, 21), (16, 16), (30, 7)] {
                     let mut buf = vec![f32::NAN; n * width];
                     // SAFETY: `buf` holds `n` rows of `width` values.
