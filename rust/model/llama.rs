@@ -62,6 +62,8 @@ pub struct LlamaModel {
     pub norm: Vec<f32>,
     /// `(vocab_size, hidden_size)`, or `None` when tied to `embed`.
     pub lm_head: Option<Weight>,
+    /// Set once [`LlamaModel::prepare_int8`] has run: later int8 sessions skip it.
+    int8_ready: std::sync::OnceLock<()>,
 }
 
 /// Takes named weights out of a map, checking each shape against the config.
@@ -124,6 +126,7 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            int8_ready: std::sync::OnceLock::new(),
         })
     }
 
@@ -133,15 +136,17 @@ impl LlamaModel {
     }
 
     /// Builds every weight's int8 layout where this CPU has one (`Weight::interleaved`), the
-    /// matrices in parallel on the engine's threads.
+    /// matrices in parallel on the engine's threads; once per model.
     pub fn prepare_int8(&self, e: &crate::engine::Engine) {
         use rayon::prelude::*;
-        let mut all: Vec<&Weight> = self.layers.iter().flat_map(Layer::matrices).collect();
-        all.push(self.head());
-        e.install(|| {
-            all.par_iter().for_each(|w| {
-                w.interleaved();
-            })
+        self.int8_ready.get_or_init(|| {
+            let mut all: Vec<&Weight> = self.layers.iter().flat_map(Layer::matrices).collect();
+            all.push(self.head());
+            e.install(|| {
+                all.par_iter().for_each(|w| {
+                    w.interleaved();
+                })
+            });
         });
     }
 
