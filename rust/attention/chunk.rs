@@ -44,25 +44,14 @@ pub(super) unsafe fn chunk_scores<T: Elem + Stored>(
         }
         let (kb, _) = job.head.block(ids[j])?;
         let out = &mut scores[j * bs..];
+        // `n`: the fill of the call's last block (a pair's first is full).
+        let n = job.view.block_len(ids[next - 1]);
+        let sh = BlockShape { g, hd, bs, os, n };
         if pair {
             let (kb1, _) = job.head.block(ids[j + 1])?;
-            let sh = BlockShape {
-                g,
-                hd,
-                bs,
-                os,
-                n: job.view.block_len(ids[j + 1]),
-            };
             // SAFETY: forwarded contract.
             unsafe { kernels::scores_pair(isa, q.q, [kb, kb1], sh, q.scale, out) };
         } else {
-            let sh = BlockShape {
-                g,
-                hd,
-                bs,
-                os,
-                n: job.view.block_len(ids[j]),
-            };
             // SAFETY: forwarded contract.
             unsafe { kernels::scores(isa, q.q, kb, sh, q.scale, out) };
         }
