@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .config import SamplingParams
+from .config import SamplingParams, sequence_blocks
 from .generation import GenerationOutput, SequenceDecoder
 
 # A batch's sessions are fresh: their totals start at zero.
@@ -34,10 +34,9 @@ def cached_tokens(tokens: int, press: Any) -> int:
 
 
 def blocks_for(llm: Any, tokens: int) -> int:
-    """Blocks ``tokens`` cached tokens take in every head, with one spare block per head for
-    a copy-on-write."""
-    cfg, bs = llm.config, llm.kv_config.block_size
-    return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // bs) + 1)
+    """Blocks ``tokens`` cached tokens take in every head of ``llm``'s pool
+    (:func:`kvforge.config.sequence_blocks`)."""
+    return sequence_blocks(llm.config, llm.kv_config.block_size, tokens)
 
 
 def is_batch(prompt: Any) -> bool:

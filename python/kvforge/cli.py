@@ -299,12 +299,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
+    from .config import sequence_blocks
 
     llm = _llm(args)
     if args.batch:
         # Room for the largest batch at the longest context (pages are committed on use).
         cfg, longest = llm.config, max(args.contexts, default=0) + args.steps
-        per_seq = cfg.num_layers * cfg.num_kv_heads * (-(-longest // args.block_size) + 1)
+        per_seq = sequence_blocks(cfg, args.block_size, longest)
         llm = _llm(args, num_blocks=max(per_seq * max(args.batch), llm.kv_stats()["total_blocks"]))
     press, attention = press_from_args(args), _attention(args)
     rows = bench.run(llm, args.prefill, args.contexts, args.steps, press, attention)

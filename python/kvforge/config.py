@@ -51,14 +51,19 @@ class KVCacheConfig:
         """Blocks of the pool for a model of config ``cfg``: ``num_blocks``, or what
         ``max_kv_bytes`` holds, or by default one full ``max_context`` sequence plus one spare
         block per head for a copy-on-write."""
-        heads = cfg.num_layers * cfg.num_kv_heads
         if self.num_blocks is not None:
             return self.num_blocks
         if self.max_kv_bytes is not None:
             elem = 4 if self.dtype == "float32" else 2
             block_bytes = self.block_size * (2 * cfg.head_dim * elem + 8)
             return max(self.max_kv_bytes // block_bytes, 1)
-        return heads * (-(-max_context // self.block_size) + 1)
+        return sequence_blocks(cfg, self.block_size, max_context)
+
+
+def sequence_blocks(cfg: Any, block_size: int, tokens: int) -> int:
+    """Blocks ``tokens`` cached tokens take in every head of a model of config ``cfg``, with
+    one spare block per head for a copy-on-write."""
+    return cfg.num_layers * cfg.num_kv_heads * (-(-tokens // block_size) + 1)
 
 
 @dataclass(frozen=True)
