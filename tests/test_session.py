@@ -301,6 +301,11 @@ def test_attention_probabilities_equal_the_reference(model, llms, block_size, pr
         s.prefill(prefix)
         logits, attn = s.step(ids, parents=parents if as_tree else None,
                               output_attentions=True)
+    with llms[block_size].session() as s:
+        s.prefill(prefix)
+        plain = s.step(ids, parents=parents if as_tree else None)
+    # Recording probabilities splits a long context across threads as a plain step does.
+    np.testing.assert_array_equal(logits, plain)
     cache = ref.new_cache()
     ref.forward(cache, prefix)
     want_logits, want = ref.forward(cache, ids, parents=parents if as_tree else None,
@@ -313,6 +318,28 @@ def test_attention_probabilities_equal_the_reference(model, llms, block_size, pr
         np.testing.assert_array_equal(got.positions, positions)
         np.testing.assert_allclose(got.probs.sum(axis=-1), 1.0, atol=1e-5)
         assert np.abs(got.probs - probs).max() <= 1e-5, layer
+
+
+@pytest.mark.parametrize("as_tree", [False, True])
+def test_recording_probabilities_leaves_a_split_step_bit_equal(model, llms, as_tree):
+    """A long context is split across threads whether or not the step records its
+    probabilities: the logits are bit-equal, and the stitched probabilities equal the
+    reference."""
+    _, ref = model
+    prefix, ids = tokens(5, 90), [3, 4, 5]
+    parents = [-1, 0, 0] if as_tree else None
+    got = []
+    for record in (True, False):
+        with llms[1].session() as s:
+            s.prefill(prefix)
+            got.append(s.step(ids, parents=parents, output_attentions=record))
+    (logits, attn), plain = got
+    np.testing.assert_array_equal(logits, plain)
+    cache = ref.new_cache()
+    ref.forward(cache, prefix)
+    _, want = ref.forward(cache, ids, parents=parents, output_attentions=True)
+    for got_layer, (probs, _) in zip(attn, want, strict=True):
+        assert np.abs(got_layer.probs - probs).max() <= 1e-5
 
 
 def test_attention_probabilities_pad_heads_of_different_lengths(model):

@@ -28,7 +28,7 @@ use super::online::Online;
 use super::scan::{block_scores, mass_below, visible, Cut};
 use super::sweep::{sweep, Hook, NoHook};
 use super::topk::Keep;
-use super::{Attention, Query, MAX_GROUP};
+use super::{Attention, Query, Sink, MAX_GROUP};
 use crate::error::{Error, Result};
 use crate::kv::view::HeadView;
 use crate::params::{number, Params};
@@ -253,7 +253,7 @@ struct Job<'v, 'a> {
     query: &'v Query<'a>,
     acc: &'v mut [f32],
     state: &'v mut Online,
-    scores: Option<&'v mut [f32]>,
+    scores: Option<Sink<'v>>,
 }
 
 /// Stops the certified sweep once every head's unvisited mass bound is within `eps` of its
@@ -303,7 +303,7 @@ impl Attention for Hsr {
         query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-        scores: Option<&mut [f32]>,
+        scores: Option<Sink<'_>>,
     ) -> Result<()> {
         let dense = query.prefill || matches!(self.mode, Mode::Eps(e) if e == 0.0);
         if dense {

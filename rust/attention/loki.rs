@@ -18,7 +18,7 @@ use super::online::Online;
 use super::scan::{kth_largest, leading_scores, mass_below};
 use super::sweep::{sweep, Hook, NoHook};
 use super::topk::Keep;
-use super::{Attention, Query, MAX_GROUP, MAX_HEAD_DIM};
+use super::{Attention, Query, Sink, MAX_GROUP, MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::kv::view::HeadView;
 use crate::params::{integer, Params};
@@ -146,7 +146,7 @@ impl Attention for Loki {
         query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-        scores: Option<&mut [f32]>,
+        scores: Option<Sink<'_>>,
     ) -> Result<()> {
         if query.prefill {
             return sweep(view, blocks, query, acc, state, scores, &mut NoHook).map(|_| ());

@@ -31,6 +31,7 @@ pub mod quest;
 pub mod registry;
 pub mod run;
 pub mod scan;
+pub mod sink;
 pub mod stats;
 pub mod sweep;
 pub mod topk;
@@ -42,6 +43,7 @@ pub(crate) use kernels_avx2::exp8;
 use crate::error::Result;
 use crate::kv::view::HeadView;
 pub use online::Online;
+pub use sink::Sink;
 
 /// Largest supported query group `g` (the split-attention partial states are sized by it).
 pub const MAX_GROUP: usize = 32;
@@ -123,8 +125,9 @@ pub trait Attention: Send + Sync + std::fmt::Debug {
 
     /// Attends `query` over the blocks `blocks` of `view`: `acc` (`(g, head_dim)`) receives
     /// the unnormalised output and `state` the softmax state (both reset first). With
-    /// `scores` (`(g, view.len())`, slot-indexed), the scaled score of every visited slot is
-    /// also written there, `-inf` for masked ones (the driver turns them into probabilities).
+    /// `scores` (a window of the head's slots holding every slot of `blocks`), the scaled
+    /// score of every visited slot is also written there, `-inf` for masked ones (the driver
+    /// turns them into probabilities).
     fn partial(
         &self,
         view: &HeadView<'_>,
@@ -132,7 +135,7 @@ pub trait Attention: Send + Sync + std::fmt::Debug {
         query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-        scores: Option<&mut [f32]>,
+        scores: Option<Sink<'_>>,
     ) -> Result<()>;
 
     /// A copy for a forked sequence.

@@ -11,7 +11,7 @@
 use super::bounds::bounds;
 use super::online::Online;
 use super::sweep::{sweep, NoHook};
-use super::{Attention, Query};
+use super::{Attention, Query, Sink};
 use crate::error::Result;
 use crate::kv::view::HeadView;
 use crate::params::{integer, Params};
@@ -80,7 +80,7 @@ impl Attention for Quest {
         query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-        scores: Option<&mut [f32]>,
+        scores: Option<Sink<'_>>,
     ) -> Result<()> {
         sweep(view, blocks, query, acc, state, scores, &mut NoHook).map(|_| ())
     }

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::online::{merge, normalise, probabilities, Online};
-use super::{Attention, Mask, Query};
+use super::{Attention, Mask, Query, Sink};
 use crate::error::{Error, Result};
 use crate::kv::view::HeadView;
 
@@ -39,6 +39,10 @@ pub struct RunScratch {
     owner: Vec<(usize, usize)>,
     part_acc: Vec<f32>,
     part_state: Vec<Online>,
+    /// Per piece of a task recording probabilities, its scores `(g, width)` over the slots
+    /// `first..first + width` (`part_window`).
+    part_scores: Vec<Vec<f32>>,
+    part_window: Vec<(usize, usize)>,
     /// Per task, `(g, view.len())` probabilities when the task asked for them.
     pub probs: Vec<Vec<f32>>,
     /// Per task, its final softmax state (blocks visited, certificates).
@@ -59,12 +63,15 @@ pub fn max_pieces(threads: usize, num_kv_heads: usize) -> usize {
 
 /// Pieces of one task: from the blocks it visits only (at least `MIN_SPLIT_BLOCKS` blocks
 /// each, at most `max`), never from what else runs in the step, so a row's result is the same
-/// alone or in a batch; one when its probabilities are recorded or it may not split.
-fn pieces_of(task: &Task<'_>, blocks: usize, max: usize) -> usize {
-    if task.probs || !task.split || !task.variant.splits(&task.query) {
+/// alone or in a batch, and the same whether its probabilities are recorded or not; one when
+/// it may not split. Recorded probabilities need the list ascending (each piece's scores
+/// then fill a window of slots of its own), which every variant's selection is.
+fn pieces_of(task: &Task<'_>, list: &[usize], max: usize) -> usize {
+    let ascending = || list.windows(2).all(|w| w[0] < w[1]);
+    if !task.split || !task.variant.splits(&task.query) || (task.probs && !ascending()) {
         1
     } else {
-        (blocks / MIN_SPLIT_BLOCKS).clamp(1, max)
+        (list.len() / MIN_SPLIT_BLOCKS).clamp(1, max)
     }
 }
 
@@ -130,8 +137,10 @@ pub fn run_tasks(
         run_split(tasks, gh, s)?;
         merge_split(tasks, gh, out, s);
     }
-    // Each call of a parallel region costs 5-10 us: skip it when every task was split.
-    if s.pieces.iter().any(|&(_, n)| n == 1) {
+    // Each call of a parallel region costs 5-10 us: skip it when every task was split and
+    // none records probabilities.
+    let whole = |(t, &(_, n)): (&Task<'_>, &(usize, usize))| n == 1 || t.probs;
+    if tasks.iter().zip(&s.pieces).any(whole) {
         run_whole(tasks, gh, out, s)?;
     }
     for ((t, st), &listed) in tasks.iter().zip(s.states.iter_mut()).zip(&s.listed) {
@@ -154,7 +163,7 @@ fn plan_pieces(tasks: &[Task<'_>], max: usize, s: &mut RunScratch) {
     s.pieces.clear();
     s.owner.clear();
     for (i, t) in tasks.iter().enumerate() {
-        let n = pieces_of(t, s.sel[i].len(), max);
+        let n = pieces_of(t, &s.sel[i], max);
         s.pieces.push((s.owner.len(), n));
         if n > 1 {
             s.owner.extend((0..n).map(|p| (i, p)));
@@ -167,17 +176,41 @@ fn run_split(tasks: &[Task<'_>], gh: usize, s: &mut RunScratch) -> Result<()> {
     let parts = s.owner.len();
     s.part_acc.resize(parts * gh, 0.0);
     s.part_state.resize(parts, Online::default());
+    s.part_scores.resize_with(parts, Vec::new);
+    s.part_window.resize(parts, (0, 0));
     let (sel, owner, pieces) = (&s.sel, &s.owner, &s.pieces);
     s.part_acc[..parts * gh]
         .par_chunks_mut(gh)
         .zip(s.part_state[..parts].par_iter_mut())
+        .zip(s.part_scores[..parts].par_iter_mut())
+        .zip(s.part_window[..parts].par_iter_mut())
         .zip(owner.par_iter())
-        .try_for_each(|((acc, st), &(i, piece))| {
+        .try_for_each(|((((acc, st), scores), window), &(i, piece))| {
             let (t, list, n) = (&tasks[i], &sel[i], pieces[i].1);
             let nb = list.len();
             let range = &list[nb * piece / n..nb * (piece + 1) / n];
-            t.variant.partial(&t.view, range, &t.query, acc, st, None)
+            let sink = if t.probs {
+                *window = piece_window(&t.view, range);
+                scores.clear();
+                scores.resize(gh / t.view.head_dim().max(1) * window.1, f32::NEG_INFINITY);
+                Some(Sink::new(scores, window.0, window.1))
+            } else {
+                None
+            };
+            t.variant.partial(&t.view, range, &t.query, acc, st, sink)
         })
+}
+
+/// The slots from the first block of an ascending `range` of blocks to the end of its last.
+fn piece_window(view: &HeadView<'_>, range: &[usize]) -> (usize, usize) {
+    let bs = view.block_size();
+    match (range.first(), range.last()) {
+        (Some(&a), Some(&b)) => {
+            let end = ((b + 1) * bs).min(view.len());
+            (a * bs, end.saturating_sub(a * bs))
+        }
+        _ => (0, 0),
+    }
 }
 
 /// Merges each split task's pieces into its output. A few multiply-adds per piece: serial,
@@ -195,9 +228,12 @@ fn merge_split(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratc
     }
 }
 
-/// The tasks not split: attend, normalise, and turn recorded scores into probabilities.
+/// The tasks not split: attend, normalise, and turn recorded scores into probabilities;
+/// and the split tasks' recorded scores, stitched from their pieces, into probabilities by
+/// the merged softmax state.
 fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch) -> Result<()> {
     let (sel, pieces) = (&s.sel, &s.pieces);
+    let (part_scores, part_window) = (&s.part_scores, &s.part_window);
     out[..tasks.len() * gh]
         .par_chunks_mut(gh)
         .zip(s.probs.par_iter_mut())
@@ -205,17 +241,25 @@ fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch)
         .enumerate()
         .try_for_each(|(i, ((o, probs), state))| {
             let t = &tasks[i];
-            if pieces[i].1 > 1 {
-                return Ok(());
-            }
-            let sink = if t.probs {
-                let g = gh / t.view.head_dim().max(1);
+            let g = gh / t.view.head_dim().max(1);
+            let (first, n) = pieces[i];
+            if t.probs {
                 probs.clear();
                 probs.resize(g * t.view.len(), f32::NEG_INFINITY);
-                Some(&mut probs[..])
-            } else {
-                None
-            };
+            }
+            if n > 1 {
+                if t.probs {
+                    let parts = part_scores[first..first + n].iter();
+                    stitch(
+                        probs,
+                        t.view.len(),
+                        parts.zip(&part_window[first..first + n]),
+                    );
+                    probabilities(state, probs, t.view.len());
+                }
+                return Ok(());
+            }
+            let sink = t.probs.then(|| Sink::new(&mut probs[..], 0, t.view.len()));
             t.variant
                 .partial(&t.view, &sel[i], &t.query, o, state, sink)?;
             normalise(state, o, t.view.head_dim());
@@ -224,4 +268,21 @@ fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch)
             }
             Ok(())
         })
+}
+
+/// Copies each piece's score rows (`(g, width)` over the slots `first..first + width`) into
+/// the task's rows `probs` (`(g, len)`).
+fn stitch<'a>(
+    probs: &mut [f32],
+    len: usize,
+    parts: impl Iterator<Item = (&'a Vec<f32>, &'a (usize, usize))>,
+) {
+    for (rows, &(first, width)) in parts {
+        if width == 0 {
+            continue;
+        }
+        for (dst, src) in probs.chunks_exact_mut(len).zip(rows.chunks_exact(width)) {
+            dst[first..first + width].copy_from_slice(src);
+        }
+    }
 }

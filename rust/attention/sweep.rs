@@ -15,7 +15,7 @@
 use super::chunk::chunk_scores;
 use super::kernels::{self, Elem, Isa};
 use super::online::Online;
-use super::Query;
+use super::{Query, Sink};
 use crate::error::{Error, Result};
 use crate::kv::store::Stored;
 use crate::kv::view::{HeadData, HeadView, TypedHead};
@@ -53,15 +53,15 @@ pub(super) struct Job<'a, T: Stored> {
 
 /// Attends `query` over the blocks `blocks` of `view` in list order: `acc` (`(g, head_dim)`)
 /// receives the unnormalised output and `state` the softmax state (both reset first);
-/// `scores` (`(g, view.len())`), when given, the scaled scores of the visited slots as the
-/// hook left them. Returns the blocks visited (fewer than listed when the hook stopped).
+/// `scores`, when given (a window covering every listed block), the scaled scores of the
+/// visited slots as the hook left them. Returns the blocks visited (fewer than listed when the hook stopped).
 pub fn sweep<H: Hook>(
     view: &HeadView<'_>,
     blocks: &[usize],
     query: &Query<'_>,
     acc: &mut [f32],
     state: &mut Online,
-    scores: Option<&mut [f32]>,
+    scores: Option<Sink<'_>>,
     hook: &mut H,
 ) -> Result<usize> {
     *state = Online::default();
@@ -76,7 +76,8 @@ pub fn sweep<H: Hook>(
         )));
     }
     if let Some(s) = &scores {
-        if s.len() != g * view.len() {
+        let (first, width) = s.window();
+        if s.rows().len() != g * width || first + width > view.len() {
             return Err(Error::Internal("attention score sink shape".into()));
         }
     }
@@ -108,7 +109,7 @@ fn dispatch<T: Elem + Stored, H: Hook>(
     job: &Job<'_, T>,
     acc: &mut [f32],
     st: &mut Online,
-    sink: Option<&mut [f32]>,
+    sink: Option<Sink<'_>>,
     hook: &mut H,
 ) -> Result<usize> {
     let bs = job.view.block_size();
@@ -175,7 +176,7 @@ unsafe fn blocks_avx2<T: Elem + Stored, H: Hook>(
     acc: &mut [f32],
     st: &mut Online,
     scores: &mut [f32],
-    sink: Option<&mut [f32]>,
+    sink: Option<Sink<'_>>,
     hook: &mut H,
 ) -> Result<usize> {
     // SAFETY: this function only runs where the features it enables are present.
@@ -190,7 +191,7 @@ unsafe fn blocks_avx512<T: Elem + Stored, H: Hook>(
     acc: &mut [f32],
     st: &mut Online,
     scores: &mut [f32],
-    sink: Option<&mut [f32]>,
+    sink: Option<Sink<'_>>,
     hook: &mut H,
 ) -> Result<usize> {
     // SAFETY: this function only runs where the features it enables are present.
@@ -211,7 +212,7 @@ unsafe fn attend_blocks<T: Elem + Stored, H: Hook>(
     acc: &mut [f32],
     state: &mut Online,
     scores: &mut [f32],
-    mut sink: Option<&mut [f32]>,
+    mut sink: Option<Sink<'_>>,
     hook: &mut H,
 ) -> Result<usize> {
     let (bs, hd) = (job.view.block_size(), job.view.head_dim());
@@ -231,8 +232,8 @@ unsafe fn attend_blocks<T: Elem + Stored, H: Hook>(
         if let Some((used, _)) = scored.filter(|_| H::FILTERS) {
             (0..g).for_each(|gi| hook.filter(gi, ids, &mut scores[gi * os..gi * os + used]));
         }
-        if let Some(sink) = sink.as_deref_mut() {
-            record(job, ids, scores, os, sink);
+        if let Some(sink) = sink.as_mut() {
+            record(job, ids, scores, os, sink)?;
         }
         if let Some((used, masked)) = scored {
             for gi in 0..g {
@@ -259,16 +260,24 @@ unsafe fn attend_blocks<T: Elem + Stored, H: Hook>(
     Ok(visited)
 }
 
-/// Copies the masked scores of the chunk `ids` into the slot-indexed sink `(g, len)`.
-fn record<T: Stored>(job: &Job<'_, T>, ids: &[usize], scores: &[f32], os: usize, sink: &mut [f32]) {
-    let (bs, len) = (job.view.block_size(), job.view.len());
-    for (gi, row) in sink.chunks_exact_mut(len.max(1)).enumerate() {
+/// Copies the masked scores of the chunk `ids` (`scores`: `(g, os)`) into the sink.
+fn record<T: Stored>(
+    job: &Job<'_, T>,
+    ids: &[usize],
+    scores: &[f32],
+    os: usize,
+    sink: &mut Sink<'_>,
+) -> Result<()> {
+    let bs = job.view.block_size();
+    let g = job.query.q.len() / job.view.head_dim().max(1);
+    for gi in 0..g {
         for (j, &bi) in ids.iter().enumerate() {
             let n = job.view.block_len(bi);
             let src = &scores[gi * os + j * bs..gi * os + j * bs + n];
-            row[bi * bs..bi * bs + n].copy_from_slice(src);
+            sink.put(gi, bi * bs, src)?;
         }
     }
+    Ok(())
 }
 
 /// Folds one chunk of scores for query head `gi` into the running max and sum, turning the

@@ -7,7 +7,7 @@ use super::kernels::Isa;
 use super::online::Online;
 use super::scan::{kth_largest, leading_scores, Cut};
 use super::sweep::{sweep, NoHook};
-use super::{Attention, Query};
+use super::{Attention, Query, Sink};
 use crate::error::{Error, Result};
 use crate::kv::view::HeadView;
 use crate::params::{integer, number, Params};
@@ -110,7 +110,7 @@ impl Attention for TopK {
         query: &Query<'_>,
         acc: &mut [f32],
         state: &mut Online,
-        scores: Option<&mut [f32]>,
+        scores: Option<Sink<'_>>,
     ) -> Result<()> {
         if query.prefill {
             return sweep(view, blocks, query, acc, state, scores, &mut NoHook).map(|_| ());

@@ -16,7 +16,7 @@ use crate::attention::basis::rotate_into;
 use crate::attention::online::{normalise, Online};
 use crate::attention::registry::{self, Params};
 use crate::attention::run::settle;
-use crate::attention::{Attention, Mask, Query, MAX_GROUP, MAX_HEAD_DIM};
+use crate::attention::{Attention, Mask, Query, Sink, MAX_GROUP, MAX_HEAD_DIM};
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::{KvDtype, LocalKv, MAX_BLOCK_SIZE};
@@ -66,7 +66,7 @@ impl Probe {
         self.variant.select(&view, &query, &mut blocks)?;
         let (mut out, mut state) = (vec![0.0; g * hd], Online::default());
         let mut scores = vec![f32::NEG_INFINITY; if record { g * self.len } else { 0 }];
-        let sink = record.then_some(&mut scores[..]);
+        let sink = record.then(|| Sink::new(&mut scores[..], 0, self.len));
         self.variant
             .partial(&view, &blocks, &query, &mut out, &mut state, sink)?;
         settle(&*self.variant, &mut state, view.num_blocks() as u32);
