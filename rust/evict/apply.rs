@@ -185,7 +185,7 @@ pub fn score_layer(stage: &Stage, inputs: &[HeadInput<'_>]) -> Result<LayerPlan>
         .flat_map(|h| h.tokens.iter().copied())
         .max()
         .map_or(seen, |t| t.max(seen));
-    aggregate(stage.scorer.aggregate(), &mut heads, &raw, group, top);
+    aggregate(stage.scorer.aggregate(), &mut heads, &mut raw, group, top);
     let p = stage.scorer.protect();
     let mut kept = Vec::with_capacity(heads.len());
     for h in &mut heads {
@@ -202,12 +202,12 @@ pub fn score_layer(stage: &Stage, inputs: &[HeadInput<'_>]) -> Result<LayerPlan>
     Ok((heads, drops))
 }
 
-/// Turns the raw scores into one per slot.
-fn aggregate(how: Aggregate, heads: &mut [HeadScores], raw: &[Vec<f32>], g: usize, seen: u32) {
+/// Turns the raw scores into one per slot (taking them when they already are).
+fn aggregate(how: Aggregate, heads: &mut [HeadScores], raw: &mut [Vec<f32>], g: usize, seen: u32) {
     match how {
         Aggregate::KvHead => {
             for (h, r) in heads.iter_mut().zip(raw) {
-                h.scores = r.clone();
+                h.scores = std::mem::take(r);
             }
         }
         Aggregate::GroupMean => {

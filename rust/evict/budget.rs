@@ -80,20 +80,47 @@ pub fn protect(h: &mut HeadScores, p: Protect) {
             continue;
         }
         let key = if oldest { &h.positions } else { &h.tokens };
-        let mut sorted = key.clone();
-        let n = n.min(len);
-        let (lo, hi) = if oldest {
-            let (_, c, _) = sorted.select_nth_unstable(n - 1);
-            (0, *c)
-        } else {
-            let (_, c, _) = sorted.select_nth_unstable(len - n);
-            (*c, u32::MAX)
-        };
+        let (lo, hi) = protected_range(key, n.min(len), oldest);
         for (s, &k) in h.scores.iter_mut().zip(key.iter()) {
             if (lo..=hi).contains(&k) {
                 *s = f32::INFINITY;
             }
         }
+    }
+}
+
+/// The closed range of keys holding the `n` (`1..=key.len()`) smallest of `key` when
+/// `oldest`, else the `n` largest (with every key equal to the `n`-th). When those are the
+/// run of `n` consecutive integers at that end (sinks at the first positions, the recent
+/// window up to the newest token: the usual case), one counting pass finds them; else a
+/// selection does. Both give the same set: if exactly `n` keys are within `n - 1` of the
+/// end, they are the `n` nearest, and every key tied with the `n`-th is among them.
+fn protected_range(key: &[u32], n: usize, oldest: bool) -> (u32, u32) {
+    run_range(key, n, oldest).unwrap_or_else(|| selected_range(key, n, oldest))
+}
+
+/// [`protected_range`] when the `n` nearest keys are consecutive integers at their end.
+fn run_range(key: &[u32], n: usize, oldest: bool) -> Option<(u32, u32)> {
+    let within = n.checked_sub(1)? as u32;
+    if oldest {
+        let c = key.iter().copied().min()?.checked_add(within)?;
+        (key.iter().filter(|&&k| k <= c).count() == n).then_some((0, c))
+    } else {
+        let c = key.iter().copied().max()?.checked_sub(within)?;
+        (key.iter().filter(|&&k| k >= c).count() == n).then_some((c, u32::MAX))
+    }
+}
+
+/// [`protected_range`] by a selection of the `n`-th key.
+fn selected_range(key: &[u32], n: usize, oldest: bool) -> (u32, u32) {
+    let mut sorted = key.to_vec();
+    let len = sorted.len();
+    if oldest {
+        let (_, c, _) = sorted.select_nth_unstable(n - 1);
+        (0, *c)
+    } else {
+        let (_, c, _) = sorted.select_nth_unstable(len - n);
+        (*c, u32::MAX)
     }
 }
 
@@ -150,12 +177,22 @@ pub fn drops(heads: &[HeadScores], kept: &[usize], select: Select) -> Result<Vec
     }
 }
 
+/// Up to this many drops per head are found by one scan that keeps the lowest so far (a
+/// decode-time press drops one slot per head per step); more, by a selection.
+const SCAN_DROPS: usize = 8;
+
 /// The `n` lowest-scoring slots of `h` (ties: older position first), sorted by slot.
 fn lowest(h: &HeadScores, n: usize) -> Vec<usize> {
-    let len = h.scores.len();
-    if n == 0 {
-        return Vec::new();
+    match n {
+        0 => Vec::new(),
+        n if n <= SCAN_DROPS && n < h.scores.len() => lowest_scan(h, n),
+        n => lowest_select(h, n),
     }
+}
+
+/// [`lowest`] by a selection over every slot.
+fn lowest_select(h: &HeadScores, n: usize) -> Vec<usize> {
+    let len = h.scores.len();
     let mut order: Vec<usize> = (0..len).collect();
     let key = |i: usize| {
         (
@@ -171,6 +208,25 @@ fn lowest(h: &HeadScores, n: usize) -> Vec<usize> {
         order.select_nth_unstable_by(n, by);
     }
     let mut out: Vec<usize> = order.into_iter().take(n).collect();
+    out.sort_unstable();
+    out
+}
+
+/// [`lowest`] for a few drops: one pass, the `n` lowest `(score, position, slot)` so far
+/// kept sorted.
+fn lowest_scan(h: &HeadScores, n: usize) -> Vec<usize> {
+    let mut best: Vec<(f32, u32, usize)> = Vec::with_capacity(n + 1);
+    let below =
+        |a: (f32, u32), b: &(f32, u32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).is_lt();
+    for (slot, (&s, &p)) in h.scores.iter().zip(&h.positions).enumerate() {
+        if best.len() == n && !best.last().is_some_and(|w| below((s, p), w)) {
+            continue;
+        }
+        let at = best.partition_point(|b| !below((s, p), b));
+        best.insert(at, (s, p, slot));
+        best.truncate(n);
+    }
+    let mut out: Vec<usize> = best.into_iter().map(|(_, _, slot)| slot).collect();
     out.sort_unstable();
     out
 }
@@ -284,6 +340,78 @@ mod tests {
             h.scores,
             [f32::INFINITY, 1.0, 0.0, f32::INFINITY, f32::INFINITY]
         );
+    }
+
+    /// A small deterministic generator (xorshift), for the fast paths' random cases.
+    fn draws(seed: u64, n: usize, modulo: u32) -> Vec<u32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % u64::from(modulo)) as u32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scanned_drops_equal_the_selection() {
+        for seed in 0..300u64 {
+            let len = 2 + (seed as usize * 7) % 200;
+            // Few distinct scores and positions: ties on both keys.
+            let scores: Vec<f32> = draws(seed, len, 5).iter().map(|&x| x as f32).collect();
+            let mut h = head(&scores);
+            h.positions = draws(seed + 1000, len, 9);
+            for n in 1..=SCAN_DROPS.min(len - 1) {
+                let (a, b) = (lowest_scan(&h, n), lowest_select(&h, n));
+                // Equal keys may be chosen either way: compare the chosen keys.
+                let keys = |v: &[usize]| {
+                    let mut k: Vec<(u32, u32)> = v
+                        .iter()
+                        .map(|&i| (h.scores[i] as u32, h.positions[i]))
+                        .collect();
+                    k.sort_unstable();
+                    k
+                };
+                assert_eq!(keys(&a), keys(&b), "seed {seed} n {n}");
+                assert!(a.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+
+    #[test]
+    fn counted_protection_equals_the_selection() {
+        for seed in 0..300u64 {
+            let len = 1 + (seed as usize * 11) % 150;
+            // Unique keys: a shuffled run with every fourth case gapped.
+            let mut key: Vec<u32> = (0..len as u32).map(|k| k + (seed % 3) as u32).collect();
+            if seed % 4 == 0 {
+                key.iter_mut().step_by(3).for_each(|k| *k += 1000);
+            }
+            let order = draws(seed, len, u32::MAX);
+            let mut idx: Vec<usize> = (0..len).collect();
+            idx.sort_by_key(|&i| order[i]);
+            let key: Vec<u32> = idx.iter().map(|&i| key[i]).collect();
+            for n in 1..=len {
+                for oldest in [true, false] {
+                    let inside = |(lo, hi): (u32, u32)| {
+                        let mut v: Vec<u32> = key
+                            .iter()
+                            .copied()
+                            .filter(|k| (lo..=hi).contains(k))
+                            .collect();
+                        v.sort_unstable();
+                        v
+                    };
+                    let want = inside(selected_range(&key, n, oldest));
+                    assert_eq!(inside(protected_range(&key, n, oldest)), want);
+                    assert_eq!(want.len(), n);
+                    // A run of consecutive keys takes the counting pass.
+                    assert!(seed % 4 == 0 || run_range(&key, n, oldest).is_some());
+                }
+            }
+        }
     }
 
     #[test]
