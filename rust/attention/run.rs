@@ -12,6 +12,11 @@ use crate::kv::view::HeadView;
 /// Most pieces one task's blocks are split into.
 pub const MAX_SPLITS: usize = 16;
 
+/// Most probabilities (query heads x slots) turned from split tasks' scores on the calling
+/// thread rather than in a parallel region: an exp and a copy each, about 1 ns, so 64K
+/// cost less than waking the pool.
+const SERIAL_PROBS: usize = 1 << 16;
+
 /// Fewest blocks per split piece: a shorter piece does not amortise its merge.
 const MIN_SPLIT_BLOCKS: usize = 4;
 
@@ -138,10 +143,14 @@ pub fn run_tasks(
         merge_split(tasks, gh, out, s);
     }
     // Each call of a parallel region costs 5-10 us: skip it when every task was split and
-    // none records probabilities.
+    // none records probabilities, and run serially when what is left is only turning a few
+    // split tasks' scores into probabilities (a decode step's: 3 x 3 x 1024 exps).
     let whole = |(t, &(_, n)): (&Task<'_>, &(usize, usize))| n == 1 || t.probs;
     if tasks.iter().zip(&s.pieces).any(whole) {
-        run_whole(tasks, gh, out, s)?;
+        let all_split = s.pieces.iter().all(|&(_, n)| n > 1);
+        let rows: usize = tasks.iter().filter(|t| t.probs).map(|t| t.view.len()).sum();
+        let work = rows * gh / tasks.first().map_or(1, |t| t.view.head_dim().max(1));
+        run_whole(tasks, gh, out, s, !all_split || work > SERIAL_PROBS)?;
     }
     for ((t, st), &listed) in tasks.iter().zip(s.states.iter_mut()).zip(&s.listed) {
         settle(t.variant, st, listed);
@@ -228,46 +237,64 @@ fn merge_split(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratc
     }
 }
 
+/// One task of [`run_whole`]: its index, output, probabilities and softmax state.
+type WholeTask<'a> = (usize, ((&'a mut [f32], &'a mut Vec<f32>), &'a mut Online));
+
 /// The tasks not split: attend, normalise, and turn recorded scores into probabilities;
 /// and the split tasks' recorded scores, stitched from their pieces, into probabilities by
-/// the merged softmax state.
-fn run_whole(tasks: &[Task<'_>], gh: usize, out: &mut [f32], s: &mut RunScratch) -> Result<()> {
+/// the merged softmax state. On the calling thread unless `parallel`.
+fn run_whole(
+    tasks: &[Task<'_>],
+    gh: usize,
+    out: &mut [f32],
+    s: &mut RunScratch,
+    parallel: bool,
+) -> Result<()> {
     let (sel, pieces) = (&s.sel, &s.pieces);
     let (part_scores, part_window) = (&s.part_scores, &s.part_window);
-    out[..tasks.len() * gh]
-        .par_chunks_mut(gh)
-        .zip(s.probs.par_iter_mut())
-        .zip(s.states.par_iter_mut())
-        .enumerate()
-        .try_for_each(|(i, ((o, probs), state))| {
-            let t = &tasks[i];
-            let g = gh / t.view.head_dim().max(1);
-            let (first, n) = pieces[i];
+    let one = |(i, ((o, probs), state)): WholeTask<'_>| {
+        let t = &tasks[i];
+        let g = gh / t.view.head_dim().max(1);
+        let (first, n) = pieces[i];
+        if t.probs {
+            probs.clear();
+            probs.resize(g * t.view.len(), f32::NEG_INFINITY);
+        }
+        if n > 1 {
             if t.probs {
-                probs.clear();
-                probs.resize(g * t.view.len(), f32::NEG_INFINITY);
-            }
-            if n > 1 {
-                if t.probs {
-                    let parts = part_scores[first..first + n].iter();
-                    stitch(
-                        probs,
-                        t.view.len(),
-                        parts.zip(&part_window[first..first + n]),
-                    );
-                    probabilities(state, probs, t.view.len());
-                }
-                return Ok(());
-            }
-            let sink = t.probs.then(|| Sink::new(&mut probs[..], 0, t.view.len()));
-            t.variant
-                .partial(&t.view, &sel[i], &t.query, o, state, sink)?;
-            normalise(state, o, t.view.head_dim());
-            if t.probs {
+                let parts = part_scores[first..first + n].iter();
+                stitch(
+                    probs,
+                    t.view.len(),
+                    parts.zip(&part_window[first..first + n]),
+                );
                 probabilities(state, probs, t.view.len());
             }
-            Ok(())
-        })
+            return Ok(());
+        }
+        let sink = t.probs.then(|| Sink::new(&mut probs[..], 0, t.view.len()));
+        t.variant
+            .partial(&t.view, &sel[i], &t.query, o, state, sink)?;
+        normalise(state, o, t.view.head_dim());
+        if t.probs {
+            probabilities(state, probs, t.view.len());
+        }
+        Ok(())
+    };
+    let out = &mut out[..tasks.len() * gh];
+    if parallel {
+        out.par_chunks_mut(gh)
+            .zip(s.probs.par_iter_mut())
+            .zip(s.states.par_iter_mut())
+            .enumerate()
+            .try_for_each(one)
+    } else {
+        out.chunks_mut(gh)
+            .zip(s.probs.iter_mut())
+            .zip(s.states.iter_mut())
+            .enumerate()
+            .try_for_each(one)
+    }
 }
 
 /// Copies each piece's score rows (`(g, width)` over the slots `first..first + width`) into

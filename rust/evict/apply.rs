@@ -14,7 +14,7 @@ use crate::attention::Attention;
 use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::store::{KvStore, Stored};
-use crate::kv::view::{HeadData, HeadView, TypedHead};
+use crate::kv::view::{HeadData, HeadView, TypedHead, WALK_AHEAD};
 
 /// One scoring stage of a press: a scorer, its budget and how the budget is spread.
 pub struct Stage {
@@ -279,6 +279,7 @@ impl Slots {
         };
         if !rows {
             for bi in 0..view.num_blocks() {
+                view.prefetch_meta(bi + WALK_AHEAD);
                 let (pos, tok) = view.meta(bi)?;
                 s.positions.extend_from_slice(pos);
                 s.tokens.extend_from_slice(tok);

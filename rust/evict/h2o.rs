@@ -6,7 +6,7 @@
 //! heaviest of the rest. Defaults 512 + 512.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use super::press::{Aggregate, HeadInput, Protect, Schedule, Scorer, State};
+use super::press::{Aggregate, HeadInput, Observed, Protect, Schedule, Scorer, State};
 use crate::error::Result;
 use crate::params::{integer, Params};
 
@@ -55,9 +55,13 @@ impl Scorer for H2o {
         Some(STATE)
     }
 
-    fn observe(&self, _clock: u32, _prefill: bool, probs: &[f32], state: &mut [f32]) {
-        if let Some(s) = state.first_mut() {
-            *s += probs.iter().sum::<f32>();
+    fn observe(&self, row: &Observed<'_>, state: &mut [f32]) {
+        // Width 1: a slot's state is its sum, so the run's state is one slice.
+        let n = state.len();
+        for gi in 0..row.group() {
+            for (s, &p) in state.iter_mut().zip(row.run(gi, n)) {
+                *s += p;
+            }
         }
     }
 

@@ -153,6 +153,35 @@ impl HeadInput<'_> {
     }
 }
 
+/// One query row of the forward pass, as a press keeping per-slot state sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    /// The query's token index.
+    pub clock: u32,
+    /// True for a prefill row, false for a decode step.
+    pub prefill: bool,
+    /// The row's attention probabilities over the head's slots from each query head of
+    /// the group, `(group, len)`; 0 where masked.
+    pub probs: &'a [f32],
+    /// The head's slots (`len`).
+    pub len: usize,
+    /// The first slot of the run being updated.
+    pub first: usize,
+}
+
+impl Observed<'_> {
+    /// Query heads in the group.
+    pub fn group(&self) -> usize {
+        self.probs.len().checked_div(self.len).unwrap_or(0)
+    }
+
+    /// Query head `gi`'s probabilities over the run's `n` slots.
+    pub fn run(&self, gi: usize, n: usize) -> &[f32] {
+        let at = gi * self.len + self.first;
+        self.probs.get(at..at + n).unwrap_or(&[])
+    }
+}
+
 /// A scoring policy. Higher scores are kept first.
 pub trait Scorer: Send + Sync {
     /// What the forward pass must record for it.
@@ -186,10 +215,11 @@ pub trait Scorer: Send + Sync {
         None
     }
 
-    /// Updates one slot's `state` from one query row of the forward pass: `probs` is the
-    /// slot's attention probability from each query head of the group (`(group,)`; 0 when
-    /// masked); `clock` the query's token index; `prefill` tells prefill rows from steps.
-    fn observe(&self, _clock: u32, _prefill: bool, _probs: &[f32], _state: &mut [f32]) {}
+    /// Updates the state of a run of a head's slots from one query row of the forward pass
+    /// (`row`; the run is its slots `row.first..row.first + n`): `state` is their `(n,
+    /// width)` values. Called for each block of the head, so a policy loops over plain
+    /// slices rather than paying a call per slot.
+    fn observe(&self, _row: &Observed<'_>, _state: &mut [f32]) {}
 
     /// Writes the scores of `h`'s slots into `out`: `(group, len)`, or `(len,)` for
     /// [`Aggregate::KvHead`].

@@ -130,6 +130,28 @@ impl Columns {
         unsafe { c.data.get_mut(slot * c.width..(slot + 1) * c.width) }
     }
 
+    /// The values of `n` consecutive slots from pool slot `first` in column `id`,
+    /// `(n, width)`: a block's filled slots at once.
+    ///
+    /// # Safety
+    /// As [`Columns::get`].
+    pub unsafe fn run(&self, id: ColumnId, first: usize, n: usize) -> Result<&[f32]> {
+        let c = self.column(id)?;
+        // SAFETY: forwarded contract.
+        unsafe { c.data.get(first * c.width..(first + n) * c.width) }
+    }
+
+    /// Writable values of `n` consecutive slots from pool slot `first` in column `id`.
+    ///
+    /// # Safety
+    /// As [`Columns::get_mut`], for every slot of the run.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn run_mut(&self, id: ColumnId, first: usize, n: usize) -> Result<&mut [f32]> {
+        let c = self.column(id)?;
+        // SAFETY: forwarded contract.
+        unsafe { c.data.get_mut(first * c.width..(first + n) * c.width) }
+    }
+
     /// Zeroes `slot` in every column (a new token starts with no history).
     ///
     /// # Safety

@@ -13,6 +13,7 @@ use crate::kv::columns::ColumnId;
 use crate::kv::paged::{block_at, make_exclusive, SeqCache};
 use crate::kv::pool::BlockPool;
 use crate::kv::store::KvStore;
+use crate::kv::view::WALK_AHEAD;
 
 impl SeqCache {
     /// Makes every block of every head exclusive to this sequence (copy-on-write), so its
@@ -33,15 +34,15 @@ impl SeqCache {
         Ok(())
     }
 
-    /// Calls `f(slot, position, token index, values)` for every filled slot of head `index`
-    /// with its writable values in column `col`. Needs [`SeqCache::own_all`] since the last
-    /// fork.
-    pub fn for_each_column_mut(
+    /// Calls `f(first, values)` for each block of head `index`: its filled slots are the
+    /// head's slots `first..first + n`, and `values` their writable `(n, width)` values in
+    /// column `col`. Needs [`SeqCache::own_all`] since the last fork.
+    pub fn for_each_run_mut(
         &mut self,
         store: &KvStore,
         index: usize,
         col: ColumnId,
-        mut f: impl FnMut(usize, u32, u32, &mut [f32]),
+        mut f: impl FnMut(usize, &mut [f32]),
     ) -> Result<()> {
         if !self.owns_all {
             return Err(Error::Internal("columns written before own_all()".into()));
@@ -53,14 +54,12 @@ impl SeqCache {
             .get(index)
             .ok_or_else(|| Error::Internal(format!("head cache {index} out of range")))?;
         for bi in 0..view.num_blocks() {
+            view.prefetch_column(col, bi + WALK_AHEAD);
             let id = block_at(head, bi)? as usize;
-            let (pos, tok) = view.meta(bi)?;
-            for (s, (&p, &t)) in pos.iter().zip(tok).enumerate() {
-                // SAFETY: every block of this sequence is exclusive (`own_all`, cleared by
-                // fork), and `&mut self` keeps anyone else from sharing it meanwhile.
-                let vals = unsafe { store.columns().get_mut(col, id * bs + s)? };
-                f(bi * bs + s, p, t, vals);
-            }
+            // SAFETY: every block of this sequence is exclusive (`own_all`, cleared by
+            // fork), and `&mut self` keeps anyone else from sharing it meanwhile.
+            let vals = unsafe { store.columns().run_mut(col, id * bs, view.block_len(bi))? };
+            f(bi * bs, vals);
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 use super::{Observe, SeqWork};
 use crate::attention::basis::rotate;
 use crate::error::Result;
+use crate::evict::press::Observed;
 use crate::evict::record::Record;
 use crate::kv::paged::SeqCache;
 use crate::kv::store::KvStore;
@@ -131,17 +132,18 @@ pub(super) fn observe_rows(
     obs: Observe<'_>,
 ) -> Result<()> {
     let nt = rows.len() / nkv.max(1);
-    let mut probs = vec![0.0f32; g];
     for t in 0..nt {
         for kh in 0..nkv {
-            let row = &rows[t * nkv + kh];
-            let len = row.len() / g.max(1);
-            let clock = first_tok + t as u32;
-            cache.for_each_column_mut(store, li * nkv + kh, obs.col, |slot, _, _, vals| {
-                for (gi, p) in probs.iter_mut().enumerate() {
-                    *p = row.get(gi * len + slot).copied().unwrap_or(0.0);
-                }
-                obs.scorer.observe(clock, obs.prefill, &probs, vals);
+            let probs = &rows[t * nkv + kh];
+            let row = Observed {
+                clock: first_tok + t as u32,
+                prefill: obs.prefill,
+                probs,
+                len: probs.len() / g.max(1),
+                first: 0,
+            };
+            cache.for_each_run_mut(store, li * nkv + kh, obs.col, |first, vals| {
+                obs.scorer.observe(&Observed { first, ..row }, vals);
             })?;
         }
     }
