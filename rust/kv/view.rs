@@ -114,6 +114,10 @@ impl<'a> HeadView<'a> {
     /// Hints block `bi`'s positions and token indices into the caches (nothing past the
     /// last block). A walk over a head's blocks calls it [`WALK_AHEAD`] blocks ahead.
     pub fn prefetch_meta(&self, bi: usize) {
+        // Checked first: past the end, `meta` would format an error message.
+        if bi >= self.num_blocks() {
+            return;
+        }
         if let Ok((p, t)) = self.meta(bi) {
             prefetch(p);
             prefetch(t);
@@ -123,6 +127,9 @@ impl<'a> HeadView<'a> {
     /// Hints block `bi`'s values in column `col` into the caches.
     pub fn prefetch_column(&self, col: ColumnId, bi: usize) {
         let bs = self.store.block_size();
+        if bi >= self.num_blocks() {
+            return;
+        }
         if let Ok(id) = block_at(self.head, bi) {
             // SAFETY: the view's borrow of the cache (module docs); the slice only feeds a
             // prefetch hint.
