@@ -98,7 +98,7 @@ pub fn protect(h: &mut HeadScores, p: Protect) {
 /// window up to the newest token: the usual case), one counting pass finds them; else a
 /// selection does. Both give the same set: if exactly `n` keys are within `n - 1` of the
 /// end, they are the `n` nearest, and every key tied with the `n`-th is among them.
-fn protected_range(key: &[u32], n: usize, oldest: bool) -> (u32, u32) {
+pub(super) fn protected_range(key: &[u32], n: usize, oldest: bool) -> (u32, u32) {
     run_range(key, n, oldest).unwrap_or_else(|| selected_range(key, n, oldest))
 }
 

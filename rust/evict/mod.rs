@@ -117,6 +117,12 @@ fn plan_head(
     s.scores.clear();
     s.scores.resize(len, 0.0);
     policy.score(&s.positions, &mut s.scores, &mut s.policy);
+    let n_drop = len - keep;
+    if n_drop == 1 {
+        // A decode step under a window: the one lowest, by one pass.
+        out.push(lowest_slot(&s.scores, &s.positions));
+        return Ok(());
+    }
     s.order.clear();
     s.order.extend(0..len);
     // Partition so the `len - keep` lowest scores come first (ties: older position first).
@@ -130,7 +136,6 @@ fn plan_head(
         let ((sa, pa), (sb, pb)) = (key(*a), key(*b));
         sa.total_cmp(&sb).then(pa.cmp(&pb))
     };
-    let n_drop = len - keep;
     if n_drop < len {
         s.order.select_nth_unstable_by(n_drop, by_score);
     }
@@ -141,4 +146,54 @@ fn plan_head(
     out.extend_from_slice(dropped);
     out.sort_unstable();
     Ok(())
+}
+
+/// The slot of the lowest `(score, position)` (`f64::total_cmp`, then the older position):
+/// a minimum over integer keys, which runs in vector lanes, then the oldest slot holding it.
+fn lowest_slot(scores: &[f64], positions: &[u32]) -> usize {
+    let key = |s: f64| {
+        let b = s.to_bits() as i64;
+        b ^ (((b >> 63) as u64) >> 1) as i64
+    };
+    let min = scores.iter().fold(i64::MAX, |m, &s| m.min(key(s)));
+    let tied = scores.iter().zip(positions).enumerate();
+    tied.filter(|(_, (&s, _))| key(s) == min)
+        .min_by_key(|(_, (_, &p))| p)
+        .map_or(0, |(slot, _)| slot)
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_drop_is_the_lowest_by_score_then_position() {
+        let mut x = 7u64;
+        for case in 0..300usize {
+            let len = 1 + case % 90;
+            let mut draw = |m: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % m
+            };
+            // Few distinct scores (ties), signed zeros and infinities among them.
+            let specials = [-0.0, 0.0, f64::INFINITY, f64::NEG_INFINITY, 1e12];
+            let scores: Vec<f64> = (0..len)
+                .map(|_| match draw(8) {
+                    k @ 0..=4 => specials[k as usize],
+                    k => k as f64,
+                })
+                .collect();
+            let positions: Vec<u32> = (0..len as u32).map(|p| p * 7 % 101).collect();
+            let by = |a: &usize, b: &usize| {
+                scores[*a]
+                    .total_cmp(&scores[*b])
+                    .then(positions[*a].cmp(&positions[*b]))
+            };
+            let want = (0..len).min_by(by).unwrap_or(0);
+            assert_eq!(lowest_slot(&scores, &positions), want, "case {case}");
+        }
+    }
 }

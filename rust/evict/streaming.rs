@@ -6,6 +6,7 @@
 //! tokens. Keys keep their original RoPE positions (no re-rotation).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use super::budget::protected_range;
 use super::press::{Aggregate, HeadInput, Protect, Scorer};
 use super::EvictionPolicy;
 use crate::error::Result;
@@ -35,17 +36,12 @@ impl EvictionPolicy for StreamingLlm {
             .then(|| self.sink.min(len) + self.window.saturating_sub(n_incoming).min(len))
     }
 
-    fn score(&self, positions: &[u32], scores: &mut [f64], sorted: &mut Vec<u32>) {
-        // Recency is the score; the `sink` oldest positions are lifted above every other.
-        sorted.clear();
-        sorted.extend_from_slice(positions);
-        let sink = self.sink.min(sorted.len());
-        let cutoff = if sink == 0 {
-            None
-        } else {
-            let (_, nth, _) = sorted.select_nth_unstable(sink - 1);
-            Some(*nth)
-        };
+    fn score(&self, positions: &[u32], scores: &mut [f64], _scratch: &mut Vec<u32>) {
+        // Recency is the score; the `sink` oldest positions (with any tied with the last of
+        // them) are lifted above every other. The sinks are the first positions, a run:
+        // found by a counting pass, not a selection per head per step.
+        let sink = self.sink.min(positions.len());
+        let cutoff = (sink > 0).then(|| protected_range(positions, sink, true).1);
         for (s, &p) in scores.iter_mut().zip(positions) {
             let is_sink = cutoff.is_some_and(|c| p <= c);
             *s = f64::from(p) + if is_sink { 1e12 } else { 0.0 };
