@@ -13,7 +13,7 @@ import math
 import kvforge
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from kvforge.engine import PREFILL_CHUNK
 from kvforge.errors import ConfigError, InputTypeError
@@ -150,6 +150,9 @@ def test_session_follows_reference_schedule(models, shape, sink, window, block_s
 
 @given(sink=st.integers(0, 6), window=st.integers(1, 70), block_size=st.sampled_from(BLOCK_SIZES),
        prompt_len=st.integers(1, 120), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+# A window over 2 x EXACT_ROWS with a short tail: the prefill must not rebalance its last two
+# chunks (each chunk evicts first, so where it starts is the policy's).
+@example(sink=4, window=70, block_size=16, prompt_len=90, n=14, seed=10955)
 def test_generate_with_press_matches_reference_greedy(models, sink, window, block_size,
                                                       prompt_len, n, seed):
     _, cfg, ref = models.model(SHAPES[0])

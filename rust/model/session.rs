@@ -210,7 +210,8 @@ impl Session {
             .and_then(|p| p.record_for(start, tokens.len(), cfg.num_layers, cfg.num_kv_heads));
         let mut logits = std::mem::take(&mut self.last_logits);
         let mut result = Ok(());
-        let chunks = prefill_chunks(tokens.len(), step);
+        // A windowed press evicts before each chunk: its chunks stay `step` long.
+        let chunks = prefill_chunks(tokens.len(), step, self.press.is_none());
         for (i, &(at, len)) in chunks.iter().enumerate() {
             let (chunk, last) = (&tokens[at..at + len], i + 1 == chunks.len());
             let want = if last { Logits::Last } else { Logits::Skip };

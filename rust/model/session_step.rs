@@ -105,13 +105,16 @@ impl Session {
 /// time) is avoided when `step > 2 * EXACT_ROWS` by splitting the last two chunks evenly:
 /// every row of a prefill of more than `EXACT_ROWS` tokens then goes through the panel
 /// `gemm`, whose values do not depend on the chunk, so a prompt prefilled in pieces of more
-/// than `EXACT_ROWS` tokens equals it prefilled at once, bit for bit.
-pub(crate) fn prefill_chunks(n: usize, step: usize) -> Vec<(usize, usize)> {
+/// than `EXACT_ROWS` tokens equals it prefilled at once, bit for bit. Not when `!balance`:
+/// under a press that evicts before each chunk (the windowed StreamingLLM), where a chunk
+/// starts decides what its tokens attend to, so chunks are exactly `step` long.
+pub(crate) fn prefill_chunks(n: usize, step: usize, balance: bool) -> Vec<(usize, usize)> {
     let step = step.max(1);
     let mut chunks: Vec<(usize, usize)> =
         (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
     let tail = n % step;
-    if chunks.len() >= 2 && tail != 0 && tail <= EXACT_ROWS && step > 2 * EXACT_ROWS {
+    let short = chunks.len() >= 2 && tail != 0 && tail <= EXACT_ROWS;
+    if balance && short && step > 2 * EXACT_ROWS {
         let k = chunks.len();
         let (start, both) = (chunks[k - 2].0, step + tail);
         chunks[k - 2] = (start, both.div_ceil(2));
@@ -128,7 +131,14 @@ mod tests {
     fn prefill_chunks_cover_the_prompt_without_a_short_tail() {
         for step in [1, 16, 64, 65, 100, 256] {
             for n in 0..700 {
-                let c = prefill_chunks(n, step);
+                assert_eq!(
+                    prefill_chunks(n, step, false),
+                    (0..n)
+                        .step_by(step)
+                        .map(|s| (s, step.min(n - s)))
+                        .collect::<Vec<_>>()
+                );
+                let c = prefill_chunks(n, step, true);
                 let mut next = 0;
                 for &(s, len) in &c {
                     assert!(
