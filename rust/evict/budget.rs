@@ -188,7 +188,7 @@ const SCAN_DROPS: usize = 8;
 fn lowest(h: &HeadScores, n: usize) -> Vec<usize> {
     match n {
         0 => Vec::new(),
-        1 if h.scores.len() > 1 => vec![lowest_one(h)],
+        1 if h.scores.len() > 1 => vec![lowest_slot(&h.scores, &h.positions)],
         n if n <= SCAN_DROPS && n < h.scores.len() => lowest_scan(h, n),
         n => lowest_select(h, n),
     }
@@ -216,19 +216,44 @@ fn lowest_select(h: &HeadScores, n: usize) -> Vec<usize> {
     out
 }
 
-/// The order of `f32::total_cmp` as an integer, so that a minimum over many runs in vector
-/// lanes.
-fn total_key(s: f32) -> i32 {
-    let b = s.to_bits() as i32;
-    b ^ (((b >> 31) as u32) >> 1) as i32
+/// A score whose `total_cmp` order is an integer's, so that a minimum over many runs in
+/// vector lanes.
+pub(super) trait TotalKey: Copy {
+    /// The integer ordered as `total_cmp` orders the scores.
+    type Key: Ord + Copy;
+    /// This score's key.
+    fn total_key(self) -> Self::Key;
 }
 
-/// [`lowest`] for one drop (a decode-time press's every step): the lowest score by one
-/// vectorised pass, then the oldest position among the slots holding it.
-fn lowest_one(h: &HeadScores) -> usize {
-    let min = h.scores.iter().fold(i32::MAX, |m, &s| m.min(total_key(s)));
-    let tied = h.scores.iter().zip(&h.positions).enumerate();
-    tied.filter(|(_, (&s, _))| total_key(s) == min)
+impl TotalKey for f32 {
+    type Key = i32;
+    fn total_key(self) -> i32 {
+        let b = self.to_bits() as i32;
+        b ^ (((b >> 31) as u32) >> 1) as i32
+    }
+}
+
+impl TotalKey for f64 {
+    type Key = i64;
+    fn total_key(self) -> i64 {
+        let b = self.to_bits() as i64;
+        b ^ (((b >> 63) as u64) >> 1) as i64
+    }
+}
+
+/// The slot of the lowest `(score, position)` (`total_cmp`, then the older position; the
+/// first such slot), for one drop per head (a decode-time press's every step): the lowest
+/// key by one vectorised pass, then the oldest position among the slots holding it.
+/// `scores`, `positions`: `(len,)`, `len >= 1`.
+pub(super) fn lowest_slot<S: TotalKey>(scores: &[S], positions: &[u32]) -> usize {
+    let Some(first) = scores.first() else {
+        return 0;
+    };
+    let min = scores
+        .iter()
+        .fold(first.total_key(), |m, s| m.min(s.total_key()));
+    let tied = scores.iter().zip(positions).enumerate();
+    tied.filter(|(_, (s, _))| s.total_key() == min)
         .min_by_key(|(_, (_, &p))| p)
         .map_or(0, |(slot, _)| slot)
 }
@@ -390,7 +415,8 @@ mod tests {
                 let specials = [-0.0, 0.0, -1.5, f32::INFINITY, f32::NEG_INFINITY];
                 h.scores[seed as usize % len] = specials[seed as usize % 5];
             }
-            assert_eq!(vec![lowest_one(&h)], lowest_scan(&h, 1), "seed {seed}");
+            let one = lowest_slot(&h.scores, &h.positions);
+            assert_eq!(vec![one], lowest_scan(&h, 1), "seed {seed}");
             for n in 1..=SCAN_DROPS.min(len - 1) {
                 let (a, b) = (lowest_scan(&h, n), lowest_select(&h, n));
                 // Equal keys may be chosen either way: compare the chosen keys.

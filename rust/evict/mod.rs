@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::kv::paged::SeqCache;
 use crate::kv::pool::BlockPool;
 use crate::kv::store::KvStore;
+use budget::lowest_slot;
 
 /// A KV eviction policy.
 pub trait EvictionPolicy: Send + Sync {
@@ -44,9 +45,8 @@ pub trait EvictionPolicy: Send + Sync {
     fn keep_count(&self, len: usize, n_incoming: usize) -> Option<usize>;
 
     /// Writes one score per slot into `scores` (higher is kept first). `positions`: the
-    /// slots' original positions, `(len,)`, in slot order. `scratch` is a reusable buffer the
-    /// policy may use freely, so that scoring never allocates in steady state.
-    fn score(&self, positions: &[u32], scores: &mut [f64], scratch: &mut Vec<u32>);
+    /// slots' original positions, `(len,)`, in slot order.
+    fn score(&self, positions: &[u32], scores: &mut [f64]);
 
     /// A copy of this policy for a forked sequence.
     fn boxed_clone(&self) -> Box<dyn EvictionPolicy>;
@@ -63,7 +63,6 @@ pub struct EvictScratch {
     positions: Vec<u32>,
     scores: Vec<f64>,
     order: Vec<usize>,
-    policy: Vec<u32>,
     /// Per head, the slots to drop.
     plans: Vec<Vec<usize>>,
 }
@@ -116,7 +115,7 @@ fn plan_head(
     cache.positions_into(store, index, &mut s.positions)?;
     s.scores.clear();
     s.scores.resize(len, 0.0);
-    policy.score(&s.positions, &mut s.scores, &mut s.policy);
+    policy.score(&s.positions, &mut s.scores);
     let n_drop = len - keep;
     if n_drop == 1 {
         // A decode step under a window: the one lowest, by one pass.
@@ -146,20 +145,6 @@ fn plan_head(
     out.extend_from_slice(dropped);
     out.sort_unstable();
     Ok(())
-}
-
-/// The slot of the lowest `(score, position)` (`f64::total_cmp`, then the older position):
-/// a minimum over integer keys, which runs in vector lanes, then the oldest slot holding it.
-fn lowest_slot(scores: &[f64], positions: &[u32]) -> usize {
-    let key = |s: f64| {
-        let b = s.to_bits() as i64;
-        b ^ (((b >> 63) as u64) >> 1) as i64
-    };
-    let min = scores.iter().fold(i64::MAX, |m, &s| m.min(key(s)));
-    let tied = scores.iter().zip(positions).enumerate();
-    tied.filter(|(_, (&s, _))| key(s) == min)
-        .min_by_key(|(_, (_, &p))| p)
-        .map_or(0, |(slot, _)| slot)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ impl EvictionPolicy for StreamingLlm {
             .then(|| self.sink.min(len) + self.window.saturating_sub(n_incoming).min(len))
     }
 
-    fn score(&self, positions: &[u32], scores: &mut [f64], _scratch: &mut Vec<u32>) {
+    fn score(&self, positions: &[u32], scores: &mut [f64]) {
         // Recency is the score; the `sink` oldest positions (with any tied with the last of
         // them) are lifted above every other. The sinks are the first positions, a run:
         // found by a counting pass, not a selection per head per step.
@@ -68,7 +68,7 @@ mod tests {
         assert_eq!(p.keep_count(5, 1), Some(4));
         let positions = [7u32, 0, 5, 1, 6, 2];
         let mut scores = [0.0; 6];
-        p.score(&positions, &mut scores, &mut Vec::new());
+        p.score(&positions, &mut scores);
         assert!(
             scores[1] > scores[0] && scores[3] > scores[0],
             "sinks outrank recency"
