@@ -13,7 +13,7 @@ use super::kernels::Isa;
 use super::{Query, MAX_GROUP};
 use crate::error::Result;
 use crate::kv::summary::BlockSummary;
-use crate::kv::view::HeadView;
+use crate::kv::view::{HeadView, WALK_AHEAD};
 
 /// The two bounds of one query head `q` (`(hd,)`, norm `qn`) over a block, unscaled and
 /// without margin: `(box, ball, mag)` with `mag = sum_i |q_i| max(|m_i|, |M_i|)`. The
@@ -89,6 +89,50 @@ pub unsafe fn parts_avx2(q: &[f32], qn: f32, s: &BlockSummary<'_>) -> (f32, f32,
     (b, d + qn * s.radius, m)
 }
 
+/// Quest's box bound `sum_i max(q_i M_i, q_i m_i)` of one query head `q` (`(hd,)`) over a
+/// block with minima `lo` and maxima `hi` (`(hd,)` each): [`parts`]' first part alone, for
+/// the ranking that needs nothing else. The portable twin of [`box_avx2`].
+pub fn box_bound(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
+    q.iter()
+        .zip(lo.iter().zip(hi))
+        .map(|(&qi, (&l, &h))| (qi * h).max(qi * l))
+        .sum()
+}
+
+/// [`box_bound`] with eight lanes, summed as [`parts_avx2`] sums its box part, so the two
+/// rank blocks identically.
+///
+/// # Safety
+/// The CPU must have AVX2; `lo` and `hi` must be at least `q.len()` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn box_avx2(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let lanes = q.len() / 8 * 8;
+    let mut bx = _mm256_setzero_ps();
+    let (qp, lp, hp) = (q.as_ptr(), lo.as_ptr(), hi.as_ptr());
+    for i in (0..lanes).step_by(8) {
+        // SAFETY: `i + 8 <= hd` and both slices hold `hd` floats (the contract).
+        let (qv, l, h) = unsafe {
+            (
+                _mm256_loadu_ps(qp.add(i)),
+                _mm256_loadu_ps(lp.add(i)),
+                _mm256_loadu_ps(hp.add(i)),
+            )
+        };
+        bx = _mm256_add_ps(
+            bx,
+            _mm256_max_ps(_mm256_mul_ps(qv, h), _mm256_mul_ps(qv, l)),
+        );
+    }
+    let mut a = [0.0f32; 8];
+    // SAFETY: `a` holds eight floats.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), bx) };
+    let head = a.iter().sum::<f32>();
+    let tail = q.iter().zip(lo.iter().zip(hi)).skip(lanes);
+    tail.fold(head, |b, (&qi, (&l, &h))| b + (qi * h).max(qi * l))
+}
+
 /// The certified bound of one query head over a block (unscaled; see the module docs) from
 /// [`parts`]' `(box, ball, mag)` over `hd` dimensions.
 #[inline(always)]
@@ -120,23 +164,33 @@ pub fn bounds(
         qn[gi] = q.iter().map(|x| x * x).sum::<f32>().sqrt();
     }
     let simd = cfg!(target_arch = "x86_64") && !matches!(Isa::detect(), Isa::Portable);
+    // The box reads a summary's `min | max`; the certified bound its centroid and radius too.
+    let floats = if box_only { 2 * hd } else { 3 * hd + 1 };
+    for &bi in blocks.iter().take(WALK_AHEAD) {
+        view.prefetch_summary(bi, floats);
+    }
     for (j, &bi) in blocks.iter().enumerate() {
+        if let Some(&ahead) = blocks.get(j + WALK_AHEAD) {
+            view.prefetch_summary(ahead, floats);
+        }
         let Some(s) = view.summary(bi)? else {
             continue;
         };
         let ok = s.min.len() >= hd && s.max.len() >= hd && s.centroid.len() >= hd;
-        for (gi, q) in query.q.chunks_exact(hd).enumerate() {
-            let p = match simd && ok {
+        let row = out.get_mut(j * g..(j + 1) * g).unwrap_or_default();
+        for ((gi, q), o) in query.q.chunks_exact(hd).enumerate().zip(row) {
+            *o = match (simd && ok, box_only) {
                 // SAFETY: AVX2 and FMA detected (every non-portable Isa has them); the
                 // summary's slices hold `hd` floats (checked).
                 #[cfg(target_arch = "x86_64")]
-                true => unsafe { parts_avx2(q, qn[gi], &s) },
-                _ => parts(q, qn[gi], &s),
-            };
-            out[j * g + gi] = if box_only {
-                p.0
-            } else {
-                certified(hd, qn[gi], s.radius, p) * query.scale
+                (true, true) => unsafe { box_avx2(q, s.min, s.max) },
+                #[cfg(target_arch = "x86_64")]
+                (true, false) => {
+                    let p = unsafe { parts_avx2(q, qn[gi], &s) };
+                    certified(hd, qn[gi], s.radius, p) * query.scale
+                }
+                (_, true) => box_bound(q, s.min, s.max),
+                (_, false) => certified(hd, qn[gi], s.radius, parts(q, qn[gi], &s)) * query.scale,
             };
         }
     }
@@ -184,6 +238,8 @@ mod tests {
             let qn = q.iter().map(|x| x * x).sum::<f32>().sqrt();
             let p = parts(&q, qn, &s);
             let ub = certified(hd, qn, s.radius, p);
+            let b = box_bound(&q, s.min, s.max);
+            assert!((b - p.0).abs() <= 1e-4 * (1.0 + p.2), "{b} vs {}", p.0);
             for slot in 0..bs {
                 let dot: f32 = (0..hd).map(|d| q[d] * key(d, slot)).sum();
                 assert!(dot <= ub, "{dot} > {ub}");
@@ -195,6 +251,9 @@ mod tests {
                 for (a, b) in [(p.0, v.0), (p.1, v.1), (p.2, v.2)] {
                     assert!((a - b).abs() <= 1e-4 * (1.0 + p.2), "{a} vs {b}");
                 }
+                // SAFETY: as above.
+                let b = unsafe { box_avx2(&q, s.min, s.max) };
+                assert_eq!(b.to_bits(), v.0.to_bits(), "the box ranks as the parts do");
             }
         }
     }

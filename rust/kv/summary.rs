@@ -165,6 +165,19 @@ impl Summaries {
         Ok(())
     }
 
+    /// Hints `block`'s summary into the caches: its first `floats` floats (the box bound
+    /// reads only `min | max`). A hint: nothing is checked but the range.
+    pub fn prefetch(&self, block: usize, floats: usize) {
+        let Some(data) = self.data.get() else {
+            return;
+        };
+        let w = width(self.head_dim);
+        // SAFETY: the slice only feeds a prefetch hint, which reads nothing.
+        if let Ok(row) = unsafe { data.get(block * w..block * w + floats.min(w)) } {
+            crate::ops::simd::prefetch(row);
+        }
+    }
+
     /// The summary of `block`, if it is summarised.
     ///
     /// # Safety

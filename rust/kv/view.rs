@@ -139,6 +139,18 @@ impl<'a> HeadView<'a> {
         }
     }
 
+    /// Hints the first `floats` floats of block `bi`'s summary into the caches (nothing past
+    /// the last block). A walk over bounds calls it [`WALK_AHEAD`] blocks ahead: summaries
+    /// sit by block id, scattered over the pool, where no hardware prefetcher follows.
+    pub fn prefetch_summary(&self, bi: usize, floats: usize) {
+        if bi >= self.num_blocks() {
+            return;
+        }
+        if let Ok(id) = block_at(self.head, bi) {
+            self.store.summaries().prefetch(id as usize, floats);
+        }
+    }
+
     /// The summary of full block `bi`, when summaries are on and it is sealed.
     pub fn summary(&self, bi: usize) -> Result<Option<BlockSummary<'a>>> {
         if self.block_len(bi) < self.store.block_size() {
