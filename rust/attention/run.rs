@@ -17,6 +17,10 @@ pub const MAX_SPLITS: usize = 16;
 /// cost less than waking the pool.
 const SERIAL_PROBS: usize = 1 << 16;
 
+/// Blocks whose summaries a step's selections read, from which the selections run in
+/// parallel: a parallel region costs 5-10 us, a bound pass over 256 blocks tens of us.
+const PARALLEL_SELECT_BLOCKS: usize = 256;
+
 /// Fewest blocks per split piece: a shorter piece does not amortise its merge.
 const MIN_SPLIT_BLOCKS: usize = 4;
 
@@ -128,8 +132,15 @@ pub fn run_tasks(
         Ok(())
     };
     // A decode step has a handful of tasks: a parallel region (5-10 us) for them would cost
-    // more than Dense's selection itself, 30 times per token.
-    if tasks.len() < 8 {
+    // more than Dense's selection itself, 30 times per token. A selection by block bounds
+    // reads a summary per block instead (50-100 us per head at 7000 tokens, memory-bound),
+    // and on one thread it left the other idle for a fifth of a Quest(1024) step.
+    let bounded: usize = tasks
+        .iter()
+        .filter(|t| t.variant.needs_summaries() && !t.query.prefill)
+        .map(|t| t.view.num_blocks())
+        .sum();
+    if tasks.len() < 8 && bounded < PARALLEL_SELECT_BLOCKS {
         tasks.iter().zip(s.sel.iter_mut()).try_for_each(pick)?;
     } else {
         tasks

@@ -165,14 +165,18 @@ impl Summaries {
         Ok(())
     }
 
-    /// Hints `block`'s summary into the caches: its first `floats` floats (the box bound
-    /// reads only `min | max`). A hint: nothing is checked but the range.
+    /// Hints `block`'s summary into the caches: its seal state and its first `floats`
+    /// floats (the box bound reads only `min | max`). A hint: nothing is checked but the range.
     pub fn prefetch(&self, block: usize, floats: usize) {
         let Some(data) = self.data.get() else {
             return;
         };
         let w = width(self.head_dim);
-        // SAFETY: the slice only feeds a prefetch hint, which reads nothing.
+        // SAFETY: the slices only feed prefetch hints, which read nothing. The seal state
+        // is read before the summary, and it too sits by block id.
+        if let Ok(st) = unsafe { self.state.get(block..block + 1) } {
+            crate::ops::simd::prefetch(st);
+        }
         if let Ok(row) = unsafe { data.get(block * w..block * w + floats.min(w)) } {
             crate::ops::simd::prefetch(row);
         }
