@@ -34,9 +34,9 @@ VARIANTS = ["dense", "top_k:k=0.25", "quest:token_budget=512,skip_layers=0",
             "quest:token_budget=1024,skip_layers=0", "loki:rank=16,top_k=0.25",
             "loki:rank=16,top_k=0.125", "hsr:top_k=64", "hsr:eps=1e-2", "hsr:eps=1e-3"]
 E2E = ["dense", "quest:token_budget=1024", "quest:token_budget=2048",
-       "quest:token_budget=3072", "quest:token_budget=4096", "top_k:k=0.25", "loki:rank=16,top_k=0.25",
-       "loki:rank=16,top_k=0.125", "loki:rank=32,top_k=0.25", "hsr:top_k=64", "hsr:eps=1e-1",
-       "hsr:eps=1e-2"]
+       "quest:token_budget=3072", "quest:token_budget=4096", "top_k:k=0.25",
+       "loki:rank=16,top_k=0.25", "loki:rank=16,top_k=0.125", "loki:rank=32,top_k=0.25",
+       "hsr:top_k=64", "hsr:eps=1e-1", "hsr:eps=1e-2"]
 LAYERS = [4, 12, 20, 28]
 CONTEXT = 8176
 
