@@ -170,11 +170,14 @@ def main() -> None:
                     del peers[row]
         rate = {d: float(np.median([o.stats.decode_tok_s for o in outs]))
                 for d, outs in runs.items()}
+        plain = np.array([o.stats.decode_tok_s for o in runs["plain"]])
         for drafter, outs in runs.items():
             st = outs[0].stats
             same = all(o.token_ids == runs["plain"][0].token_ids for o in outs)
+            # Paired: each run against the plain run of its own round, which drifts with it.
+            paired = np.median(np.array([o.stats.decode_tok_s for o in outs]) / plain)
             print(f"{name:<8} prompt {n:>5}  {drafter:<20} {rate[drafter]:>6.1f} tok/s "
-                  f"{rate[drafter] / rate['plain']:>5.2f}x  accepted/step "
+                  f"{rate[drafter] / rate['plain']:>5.2f}x  paired {paired:>5.2f}x  accepted/step "
                   f"{st.mean_acceptance_length:>5.2f}  drafts {st.accepted_tokens:>4}/"
                   f"{st.draft_tokens:<5} same as plain: {same}", flush=True)
         for row, results in peers.items():

@@ -1,8 +1,10 @@
 """Adaptive draft length: from the acceptance measured per depth and the measured time of a
 verification step of ``n`` tokens on this machine, each step drafts the length that
 maximises expected tokens per second; when no length beats plain decoding, it stops
-drafting and probes again later (one draft token, at an interval that doubles while the
-probes accept nothing).
+drafting and probes again later (one draft token, at an interval that doubles after each
+rejected probe, holds after an accepted one and is reset only when the refreshed estimate
+makes drafting pay: a drafter right one time in five, like an early exit on free text, then
+backs off instead of probing every sixteen steps after each lucky hit).
 
 Step times are kept as ratios to the plain decode step measured around them (the context
 grows, and both grow with it). Until a length is measured, its cost is extrapolated from the
@@ -30,6 +32,7 @@ class Adaptive:
         self.max_len = max_len
         self.enabled = enabled
         self.accept = np.full(max_len + 1, self.PRIOR_ACCEPT)
+        self.seen = np.zeros(max_len + 1, dtype=bool)  # depths some draft has reached
         self.plain = 0.0  # EMA of a plain decode step's seconds
         self.ratio: dict[int, float] = {}  # EMA of step(n) / plain step
         self.plain_run = 0
@@ -45,15 +48,18 @@ class Adaptive:
             self.ratio[nodes] = r if old is None else self.DECAY * old + (1 - self.DECAY) * r
 
     def record_accept(self, drafted: int, accepted: int) -> None:
-        if self.probing:
-            self.probing = False
-            self.probe_every = (self.PROBE_FIRST if accepted else
-                                min(2 * self.probe_every, self.PROBE_MAX))
         for d in range(1, drafted + 1):
             hit = 1.0 if d <= accepted else 0.0
             self.accept[d] = self.DECAY * self.accept[d] + (1 - self.DECAY) * hit
+            self.seen[d] = True
             if not hit:
                 break
+        if self.probing:
+            self.probing = False
+            if self._best(self.max_len) > 0:
+                self.probe_every = self.PROBE_FIRST
+            elif not accepted:
+                self.probe_every = min(2 * self.probe_every, self.PROBE_MAX)
 
     def cost(self, n: int) -> float:
         """Estimated cost of a step of ``n`` tokens, in plain decode steps."""
@@ -73,14 +79,7 @@ class Adaptive:
         cap = min(self.max_len, available)
         if not self.enabled or cap <= 0:
             return max(cap, 0)
-        best, best_rate = 0, 1.0
-        expect, run = 1.0, 1.0
-        for d in range(1, cap + 1):
-            run *= self.accept[d]
-            expect += run
-            rate = expect / self.cost(d + 1)
-            if rate > best_rate * 1.02:
-                best, best_rate = d, rate
+        best = self._best(cap)
         if best == 0:
             self.plain_run += 1
             if self.plain_run >= self.probe_every:
@@ -90,4 +89,21 @@ class Adaptive:
         else:
             self.plain_run = 0
             self.probe_every = self.PROBE_FIRST
+        return best
+
+    def _best(self, cap: int) -> int:
+        """The draft length up to ``cap`` with the best expected tokens per second (0 when
+        none beats plain decoding by 2%)."""
+        best, best_rate = 0, 1.0
+        expect, run, a = 1.0, 1.0, self.PRIOR_ACCEPT
+        for d in range(1, cap + 1):
+            # A depth no draft has reached yet is taken to accept like the one above it:
+            # one-token probes refresh depth 1 only, and the prior left on deeper depths
+            # would otherwise make a drafter right one time in five look worth a long draft.
+            a = self.accept[d] if self.seen[d] else a
+            run *= a
+            expect += run
+            rate = expect / self.cost(d + 1)
+            if rate > best_rate * 1.02:
+                best, best_rate = d, rate
         return best
