@@ -220,7 +220,8 @@ def test_a_medusa_checkpoint_with_its_own_lm_heads_loads_and_drafts(models, tmp_
     drafter = Medusa(path, topk=3).bind(target)
     h = rng.standard_normal(32).astype(np.float32)
     states = medusa_mod.head_states(heads, h)
-    np.testing.assert_allclose(drafter._logits(states)[1], heads[1][1] @ states[1], rtol=1e-5)
+    np.testing.assert_allclose(drafter._logits(heads, states)[1], heads[1][1] @ states[1],
+                               rtol=1e-5)
     drafter.observe(h)
     branches = drafter.propose([1, 2, 3], 4)
     assert len(branches) == 4 and branches[0][0] == int(np.argmax(heads[0][1] @ states[0]))
@@ -243,8 +244,27 @@ def test_medusa_choices_keep_their_order(models, heads_path):
     bound.observe(np.ones(32, np.float32))
     got = bound.propose([1, 2], 3)
     states = medusa_mod.head_states(bound.heads, np.ones(32, np.float32))
-    top = np.argsort(-bound._logits(states), axis=1, kind="stable")
+    top = np.argsort(-bound._logits(bound.heads, states), axis=1, kind="stable")
     assert got == [[int(top[0, 0])], [int(top[0, 0]), int(top[1, 0])], [int(top[0, 1])]]
+
+
+@given(limit=st.integers(1, 12), seed=st.integers(0, 2**16), scale=st.sampled_from([1, 30, 300]))
+@settings(deadline=None)
+def test_medusa_runs_only_the_heads_its_tree_can_reach(models, heads_path, limit, seed, scale):
+    """A tree of ``limit`` nodes is at most ``limit`` deep, so the heads past that depth are
+    skipped: the proposal equals the best-first paths over every head's probabilities."""
+    target, _ = models
+    bound = Medusa(heads_path, topk=3).bind(target)
+    # Large hidden states make the heads confident, so the best paths go deep.
+    h = (scale * np.random.default_rng(seed).standard_normal(32)).astype(np.float32)
+    bound.observe(h)
+    logits = bound._logits(bound.heads, medusa_mod.head_states(bound.heads, h))
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :3]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    paths = medusa_mod.best_first(np.take_along_axis(p, top, axis=1), limit)
+    want = [[int(top[d, r]) for d, r in enumerate(path)] for path in paths]
+    assert bound.propose([1, 2, 3], limit) == want
 
 
 def test_bad_drafter_arguments_get_typed_errors(models):

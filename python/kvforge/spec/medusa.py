@@ -176,14 +176,21 @@ class _MedusaDrafter:
     def propose(self, history: list[int], limit: int) -> list[list[int]]:
         if self.hidden is None or limit <= 0:
             return []
-        logits = self._logits(head_states(self.heads, self.hidden))
+        paths = None
+        if self.choices is not None:
+            paths = [p for p in self.choices if len(p) <= len(self.heads)][:limit]
+            if not paths:
+                return []
+        # A tree of `limit` nodes is at most `limit` deep: only the heads it can reach run
+        # (an adaptive probe of one token needs one head's LM-head pass, not all of them).
+        depth = min(len(self.heads), limit if paths is None else max(map(len, paths)))
+        heads = self.heads[:depth]
+        logits = self._logits(heads, head_states(heads, self.hidden))
         k = min(self.topk, logits.shape[1])
         top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)
-        if self.choices is not None:
-            paths = [p for p in self.choices if len(p) <= len(self.heads)][:limit]
-        else:
+        if paths is None:
             z = logits - logits.max(axis=1, keepdims=True)
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
@@ -192,14 +199,14 @@ class _MedusaDrafter:
         return [[int(top[d, r]) for d, r in enumerate(path)] for path in paths]
 
 
-    def _logits(self, states: np.ndarray) -> np.ndarray:
-        """Each head's logits: through the model's LM head (one pass for all heads sharing
-        it), or through the head's own."""
+    def _logits(self, heads: list[Head], states: np.ndarray) -> np.ndarray:
+        """Each of ``heads``' logits: through the model's LM head (one pass for all heads
+        sharing it), or through the head's own."""
         out = np.empty((len(states), self.vocab), np.float32)
-        shared = [i for i, (_, lm) in enumerate(self.heads) if lm is None]
+        shared = [i for i, (_, lm) in enumerate(heads) if lm is None]
         if shared:
             out[shared] = self.core.head_logits(np.ascontiguousarray(states[shared]))
-        for i, (_, lm) in enumerate(self.heads):
+        for i, (_, lm) in enumerate(heads):
             if lm is not None:
                 out[i] = lm @ states[i]
         return out
