@@ -152,6 +152,21 @@ def test_speculation_actually_drafts_and_accepts(llm):
                        speculative=Speculative(PromptLookup(), adaptive=False))
     assert out.stats.verify_steps > 0 and out.stats.draft_tokens > 0
     assert 0.0 <= out.stats.mean_acceptance_length <= 10
+    st_ = out.stats
+    assert 0.0 < st_.verify_s <= st_.speculation_s <= st_.decode_s
+    assert st_.plain_steps + st_.verify_steps + st_.accepted_tokens == st_.generated_tokens - 1
+
+
+def test_speculation_gain_prices_speculative_steps_at_the_plain_steps_pace():
+    from kvforge.generation import GenerationStats
+
+    # 41 tokens: 1 from prefill, 20 plain steps of 10 ms, 5 verify steps accepting 15 drafts
+    # in 100 ms: plain decoding would have taken 40 * 10 ms = 400 ms against 300 ms.
+    st_ = GenerationStats(generated_tokens=41, decode_s=0.3, speculation_s=0.1,
+                          verify_steps=5, accepted_tokens=15)
+    assert st_.plain_steps == 20
+    assert st_.speculation_gain == pytest.approx(4 / 3)
+    assert GenerationStats(generated_tokens=9, decode_s=0.1).speculation_gain == 1.0
 
 
 def test_a_commit_leaves_the_cache_plain_decoding_leaves(llm):

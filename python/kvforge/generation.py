@@ -30,16 +30,37 @@ class GenerationStats:
     attention_blocks_total: int = 0
     max_certificate: float = 0.0
     # Speculative decoding: draft tokens verified, accepted, verification steps and their
-    # time (included in decode_s).
+    # forward time; speculation_s: all decode time not spent in plain steps (drafting,
+    # including proposals that came back empty, verifying, accepting, committing). Both are
+    # included in decode_s.
     draft_tokens: int = 0
     accepted_tokens: int = 0
     verify_steps: int = 0
     verify_s: float = 0.0
+    speculation_s: float = 0.0
 
     @property
     def mean_acceptance_length(self) -> float:
         """Draft tokens accepted per verification step (0 without speculation)."""
         return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def plain_steps(self) -> int:
+        """Decode steps that ran one token without a draft."""
+        return max(self.generated_tokens - 1 - self.verify_steps - self.accepted_tokens, 0)
+
+    @property
+    def speculation_gain(self) -> float:
+        """Speed of this run over plain decoding at the plain steps' own pace in the same
+        run: ``(generated - 1) * plain step / decode_s``. It prices every speculative
+        step against the plain steps around it, so the machine's drift between runs drops
+        out (1.0 without speculation, or when no step was plain)."""
+        if not self.verify_steps and not self.speculation_s:
+            return 1.0
+        plain = self.decode_s - self.speculation_s
+        if self.plain_steps == 0 or plain <= 0 or self.decode_s <= 0:
+            return 1.0
+        return max(self.generated_tokens - 1, 0) * (plain / self.plain_steps) / self.decode_s
 
     @property
     def attention_visited_fraction(self) -> float:

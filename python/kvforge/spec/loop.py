@@ -86,6 +86,7 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
             branches = [b for b in (_in_vocab(b, vocab_size) for b in branches) if b]
         if not branches:
             t2 = time.perf_counter()
+            stats.speculation_s += t2 - t1 if want else 0.0
             nxt = session.decode(token)
             ctl.record_step(1, time.perf_counter() - t2)
             _observe(drafter, session, 0)
@@ -102,6 +103,7 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
         session.commit(path)
         dt = time.perf_counter() - t1
         stats.decode_s += dt
+        stats.speculation_s += dt
         ctl.record_step(len(tree), dt)
         drafted = max((tree.depth(i) for i in range(len(tree))), default=0)
         ctl.record_accept(drafted, len(path) - 1)
