@@ -54,12 +54,12 @@ class GenerationStats:
         """Speed of this run over plain decoding at the plain steps' own pace in the same
         run: ``(generated - 1) * plain step / decode_s``. It prices every speculative
         step against the plain steps around it, so the machine's drift between runs drops
-        out (1.0 without speculation, or when no step was plain)."""
+        out (1.0 without speculation; NaN when no step was plain: nothing to price by)."""
         if not self.verify_steps and not self.speculation_s:
             return 1.0
         plain = self.decode_s - self.speculation_s
         if self.plain_steps == 0 or plain <= 0 or self.decode_s <= 0:
-            return 1.0
+            return float("nan")
         return max(self.generated_tokens - 1, 0) * (plain / self.plain_steps) / self.decode_s
 
     @property
