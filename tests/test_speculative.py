@@ -5,6 +5,8 @@ decoding would, nothing leaks, and lossless sampling keeps plain sampling's dist
 
 from __future__ import annotations
 
+from unittest import mock
+
 import kvforge
 import numpy as np
 import pytest
@@ -235,6 +237,53 @@ class Siblings:
 
     def propose(self, history, limit):
         return [[t] for t in self.tokens] if limit else []
+
+
+class SecondBranchOracle:
+    """Knows plain greedy's output: proposes a decoy branch first and the true continuation
+    second, so every accepted path lies off the tree's first branch."""
+
+    def __init__(self, prompt, out, k):
+        self.prompt, self.out, self.k = prompt, out, k
+
+    def propose(self, history, limit):
+        done = len(history) - len(self.prompt)  # output tokens so far, the root included
+        true = self.out[done:done + min(self.k, limit)]
+        if not true:
+            return []
+        return [[(true[0] + 1) % VOCAB] + true[1:], true]
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 2), deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(4, 60), k=st.integers(1, 6),
+       press=st.booleans())
+def test_greedy_paths_off_the_first_branch_are_verified_again_as_chains(llm, seed, n, k,
+                                                                         press):
+    prompt = repetitive(seed, n)
+    p = KNorm(compression_ratio=0.25) if press else None
+    base = llm.kv_stats()["live_blocks"]
+    want = llm.generate(prompt, max_new_tokens=24, press=p, ignore_eos=True)
+    spec = Speculative(SecondBranchOracle(prompt, want.token_ids, k), max_draft=2 * k,
+                       adaptive=False)
+    import importlib
+
+    loop = importlib.import_module("kvforge.spec.loop")
+
+    calls = []
+    again = loop._chain_again
+
+    def counted(*a):
+        calls.append(1)
+        return again(*a)
+
+    with mock.patch.object(loop, "_chain_again", counted):
+        got = llm.generate(prompt, max_new_tokens=24, press=p, speculative=spec,
+                           ignore_eos=True)
+    assert got.token_ids == want.token_ids
+    # Near the token limit the tree is cut to the decoy alone, which is rejected.
+    assert got.stats.accepted_tokens > 0 and 0 < len(calls) <= got.stats.verify_steps
+    assert llm.kv_stats()["live_blocks"] == base
+    llm.check_pool()
 
 
 def test_lossless_sampling_keeps_the_plain_distribution(llm):

@@ -4,7 +4,9 @@ The session's state between steps is plain decoding's: the committed tokens are 
 the last sampled token (the tree's root) is not yet run. A step verifies ``root + drafts``
 with the ancestor mask, commits the root and the accepted draft tokens (their K/V compacted
 into the sequence's blocks, the rest freed) and samples the next token from the last
-accepted node's logits. With nothing to draft it decodes plainly. A drafter's optional
+accepted node's logits. With nothing to draft it decodes plainly. Greedy's output is plain
+greedy's bit for bit: an accepted path off the tree's first branch is verified again as a
+chain before it is committed (see :func:`_chain_again`). A drafter's optional
 ``begin(prompt_ids)`` runs before the first draft and ``end(generated_ids)`` after the last
 token, whether eos, a stop or the token limit ended the generation (not when a caller
 abandons a stream). A stateful drafter such as Hierarchy Drafting learns from the output
@@ -99,6 +101,9 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
         logits, _ = session.step(tree.tokens, None, tree.parents, False)
         verify = time.perf_counter() - t2
         path, nxt = rule(tree, logits, history, params, rng)
+        kept = tree
+        if spec.acceptance == "greedy" and path != list(range(len(path))):
+            kept, path, nxt = _chain_again(session, tree, path, history, params, rng)
         _observe(drafter, session, path[-1])  # the step's rows; commit clears them
         session.commit(path)
         dt = time.perf_counter() - t1
@@ -111,8 +116,24 @@ def _steps(session: Any, history: list[int], token: int, dec: SequenceDecoder,
         stats.accepted_tokens += len(path) - 1
         stats.verify_steps += 1
         stats.verify_s += verify
-        history.extend(tree.tokens[i] for i in path)
-        pending = [tree.tokens[i] for i in path[1:]] + [nxt]
+        history.extend(kept.tokens[i] for i in path)
+        pending = [kept.tokens[i] for i in path[1:]] + [nxt]
+
+
+def _chain_again(session: Any, tree: DraftTree, path: list[int], history: list[int],
+                 params: SamplingParams, rng: np.random.Generator
+                 ) -> tuple[DraftTree, list[int], int]:
+    """Greedy's accepted path off the tree's first branch, verified again as a chain. Its
+    nodes saw their ancestors at other slots than plain decoding would (after their
+    siblings'), so their logits and K/V differ from plain decoding's in the last bits, and
+    at a near-tie greedy could take another token. A chain verifies to plain decoding's
+    bits (and its own acceptance may end it sooner). Returns the chain's tree, its
+    accepted path and the next token."""
+    session.truncate(len(history))
+    chain = DraftTree.from_branches(tree.tokens[0], [[tree.tokens[i] for i in path[1:]]])
+    logits, _ = session.step(chain.tokens, None, chain.parents, False)
+    path, nxt = RULES["greedy"](chain, logits, history, params, rng)
+    return chain, path, nxt
 
 
 def _observe(drafter: Any, session: Any, row: int) -> None:
