@@ -11,22 +11,28 @@ from hypothesis import strategies as st
 from kvforge.spec.adaptive import Adaptive
 
 
+def one_step(ctl: Adaptive, rng: np.random.Generator, p: float, per_token: float
+             ) -> tuple[int, int, float]:
+    """One decision against a drafter whose every token is right with probability ``p``, on
+    a machine where each drafted token costs ``per_token`` plain steps (verification, plus a
+    model drafter's own forward): the length drafted, the tokens accepted and the step's
+    cost in plain steps."""
+    n = ctl.length(64)
+    c = 1.0 + per_token * n
+    ctl.record_step(n + 1, 0.01 * c)
+    hits = 0
+    while hits < n and rng.random() < p:
+        hits += 1
+    if n:
+        ctl.record_accept(n, hits)
+    return n, hits, c
+
+
 def run(ctl: Adaptive, accept_p: float, extra: float, steps: int, seed: int = 0) -> list[int]:
-    """``steps`` decisions against a drafter whose every token is right with ``accept_p``
-    on a machine where each extra verified token costs ``extra`` of a decode step; the
-    draft lengths chosen."""
+    """``steps`` decisions (:func:`one_step`, each extra verified token costing ``extra``);
+    the draft lengths chosen."""
     rng = np.random.default_rng(seed)
-    lengths = []
-    for _ in range(steps):
-        n = ctl.length(64)
-        lengths.append(n)
-        ctl.record_step(n + 1, 0.01 * (1.0 + extra * n))
-        if n:
-            hits = 0
-            while hits < n and rng.random() < accept_p:
-                hits += 1
-            ctl.record_accept(n, hits)
-    return lengths
+    return [one_step(ctl, rng, accept_p, extra)[0] for _ in range(steps)]
 
 
 def test_a_drafter_that_is_never_right_is_probed_at_a_doubling_interval():
@@ -58,15 +64,8 @@ def simulated_rate(p: float, extra: float, draft: float, tokens: int, seed: int)
     rng = np.random.default_rng(seed)
     ctl, made, cost = Adaptive(10), 0, 0.0
     while made < tokens:
-        n = ctl.length(64)
-        c = 1.0 + (extra + draft) * n
-        ctl.record_step(n + 1, 0.01 * c)
+        _, hits, c = one_step(ctl, rng, p, extra + draft)
         cost += c
-        hits = 0
-        while hits < n and rng.random() < p:
-            hits += 1
-        if n:
-            ctl.record_accept(n, hits)
         made += hits + 1
     return made / cost
 

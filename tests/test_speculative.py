@@ -5,6 +5,7 @@ decoding would, nothing leaks, and lossless sampling keeps plain sampling's dist
 
 from __future__ import annotations
 
+import importlib
 from unittest import mock
 
 import kvforge
@@ -265,10 +266,7 @@ def test_greedy_paths_off_the_first_branch_are_verified_again_as_chains(llm, see
     want = llm.generate(prompt, max_new_tokens=24, press=p, ignore_eos=True)
     spec = Speculative(SecondBranchOracle(prompt, want.token_ids, k), max_draft=2 * k,
                        adaptive=False)
-    import importlib
-
     loop = importlib.import_module("kvforge.spec.loop")
-
     calls = []
     again = loop._chain_again
 
