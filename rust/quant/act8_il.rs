@@ -1,5 +1,6 @@
-//! Row-interleaved copies of block-format weights for the int8-activation kernels on AVX-512
-//! VNNI CPUs, where one vector lane is one output row.
+//! Row-interleaved copies of block-format weights for the int8-activation kernels, where one
+//! vector lane is one output row: AVX-512 VNNI (`act8_il_avx512.rs`) and AVX2
+//! (`act8_il_avx2.rs`, each 512-bit record vector as two 256-bit halves).
 //!
 //! On the stored row-major layout (as `act8_avx2.rs` reads it), a block's products land in
 //! lanes of one row, so every block needs its scale spread over those lanes and every row a
@@ -117,12 +118,12 @@ pub fn interleave<'a>(
 }
 
 impl Weight {
-    /// The interleaved copy the int8 kernels run on this CPU (AVX-512 VNNI, block formats),
-    /// built on first use: as many bytes as the weight, beside the row-major ones that the
-    /// exact float path reads.
+    /// The interleaved copy the int8 kernels run on this CPU (AVX-512 VNNI or AVX2, block
+    /// formats), built on first use: as many bytes as the weight, beside the row-major ones
+    /// that the exact float path reads.
     pub(crate) fn interleaved(&self) -> Option<&Interleaved> {
         #[cfg(target_arch = "x86_64")]
-        if super::act8_il_avx512::available() {
+        if kernels().is_some() {
             let il = self
                 .il
                 .get_or_init(|| interleave(self.fmt, self.rows, self.cols, |r| self.row(r)));
@@ -145,8 +146,10 @@ impl Weight {
         xs: &[QuantizedX],
         mut put: impl FnMut(usize, usize, &[f32]),
     ) {
-        use super::act8_il_avx512::KERNELS;
         use super::multi::{equal_groups, MULTI_MAX};
+        let Some(kernels) = kernels() else {
+            return;
+        };
         let n = xs.len();
         let size = equal_groups(n, MULTI_MAX);
         let mut vals = [[0.0f32; IL_ROWS]; MULTI_MAX];
@@ -156,13 +159,30 @@ impl Weight {
                 let k = size.min(n - t0);
                 // SAFETY: `interleaved` is only built where the kernels run, which check
                 // that every token has the row's `cols / 32` blocks.
-                unsafe { KERNELS[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
+                unsafe { kernels[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
                 let lanes = rows.start - g * IL_ROWS..rows.end - g * IL_ROWS;
                 for (j, v) in vals[..k].iter().enumerate() {
                     put(t0 + j, rows.start - first, &v[lanes.clone()]);
                 }
             }
         }
+    }
+}
+
+/// A group kernel for one token count: `(il, group, xs, out)`, `out[t][r]` = row `r` of the
+/// group times `xs[t]`, as [`rows_portable`] computes it.
+pub type IlKernel = unsafe fn(&Interleaved, usize, &[QuantizedX], &mut [[f32; IL_ROWS]]);
+
+/// The group kernels this CPU runs, by token count (`[g - 1]` for `g` tokens): AVX-512 VNNI,
+/// else AVX2; `None` without either (the row-major scalar kernels serve).
+#[cfg(target_arch = "x86_64")]
+fn kernels() -> Option<&'static [IlKernel; super::multi::MULTI_MAX]> {
+    if super::act8_il_avx512::available() {
+        Some(&super::act8_il_avx512::KERNELS)
+    } else if super::act8_il_avx2::available() {
+        Some(&super::act8_il_avx2::KERNELS)
+    } else {
+        None
     }
 }
 

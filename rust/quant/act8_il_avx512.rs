@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::act8_il::{offset_factor, record_bytes, scale_bytes, Interleaved, IL_ROWS};
+use super::act8_il::{offset_factor, record_bytes, scale_bytes, IlKernel, Interleaved, IL_ROWS};
 use super::blocks::BLOCK_ELEMS;
 use super::multi::MULTI_MAX;
 use super::WeightFormat;
@@ -119,9 +119,6 @@ unsafe fn quants(q: *const u8, q8: bool) -> [__m512i; 8] {
         w
     }
 }
-
-/// A group kernel for one token count: `(il, group, xs, out)` as [`rows_g`].
-pub type IlKernel = unsafe fn(&Interleaved, usize, &[QuantizedX], &mut [[f32; IL_ROWS]]);
 
 /// [`rows_g`] by token count (`KERNELS[g - 1]` for `g` tokens).
 pub const KERNELS: [IlKernel; MULTI_MAX] = by_group!(rows_g, IlKernel);

@@ -25,6 +25,8 @@ pub mod act8;
 mod act8_avx2;
 pub mod act8_il;
 #[cfg(target_arch = "x86_64")]
+mod act8_il_avx2;
+#[cfg(target_arch = "x86_64")]
 mod act8_il_avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
