@@ -46,7 +46,7 @@ impl QuantizedX {
         #[cfg(target_arch = "x86_64")]
         if crate::ops::simd::avx2_available() {
             // SAFETY: AVX2 and FMA are present.
-            return unsafe { quantize_avx2(x, &mut self.q, &mut self.d, &mut self.s) };
+            return unsafe { super::act8_avx2::quantize(x, &mut self.q, &mut self.d, &mut self.s) };
         }
         quantize_blocks(x, &mut self.q, &mut self.d, &mut self.s);
     }
@@ -79,7 +79,7 @@ impl QuantizedX {
 
 /// The quantizer: `x` (`(blocks * 32,)`) into `q`, `d` and `s` (at least as long).
 #[inline(always)]
-fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+pub(super) fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     let meta = d.iter_mut().zip(s.iter_mut());
     for ((xs, qb), (d, s)) in x
         .chunks_exact(BLOCK_ELEMS)
@@ -96,17 +96,6 @@ fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
         }
         *s = *d * sum as f32;
     }
-}
-
-/// [`quantize_blocks`] compiled for AVX2: the same operations (`round` is exact in any
-/// build), but inlined and vectorised instead of a `roundf` call per element.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    quantize_blocks(x, q, d, s)
 }
 
 /// Integer dot of the 32 nibbles of `nib` (16 bytes, ggml order) with `qx` (32 values).
@@ -266,6 +255,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 quantizer gives the scalar one's bytes and scales bit for bit, on halves
+    /// (values that scale to k + 0.5), zeros of both signs, NaN and infinities.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_quantizer_equals_the_scalar_one() {
+        if !crate::ops::simd::avx2_available() {
+            return;
+        }
+        let mut x = activations(32 * 12, 5);
+        // Block 1: amax 127, so every k + 0.5 lands on a half.
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 4.0 + 0.5;
+        }
+        x[63] = 127.0;
+        x[64..96].fill(0.0);
+        x[96..128].fill(-0.0);
+        x[130] = f32::NAN;
+        x[161] = f32::INFINITY;
+        x[200] = f32::NEG_INFINITY;
+        x[230] = f32::MIN_POSITIVE;
+        x[260] = 1e30;
+        x[300] = -1e-30;
+        // Then random blocks of every magnitude.
+        let mut state = 7u64;
+        for b in 0..500 {
+            let scale = 10f32.powi(b % 9 - 4);
+            for _ in 0..BLOCK_ELEMS {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                x.push(((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale);
+            }
+        }
+        let blocks = x.len() / BLOCK_ELEMS;
+        let (mut q0, mut d0, mut s0) = (vec![0i8; x.len()], vec![0.0; blocks], vec![0.0; blocks]);
+        let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0.0; blocks], vec![0.0; blocks]);
+        quantize_blocks(&x, &mut q0, &mut d0, &mut s0);
+        // SAFETY: AVX2 and FMA were detected above.
+        unsafe { crate::quant::act8_avx2::quantize(&x, &mut q1, &mut d1, &mut s1) };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(q0, q1);
+        assert_eq!(bits(&d0), bits(&d1));
+        assert_eq!(bits(&s0), bits(&s1));
     }
 
     #[test]

@@ -221,3 +221,96 @@ pub(super) unsafe fn dot_q8_0_from(row: &[u8], x: &QuantizedX, first: usize) -> 
     }
     total
 }
+
+/// The quantizer of `act8::quantize_blocks` in vectors, with its exact results: `x`
+/// (`(blocks * 32,)`) into `q`, `d` and `s` (`(blocks * 32,)`, `(blocks,)`, `(blocks,)`). The block maximum is a
+/// lane-wise `max` then a reduction (exact in any order; a NaN element is skipped as
+/// `f32::max` skips it), and `round` (halves away from zero) is rebuilt from truncation:
+/// `t = trunc(y)`, then `y - t` (exact) decides whether to step one away from zero. NaN
+/// products become 0, as `NaN as i8` does.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    // As many blocks as the scalar quantizer's zipped iterators give.
+    let blocks = (x.len() / BLOCK_ELEMS)
+        .min(q.len() / BLOCK_ELEMS)
+        .min(d.len())
+        .min(s.len());
+    // SAFETY: block `b` reads `x[32b..32b + 32]` and writes `q[32b..32b + 32]`, `d[b]` and
+    // `s[b]`, all in bounds (`blocks` above); features enabled on this fn.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..blocks {
+            let p = x.as_ptr().add(b * BLOCK_ELEMS);
+            let v = [0, 8, 16, 24].map(|k| _mm256_loadu_ps(p.add(k)));
+            let mut m = _mm256_setzero_ps();
+            for vk in v {
+                // `max_ps(a, m)` returns `m` when `a` is NaN.
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, vk), m);
+            }
+            let amax = hmax(m);
+            let db = amax / 127.0;
+            let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            let mut qi = [_mm256_setzero_si256(); 4];
+            let mut sum = _mm256_setzero_si256();
+            for (k, vk) in v.into_iter().enumerate() {
+                qi[k] = round_clamp(_mm256_mul_ps(vk, inv), sign);
+                sum = _mm256_add_epi32(sum, qi[k]);
+            }
+            // Packs interleave 128-bit lanes; the permute restores element order.
+            let w16 = [
+                _mm256_packs_epi32(qi[0], qi[1]),
+                _mm256_packs_epi32(qi[2], qi[3]),
+            ];
+            let w8 = _mm256_packs_epi16(w16[0], w16[1]);
+            let ordered =
+                _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * BLOCK_ELEMS) as *mut __m256i, ordered);
+            *d.as_mut_ptr().add(b) = db;
+            *s.as_mut_ptr().add(b) = db * hsum_i32(sum) as f32;
+        }
+    }
+}
+
+/// `y.round().clamp(-127, 127)` per lane as i32, NaN as 0. `sign`: `-0.0` in every lane.
+#[inline(always)]
+unsafe fn round_clamp(y: __m256, sign: __m256) -> __m256i {
+    // SAFETY: AVX2 enabled by the caller.
+    unsafe {
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+        let away = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
+        let step = _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0));
+        let r = _mm256_add_ps(t, _mm256_and_ps(away, step));
+        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+        let r = _mm256_min_ps(
+            _mm256_max_ps(r, _mm256_set1_ps(-127.0)),
+            _mm256_set1_ps(127.0),
+        );
+        _mm256_cvtps_epi32(r)
+    }
+}
+
+/// The largest lane of `m` (no NaN lanes).
+#[inline(always)]
+unsafe fn hmax(m: __m256) -> f32 {
+    // SAFETY: AVX enabled by the caller.
+    unsafe {
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))
+    }
+}
+
+/// The sum of the eight i32 lanes of `v` (small: no overflow).
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    // SAFETY: AVX2 enabled by the caller.
+    unsafe {
+        let h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
+        _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h)))
+    }
+}
