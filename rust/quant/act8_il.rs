@@ -25,6 +25,7 @@
 
 use super::act8::QuantizedX;
 use super::blocks::{half_at, BLOCK_ELEMS, Q4_0_BYTES, Q4_1_BYTES, Q8_0_BYTES};
+use super::multi::{equal_groups, MULTI_MAX};
 use super::{Weight, WeightFormat};
 
 /// Rows per interleaved group: the f32 lanes of a 512-bit vector.
@@ -119,37 +120,42 @@ pub fn interleave<'a>(
 
 impl Weight {
     /// The interleaved copy the int8 kernels run on this CPU (AVX-512 VNNI or AVX2, block
-    /// formats), built on first use: as many bytes as the weight, beside the row-major ones
-    /// that the exact float path reads.
-    pub(crate) fn interleaved(&self) -> Option<&Interleaved> {
+    /// formats) with those kernels, the copy built on first use: as many bytes as the
+    /// weight, beside the row-major ones that the exact float path reads.
+    pub(crate) fn interleaved(&self) -> Option<IlRun<'_>> {
         #[cfg(target_arch = "x86_64")]
-        if kernels().is_some() {
+        if let Some(kernels) = kernels() {
             let il = self
                 .il
                 .get_or_init(|| interleave(self.fmt, self.rows, self.cols, |r| self.row(r)));
-            return il.as_ref();
+            return il.as_ref().map(|il| IlRun { il, kernels });
         }
         None
     }
+}
 
+/// An interleaved weight with the group kernels this CPU runs on it (none off x86-64).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct IlRun<'a> {
+    il: &'a Interleaved,
+    kernels: &'static IlKernels,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl IlRun<'_> {
     /// `put(t, i, vals)`: `vals[j] = row(first + i + j) · xs[t]`, for `width` rows in runs of
     /// at most one group, through the interleaved kernel, tokens in equal groups of at most
     /// eight. A group of rows cut by `first` or the width is computed whole and only its rows
     /// in range are put, so every value is the kernel's for that row and token alone,
     /// whatever the split. The callers check the rows and the activations' width.
-    #[cfg(target_arch = "x86_64")]
-    pub(crate) fn il_rows(
-        &self,
-        il: &Interleaved,
+    pub(crate) fn rows(
+        self,
         first: usize,
         width: usize,
         xs: &[QuantizedX],
         mut put: impl FnMut(usize, usize, &[f32]),
     ) {
-        use super::multi::{equal_groups, MULTI_MAX};
-        let Some(kernels) = kernels() else {
-            return;
-        };
         let n = xs.len();
         let size = equal_groups(n, MULTI_MAX);
         let mut vals = [[0.0f32; IL_ROWS]; MULTI_MAX];
@@ -157,9 +163,9 @@ impl Weight {
             let rows = (g * IL_ROWS).max(first)..((g + 1) * IL_ROWS).min(first + width);
             for t0 in (0..n).step_by(size) {
                 let k = size.min(n - t0);
-                // SAFETY: `interleaved` is only built where the kernels run, which check
-                // that every token has the row's `cols / 32` blocks.
-                unsafe { kernels[k - 1](il, g, &xs[t0..t0 + k], &mut vals) };
+                // SAFETY: `kernels` holds only kernels this CPU runs, which check that every
+                // token has the row's `cols / 32` blocks.
+                unsafe { self.kernels[k - 1](self.il, g, &xs[t0..t0 + k], &mut vals) };
                 let lanes = rows.start - g * IL_ROWS..rows.end - g * IL_ROWS;
                 for (j, v) in vals[..k].iter().enumerate() {
                     put(t0 + j, rows.start - first, &v[lanes.clone()]);
@@ -173,16 +179,69 @@ impl Weight {
 /// group times `xs[t]`, as [`rows_portable`] computes it.
 pub type IlKernel = unsafe fn(&Interleaved, usize, &[QuantizedX], &mut [[f32; IL_ROWS]]);
 
-/// The group kernels this CPU runs, by token count (`[g - 1]` for `g` tokens): AVX-512 VNNI,
-/// else AVX2; `None` without either (the row-major scalar kernels serve).
+/// A set of group kernels by token count (`[g - 1]` for `g` tokens).
+pub type IlKernels = [IlKernel; MULTI_MAX];
+
+/// Every set of group kernels this CPU runs, fastest first, by name. The tests run over all
+/// of them.
 #[cfg(target_arch = "x86_64")]
-fn kernels() -> Option<&'static [IlKernel; super::multi::MULTI_MAX]> {
-    if super::act8_il_avx512::available() {
-        Some(&super::act8_il_avx512::KERNELS)
-    } else if super::act8_il_avx2::available() {
-        Some(&super::act8_il_avx2::KERNELS)
-    } else {
-        None
+pub(super) fn kernel_sets() -> impl Iterator<Item = (&'static str, &'static IlKernels)> {
+    use super::{act8_il_avx2 as avx2, act8_il_avx512 as avx512};
+    let sets = [
+        (
+            "avx512",
+            avx512::available as fn() -> bool,
+            &avx512::KERNELS,
+        ),
+        ("avx2", avx2::available, &avx2::KERNELS),
+    ];
+    sets.into_iter()
+        .filter(|(_, available, _)| available())
+        .map(|(name, _, set)| (name, set))
+}
+
+/// The group kernels the int8 path runs on this CPU: the fastest of [`kernel_sets`]; `None`
+/// without any (the row-major kernels serve).
+#[cfg(target_arch = "x86_64")]
+fn kernels() -> Option<&'static IlKernels> {
+    kernel_sets().next().map(|(_, set)| set)
+}
+
+/// The layout facts every group kernel reads, after checking the shapes they rely on:
+/// `G` in `1..=MULTI_MAX`, at least `G` tokens of `il.blocks` blocks and `G` output rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) struct GroupLayout {
+    /// Bytes of one block's record.
+    pub rec: usize,
+    /// Where a record's quants start.
+    pub quants_at: usize,
+    /// Q8_0 (eight quant vectors), else a Q4 format (four nibble vectors).
+    pub q8: bool,
+    /// Q4_1 (its own minimum per row), else the offset is a multiple of the scale.
+    pub q41: bool,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl GroupLayout {
+    /// Checks the shapes of a `G`-token kernel call (panics on a mismatch).
+    pub fn check<const G: usize>(
+        il: &Interleaved,
+        xs: &[QuantizedX],
+        out: &[[f32; IL_ROWS]],
+    ) -> Self {
+        assert!(
+            (1..=MULTI_MAX).contains(&G)
+                && xs.len() >= G
+                && out.len() >= G
+                && xs[..G].iter().all(|x| x.blocks == il.blocks),
+            "act8_il shapes"
+        );
+        Self {
+            rec: record_bytes(il.fmt),
+            quants_at: scale_bytes(il.fmt),
+            q8: il.fmt == WeightFormat::Q8_0,
+            q41: il.fmt == WeightFormat::Q4_1,
+        }
     }
 }
 
@@ -191,7 +250,7 @@ fn half_of(rec: &[u8], i: usize) -> f32 {
     half_at(rec, 2 * i)
 }
 
-/// Scalar twin of the AVX-512 kernel: `out[t][r]` = row `r` of group `g` of `il` times
+/// Scalar twin of the fast kernels: `out[t][r]` = row `r` of group `g` of `il` times
 /// token `xs[t]`, the same operations in the same order.
 pub fn rows_portable(il: &Interleaved, g: usize, xs: &[&QuantizedX], out: &mut [[f32; IL_ROWS]]) {
     let rec = record_bytes(il.fmt);

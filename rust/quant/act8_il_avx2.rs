@@ -18,10 +18,9 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::act8_il::{offset_factor, record_bytes, scale_bytes, IlKernel, Interleaved, IL_ROWS};
+use super::act8_il::{offset_factor, GroupLayout, IlKernel, Interleaved, IL_ROWS};
 use super::blocks::BLOCK_ELEMS;
 use super::multi::MULTI_MAX;
-use super::WeightFormat;
 
 /// True when this CPU runs the kernels of this file.
 pub fn available() -> bool {
@@ -44,33 +43,25 @@ pub unsafe fn rows_g<const G: usize>(
     xs: &[QuantizedX],
     out: &mut [[f32; IL_ROWS]],
 ) {
-    assert!(
-        (1..=MULTI_MAX).contains(&G)
-            && xs.len() >= G
-            && out.len() >= G
-            && xs[..G].iter().all(|x| x.blocks == il.blocks),
-        "act8_il shapes"
-    );
-    let (rec, q8) = (record_bytes(il.fmt), il.fmt == WeightFormat::Q8_0);
-    let (q41, at) = (il.fmt == WeightFormat::Q4_1, scale_bytes(il.fmt));
+    let lay = GroupLayout::check::<G>(il, xs, out);
     let group = il.group(g);
-    // SAFETY: every record is `rec` bytes inside `group`; every token has `il.blocks`
+    // SAFETY: every record is `lay.rec` bytes inside `group`; every token has `il.blocks`
     // blocks of 32 values and their scales (checked above); features enabled on this fn.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; G];
         for b in 0..il.blocks {
-            let r = group.as_ptr().add(b * rec);
+            let r = group.as_ptr().add(b * lay.rec);
             for h in 0..2 {
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(r.add(2 * HALF * h) as *const __m128i));
-                let w2 = if q41 {
+                let w2 = if lay.q41 {
                     let m = r.add(2 * IL_ROWS + 2 * HALF * h);
                     _mm256_cvtph_ps(_mm_loadu_si128(m as *const __m128i))
                 } else {
                     _mm256_mul_ps(_mm256_set1_ps(offset_factor(il.fmt)), dw)
                 };
                 // This half's 32 bytes of each 64-byte quant vector.
-                let q = r.add(at + 4 * HALF * h);
-                let w4 = if q8 {
+                let q = r.add(lay.quants_at + 4 * HALF * h);
+                let w4 = if lay.q8 {
                     [_mm256_setzero_si256(); 8]
                 } else {
                     nibbles(q)
@@ -78,7 +69,11 @@ pub unsafe fn rows_g<const G: usize>(
                 for (t, a) in acc.iter_mut().enumerate() {
                     let x = &xs[t];
                     let xq = x.q.as_ptr().add(b * BLOCK_ELEMS) as *const i32;
-                    let dot = if q8 { dot_q8(q, xq) } else { dot_q4(&w4, xq) };
+                    let dot = if lay.q8 {
+                        dot_q8(q, xq)
+                    } else {
+                        dot_q4(&w4, xq)
+                    };
                     let dot = _mm256_cvtepi32_ps(dot);
                     let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.as_ptr().add(b)));
                     a[h] = _mm256_fmadd_ps(dot, scale, a[h]);

@@ -6,10 +6,9 @@
 use std::arch::x86_64::*;
 
 use super::act8::QuantizedX;
-use super::act8_il::{offset_factor, record_bytes, scale_bytes, IlKernel, Interleaved, IL_ROWS};
+use super::act8_il::{offset_factor, GroupLayout, IlKernel, Interleaved, IL_ROWS};
 use super::blocks::BLOCK_ELEMS;
 use super::multi::MULTI_MAX;
-use super::WeightFormat;
 
 /// True when this CPU runs the kernels of this file.
 pub fn available() -> bool {
@@ -31,30 +30,22 @@ pub unsafe fn rows_g<const G: usize>(
     xs: &[QuantizedX],
     out: &mut [[f32; IL_ROWS]],
 ) {
-    assert!(
-        (1..=MULTI_MAX).contains(&G)
-            && xs.len() >= G
-            && out.len() >= G
-            && xs[..G].iter().all(|x| x.blocks == il.blocks),
-        "act8_il shapes"
-    );
-    let (rec, q8) = (record_bytes(il.fmt), il.fmt == WeightFormat::Q8_0);
-    let (q41, at) = (il.fmt == WeightFormat::Q4_1, scale_bytes(il.fmt));
+    let lay = GroupLayout::check::<G>(il, xs, out);
     let group = il.group(g);
-    // SAFETY: every record is `rec` bytes inside `group`; every token has `il.blocks`
+    // SAFETY: every record is `lay.rec` bytes inside `group`; every token has `il.blocks`
     // blocks of 32 values and their scales (checked above); features enabled on this fn.
     unsafe {
         let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); G];
         for b in 0..il.blocks {
-            let r = group.as_ptr().add(b * rec);
+            let r = group.as_ptr().add(b * lay.rec);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(r as *const __m256i));
-            let w2 = if q41 {
+            let w2 = if lay.q41 {
                 _mm512_cvtph_ps(_mm256_loadu_si256(r.add(2 * IL_ROWS) as *const __m256i))
             } else {
                 _mm512_mul_ps(_mm512_set1_ps(offset_factor(il.fmt)), dw)
             };
-            let w = quants(r.add(at), q8);
+            let w = quants(r.add(lay.quants_at), lay.q8);
             for (t, a) in acc.iter_mut().enumerate() {
                 let x = &xs[t];
                 let xq = x.q.as_ptr().add(b * BLOCK_ELEMS) as *const i32;

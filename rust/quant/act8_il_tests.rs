@@ -58,29 +58,15 @@ fn interleaved_rows_match_the_row_major_kernels() {
     }
 }
 
-/// The group kernels of every ISA this CPU runs, by name.
-#[cfg(target_arch = "x86_64")]
-fn fast_kernels() -> Vec<(&'static str, &'static [IlKernel; 8])> {
-    use super::super::{act8_il_avx2, act8_il_avx512};
-    let mut out: Vec<(&'static str, &'static [IlKernel; 8])> = Vec::new();
-    if act8_il_avx512::available() {
-        out.push(("avx512", &act8_il_avx512::KERNELS));
-    }
-    if act8_il_avx2::available() {
-        out.push(("avx2", &act8_il_avx2::KERNELS));
-    }
-    out
-}
-
 /// Every fast kernel gives every token of every group size what the scalar twin gives it,
 /// bit for bit, for activations `xs` (8 tokens) and interleaved `il`.
 #[cfg(target_arch = "x86_64")]
 fn check_against_twin(il: &Interleaved, xs: &[QuantizedX], what: &str) {
-    for (isa, kernels) in fast_kernels() {
+    for (isa, kernels) in kernel_sets() {
         for n in 1..=8 {
             for g in 0..il.groups {
                 let mut fast = [[f32::NAN; IL_ROWS]; 8];
-                // SAFETY: `fast_kernels` lists only kernels this CPU runs.
+                // SAFETY: `kernel_sets` lists only kernels this CPU runs.
                 unsafe { kernels[n - 1](il, g, xs, &mut fast) };
                 let refs: Vec<&QuantizedX> = xs[..n].iter().collect();
                 let mut slow = [[0.0; IL_ROWS]; 8];

@@ -53,7 +53,7 @@ impl Weight {
         if let Some(il) = self.interleaved() {
             let width = out.len();
             let x = std::slice::from_ref(x);
-            return self.il_rows(il, first, width, x, |_, i, v| {
+            return il.rows(first, width, x, |_, i, v| {
                 out[i..i + v.len()].copy_from_slice(v)
             });
         }

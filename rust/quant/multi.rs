@@ -182,7 +182,7 @@ impl Weight {
         #[cfg(target_arch = "x86_64")]
         if let Some(il) = self.interleaved() {
             let width = out.width();
-            return self.il_rows(il, first, width, &xs[..n], |t, i, v| out.set_run(t, i, v));
+            return il.rows(first, width, &xs[..n], |t, i, v| out.set_run(t, i, v));
         }
         let kernel = self
             .act8_kernel()
