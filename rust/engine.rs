@@ -121,10 +121,9 @@ impl Engine {
         Ok(out)
     }
 
-    /// Runs `f` on this engine's threads, the idle ones kept awake until it returns (see
-    /// [`crate::hot`]).
+    /// Runs `f` on this engine's threads.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        crate::hot::install(&self.threads, f)
+        self.threads.install(f)
     }
 
     /// Threads in the pool.
