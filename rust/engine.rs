@@ -121,9 +121,10 @@ impl Engine {
         Ok(out)
     }
 
-    /// Runs `f` on this engine's threads.
+    /// Runs `f` on this engine's threads, the idle ones kept awake until it returns (see
+    /// [`crate::hot`]).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.threads.install(f)
+        crate::hot::install(&self.threads, f)
     }
 
     /// Threads in the pool.

@@ -21,6 +21,7 @@ pub mod attention;
 pub mod engine;
 pub mod error;
 pub mod evict;
+pub mod hot;
 pub mod kv;
 pub mod model;
 pub mod ops;
