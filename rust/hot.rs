@@ -7,18 +7,26 @@
 //! for 200 µs), longer than the region it was woken for. An 8-sequence int8 step there kept
 //! both threads busy only 1.24 cores' worth. [`install`] therefore hands every other worker
 //! a spinner for the duration of the call: it runs pending jobs through
-//! [`rayon::yield_now`] and never sleeps until the call returns. Paired runs on that VM
-//! (14 rounds, decode at context 128, spinners on and off in one process): one sequence
-//! 1.10x (int8) and 0.99x (float32), eight sequences 1.11x and 1.18x.
+//! [`rayon::yield_now`] and does not sleep until the call returns. The engine uses it for
+//! forwards of two rows or more (`Engine::install_forward`): paired runs on that VM (12-16
+//! rounds, decode at context 128, spinners on and off in one process) gave eight sequences
+//! 1.07-1.20x (int8 and float32), and one sequence 0.94-0.98x, so a single row runs plainly.
 //!
-//! A spinner must never block a frame beneath it, or a forward whose join waits under it
-//! could wait for ever. A thread-local mark records that the thread is already inside a
-//! forward or a spinner; a spinner that starts on such a thread returns at once, and a call
-//! made there runs plainly. Work a spinner picks up runs above it and returns as usual.
+//! A spinner must not hold up a frame beneath it for long, or a forward whose join waits
+//! under it could wait for ever. A thread-local mark records that the thread is already
+//! inside a forward or a spinner; a spinner that starts on such a thread returns at once, and
+//! a call made there runs plainly. That mark cannot see every frame: a worker can steal a
+//! piece of the forward's first parallel region before it takes its spinner from its queue,
+//! and take the spinner while that piece waits on a join of its own; the spinner then sits
+//! on a frame the forward waits for. So a spinner also returns once it has found no work for
+//! [`IDLE_MAX`] (the forward is blocked, or between steps) or has run for [`SPIN_MAX`]: such a
+//! wait costs at most that long, never a hang. Work a spinner picks up runs above it and
+//! returns as usual.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rayon::{ThreadPool, Yield};
 
@@ -83,18 +91,36 @@ pub fn install<R: Send>(pool: &ThreadPool, f: impl FnOnce() -> R + Send) -> R {
 /// a tight loop of them slows the thread that pushes and pops there.
 const SPINS: usize = 16;
 
-/// Runs pending jobs of the current pool until `done`; returns at once on a thread already
-/// inside a forward or a spinner.
+/// A spinner that has found no work for this long returns: longer than the serial gaps
+/// between a forward's parallel regions (10-150 µs), short enough that a frame it sits on
+/// (see the file's header) is barely delayed.
+const IDLE_MAX: Duration = Duration::from_millis(1);
+
+/// A spinner returns after this long in any case, so that one which keeps finding other
+/// sessions' work cannot hold a frame beneath it for as long as that work keeps coming.
+const SPIN_MAX: Duration = Duration::from_millis(200);
+
+/// Runs pending jobs of the current pool until `done`, until no job has come for
+/// [`IDLE_MAX`], or for at most [`SPIN_MAX`]; returns at once on a thread already inside a
+/// forward or a spinner.
 fn spin(done: &AtomicBool) {
     if BUSY.with(Cell::get) {
         return;
     }
     let _busy = Busy::enter();
+    let start = Instant::now();
+    let mut worked = start;
     while !done.load(Ordering::Acquire) {
-        if let Some(Yield::Idle) | None = rayon::yield_now() {
-            for _ in 0..SPINS {
-                std::hint::spin_loop();
-            }
+        let now = Instant::now();
+        if let Some(Yield::Executed) = rayon::yield_now() {
+            worked = now;
+            continue;
+        }
+        if now - worked > IDLE_MAX || now - start > SPIN_MAX {
+            return;
+        }
+        for _ in 0..SPINS {
+            std::hint::spin_loop();
         }
     }
 }
@@ -154,6 +180,55 @@ mod tests {
                 .sum();
             assert_eq!(*s, want);
         }
+    }
+
+    /// A spinner taken by a plain job that holds a lock the forward needs (the shape of a
+    /// stolen piece waiting on its own join) must give its thread back: the forward and the
+    /// job both finish.
+    #[test]
+    fn a_spinner_on_a_frame_the_forward_waits_for_gives_way() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::{mpsc, Mutex};
+        let p = Arc::new(pool(2));
+        let lock = Arc::new(Mutex::new(0u32));
+        let (held, started) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let looks = Arc::new(AtomicUsize::new(0));
+        {
+            let (lock, held, started, looks) =
+                (lock.clone(), held.clone(), started.clone(), looks.clone());
+            p.spawn(move || {
+                let mut g = lock.lock().unwrap();
+                held.store(true, Ordering::Release);
+                while !started.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                // Here the forward's spinner waits in this thread's queue: it runs above
+                // this frame, which still holds the lock.
+                for _ in 0..100 {
+                    rayon::yield_now();
+                    looks.fetch_add(1, Ordering::Relaxed);
+                }
+                *g += 1;
+            });
+        }
+        while !held.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let (tx, rx) = mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let r = install(&q, || {
+                started.store(true, Ordering::Release);
+                *lock.lock().unwrap() + (0..100u32).into_par_iter().sum::<u32>()
+            });
+            tx.send(r).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(r, Ok(1 + 4950), "the forward did not finish");
+        assert_eq!(looks.load(Ordering::Relaxed), 100);
     }
 
     #[test]

@@ -331,7 +331,7 @@ impl Session {
         let (int8, hidden) = (self.int8 && taps.quantize, &mut self.hidden);
         let rows = want.rows(tokens.len()) * engine.model.cfg.hidden_size;
         engine.with_scratch(|s| {
-            engine.install(|| forward(&engine, &mut work, s, int8, out))?;
+            engine.install_forward(tokens.len(), || forward(&engine, &mut work, s, int8, out))?;
             // The final norm left the rows whose logits were computed in `xb`.
             hidden.extend_from_slice(&s.xb[..rows]);
             Ok::<(), Error>(())

@@ -349,7 +349,8 @@ fn batch_forward(
     let logits = engine.with_scratch(|s| {
         let mut out = std::mem::take(&mut s.logits);
         out.resize(n * vocab, 0.0);
-        let r = engine.install(|| forward(engine, &mut work, s, int8, &mut out));
+        let rows = work.iter().map(|w| w.tokens.len()).sum();
+        let r = engine.install_forward(rows, || forward(engine, &mut work, s, int8, &mut out));
         (r, out)
     });
     drop(work);
