@@ -130,10 +130,9 @@ impl Engine {
     }
 
     /// Runs a forward of `rows` token rows on this engine's threads; for two rows or more
-    /// the idle threads are kept awake until it returns (see [`crate::hot`]). Paired runs
-    /// on a 2-vCPU VM: eight sequences' decode steps 1.09-1.20x faster with them awake,
-    /// a single sequence's 2-6% slower (its regions are memory-bound, and each look a
-    /// spinner takes at the deques costs the working thread more than the wakes it saves).
+    /// the idle threads are kept awake while it runs ([`crate::hot`], which gives the
+    /// measurements). A single row runs plainly: its regions are memory-bound, and the
+    /// spinners' looks at the deques cost the working thread more than the wakes they save.
     pub fn install_forward<R: Send>(&self, rows: usize, f: impl FnOnce() -> R + Send) -> R {
         if rows < HOT_MIN_ROWS {
             return self.threads.install(f);

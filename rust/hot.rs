@@ -7,10 +7,11 @@
 //! for 200 µs), longer than the region it was woken for. An 8-sequence int8 step there kept
 //! both threads busy only 1.24 cores' worth. [`install`] therefore hands every other worker
 //! a spinner for the duration of the call: it runs pending jobs through
-//! [`rayon::yield_now`] and does not sleep until the call returns. The engine uses it for
-//! forwards of two rows or more (`Engine::install_forward`): paired runs on that VM (12-16
-//! rounds, decode at context 128, spinners on and off in one process) gave eight sequences
-//! 1.07-1.20x (int8 and float32), and one sequence 0.94-0.98x, so a single row runs plainly.
+//! [`rayon::yield_now`] instead of sleeping while the call runs (within the limits
+//! below). The engine uses it for forwards of two rows or more (`Engine::install_forward`):
+//! paired runs on that VM (12-16 rounds, decode at context 128, spinners on and off in one
+//! process) gave eight sequences 1.07-1.20x (int8 and float32), and one sequence
+//! 0.94-0.98x, so a single row runs plainly.
 //!
 //! A spinner must not hold up a frame beneath it for long, or a forward whose join waits
 //! under it could wait for ever. A thread-local mark records that the thread is already
